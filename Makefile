@@ -1,0 +1,30 @@
+# Two commands do all the setup: `make demo` and `make test`. Both create .venv on first use and
+# install the project from pyproject.toml; a second run reuses it (the stamp file tracks pyproject.toml).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench install clean seeds
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m batch_bridge.demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+seeds: $(STAMP)
+	$(PY) scripts/make_seeds.py
+
+clean:
+	rm -rf $(VENV) .batch_bridge warehouse.duckdb dbt_project/target dbt_project/logs
