@@ -1,16 +1,364 @@
-"""Click commands only: parse, call the core, print, map errors to exit codes."""
+"""Click commands only: parse, call the core, print, map errors to exit codes.
+
+Data goes to stdout (a table, or JSON with --json); progress goes to stderr.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import sys
+import time
+from typing import Any, Callable
+
 import click
 
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+from . import __version__
+from .errors import BatchBridgeError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+EXIT_CODES = """\b
+Exit codes (for schedulers):
+  0  done, or progress was made (batches submitted, results loaded)
+  1  error (API, results, state); see the message
+  2  usage or configuration error (flags, profile, job YAML)
+  3  `wait`/`run` timed out while batches are still in progress (nothing lost)
+  4  locked: another batch-bridge process, or dbt, holds the files; retry later
+  5  budget exceeded: the estimate is above budget_usd or --max-cost; nothing sent"""
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+class StderrProgress:
+    """Steps as lines; counters as a live line on a terminal, or a line every few seconds in logs."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self._last: dict[str, float] = {}
+        self._live = False
+
+    def _end_live(self) -> None:
+        if self._live:
+            sys.stderr.write("\n")
+            self._live = False
+
+    def step(self, message: str) -> None:
+        if self.quiet:
+            return
+        self._end_live()
+        click.echo(message, err=True)
+
+    def tick(self, what: str, done: int, total: int | None = None) -> None:
+        if self.quiet:
+            return
+        text = f"{what}: {done:,}" + (f"/{total:,}" if total is not None else "")
+        if self.tty:
+            sys.stderr.write("\r" + text.ljust(60))
+            sys.stderr.flush()
+            self._live = True
+            if total is not None and done >= total:
+                self._end_live()
+            return
+        now = time.monotonic()
+        final = total is not None and done >= total
+        if final or now - self._last.get(what, 0.0) >= 5.0:
+            self._last[what] = now
+            click.echo(text, err=True)
+
+
+def _emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(text(data))
+
+
+def handle_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BatchBridgeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+def common(fn: Callable) -> Callable:
+    """--project-dir, --profiles-dir, --target, --job: shared by every project command."""
+    for opt in reversed([
+        click.option("--project-dir", type=click.Path(file_okay=False), help="dbt project directory [DBT_PROJECT_DIR]"),
+        click.option("--profiles-dir", type=click.Path(file_okay=False), help="directory of profiles.yml [DBT_PROFILES_DIR]"),
+        click.option("--target", help="dbt target [DBT_TARGET; default: the profile's]"),
+        click.option("--job", "jobs", multiple=True, help="only this job (repeatable); default: every job"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _settings(project_dir: str | None, profiles_dir: str | None, target: str | None, **kw: Any):
+    from .config import resolve
+
+    return resolve(project_dir=project_dir, profiles_dir=profiles_dir, target=target, **kw)
+
+
+def _setup(project_dir, profiles_dir, target, jobs, **kw):
+    from .bridge import load_jobs
+
+    settings = _settings(project_dir, profiles_dir, target, **kw)
+    return settings, load_jobs(settings, jobs)
+
+
+def _client(settings):
+    from .api import build_client
+
+    return build_client(settings)
+
+
+@click.group(context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES)
+@click.version_option(__version__, "-V", "--version")
 def cli() -> None:
-    """batch-bridge: send dbt rows to the Message Batches API and load the answers back."""
+    """batch-bridge: send dbt rows to the Message Batches API and load the answers back.
+
+    \b
+    A schedule runs, in order:  dbt build (staging) -> batch-bridge sync -> dbt build (downstream)
+    or simply:                  batch-bridge pipeline [--wait]
+    """
+
+
+# --- plan ---------------------------------------------------------------------------------------
+
+
+def _plan_text(data: dict) -> str:
+    lines = []
+    for j in data["jobs"]:
+        e = j["estimate"] or {}
+        lines.append(f"job {j['job']} ({j['model']})")
+        lines.append(f"  staged rows        {j['staged_rows']:>12,}")
+        lines.append(f"  up to date         {j['up_to_date_rows']:>12,}")
+        lines.append(f"  in flight          {j['in_flight_rows']:>12,}")
+        lines.append(f"  to send            {j['rows_to_send']:>12,} rows as {j['requests_to_send']:,} requests "
+                     f"({j['deduplicated_rows']:,} deduplicated)")
+        lines.append(f"  batches            {len(j['batches']):>12,}  ({j['bytes'] / 1e6:,.1f} MB)")
+        for reason, v in j["skipped"].items():
+            lines.append(f"  skipped {reason:<18} {v['rows']:>5,}  {v['why']}")
+        if e:
+            b, s = e.get("batch_usd"), e.get("sync_usd")
+            money = (lambda x: "unknown" if x is None else f"${x:,.4f}")
+            lines.append(f"  estimated cost     {money(b)} at batch prices (max {money(e.get('batch_usd_max'))}); "
+                         f"{money(s)} synchronously")
+            lines.append(f"  tokens             in {e['input_tokens']:,} + cache write {e['cache_write_tokens']:,} "
+                         f"+ cache read {e['cache_read_tokens']:,}; out ~{e['output_tokens']:,}")
+            lines.append(f"  how                {e['method']}")
+    return "\n".join(lines) or "no jobs"
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@common
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handle_errors
+def plan(project_dir, profiles_dir, target, jobs, as_json):
+    """Show what `submit` would send now (rows, batches, bytes, skipped rows and why, cost); sends nothing.
+
+    Example: batch-bridge plan --job review_enrichment --json
+    """
+    from .bridge import plan as do_plan, plan_to_json
+
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
+    plans, estimates = do_plan(settings, job_list, progress=StderrProgress(quiet=as_json))
+    data = {"jobs": [plan_to_json(p, estimates.get(p.job.name)) for p in plans]}
+    _emit(data, as_json, _plan_text)
+
+
+# --- submit / collect / sync --------------------------------------------------------------------
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@common
+@click.option("--max-cost", type=float, help="refuse (and send nothing) if the estimate exceeds this many USD")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handle_errors
+def submit(project_dir, profiles_dir, target, jobs, max_cost, as_json):
+    """Export the rows that need an answer and submit them; returns once batches are created.
+
+    Example: batch-bridge submit --max-cost 5
+    """
+    from .bridge import plan_to_json, submit as do_submit
+    from .state import exclusive
+
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
+    progress = StderrProgress()
+    with exclusive(settings):
+        report = do_submit(settings, job_list, _client(settings), max_cost=max_cost, progress=progress)
+    data = {
+        "batches": report.batches, "adopted": report.adopted, "pending_reconciliation": report.pending_unknown,
+        "jobs": [plan_to_json(p, report.estimates.get(p.job.name)) for p in report.plans],
+    }
+    _emit(data, as_json, lambda d: f"submitted {len(d['batches'])} batch(es)" + "".join(f"\n  {b}" for b in d["batches"]))
+
+
+def _collect_text(d: dict) -> str:
+    loaded = ", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new"
+    return (f"batches ended {d['ended']}/{d['checked']}, downloaded {len(d['downloaded'])}, "
+            f"still running {d['still_running']}; loaded {loaded}"
+            + (f"; lost {len(d['lost'])} (rows will be resent)" if d["lost"] else ""))
+
+
+def _collect_json(r) -> dict:
+    return {"checked": r.refreshed, "ended": r.ended, "still_running": r.still_running,
+            "downloaded": r.downloaded, "loaded": r.loaded, "lost": r.lost}
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@common
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handle_errors
+def collect(project_dir, profiles_dir, target, jobs, as_json):
+    """Fetch every ended, uncollected batch and load its results; never waits.
+
+    Example: batch-bridge collect --json
+    """
+    from .bridge import collect as do_collect
+    from .state import exclusive
+
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
+    with exclusive(settings):
+        r = do_collect(settings, job_list, _client(settings), progress=StderrProgress(quiet=False))
+    _emit(_collect_json(r), as_json, _collect_text)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@common
+@click.option("--max-cost", type=float, help="refuse (and send nothing) if the estimate exceeds this many USD")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handle_errors
+def sync(project_dir, profiles_dir, target, jobs, max_cost, as_json):
+    """Collect what has ended, then submit what is new; never waits. The command an hourly schedule runs.
+
+    Example: batch-bridge sync --project-dir dbt_project
+    """
+    from .bridge import sync as do_sync
+
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
+    c, s = do_sync(settings, job_list, _client(settings), max_cost=max_cost, progress=StderrProgress())
+    data = {"collect": _collect_json(c), "submitted": s.batches, "adopted": s.adopted}
+    _emit(data, as_json, lambda d: _collect_text(d["collect"]) + f"\nsubmitted {len(d['submitted'])} batch(es)")
+
+
+# --- wait / run / cancel ------------------------------------------------------------------------
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@common
+@click.option("--timeout", type=float, help="give up after this many seconds (exit 3)")
+@click.option("--poll-interval", type=float, help="seconds between polls, growing to 60 [BATCH_BRIDGE_POLL_INTERVAL, 30]")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handle_errors
+def wait(project_dir, profiles_dir, target, jobs, timeout, poll_interval, as_json):
+    """Poll with backoff until every submitted batch has ended, or --timeout (exit 3).
+
+    Example: batch-bridge wait --timeout 3600 && batch-bridge collect
+    """
+    from .bridge import wait as do_wait
+
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, poll_interval=poll_interval)
+    r = do_wait(settings, job_list, _client(settings), timeout=timeout, progress=StderrProgress())
+    _emit({"polls": r.polls, "ended": r.ended, "in_progress": r.open}, as_json,
+          lambda d: f"all {d['ended']} batch(es) ended after {d['polls']} poll(s)")
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@common
+@click.option("--max-cost", type=float, help="refuse (and send nothing) if the estimate exceeds this many USD")
+@click.option("--timeout", type=float, help="stop waiting after this many seconds (exit 3; run again to resume)")
+@click.option("--poll-interval", type=float, help="seconds between polls [BATCH_BRIDGE_POLL_INTERVAL, 30]")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handle_errors
+def run(project_dir, profiles_dir, target, jobs, max_cost, timeout, poll_interval, as_json):
+    """Submit, wait, and collect each batch as it ends: for pipelines that can wait.
+
+    Example: batch-bridge run --poll-interval 5 --timeout 7200
+    """
+    from .bridge import run as do_run
+
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, poll_interval=poll_interval)
+    s, w = do_run(settings, job_list, _client(settings), max_cost=max_cost, timeout=timeout, progress=StderrProgress())
+    data = {"submitted": s.batches, "adopted": s.adopted, "polls": w.polls, "loaded": w.collected}
+    _emit(data, as_json, lambda d: f"submitted {len(d['submitted'])} batch(es); loaded "
+          + (", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new"))
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@common
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handle_errors
+def cancel(project_dir, profiles_dir, target, jobs, as_json):
+    """Cancel the in-flight batches of the given jobs (all jobs by default).
+
+    Unprocessed requests come back `canceled` and are resent by the next submit (up to max_attempts).
+    Example: batch-bridge cancel --job review_enrichment
+    """
+    from .bridge import cancel as do_cancel
+    from .state import exclusive
+
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
+    with exclusive(settings):
+        ids = do_cancel(settings, job_list, _client(settings), progress=StderrProgress())
+    _emit({"canceled": ids}, as_json, lambda d: f"cancel requested for {len(d['canceled'])} batch(es)")
+
+
+# --- status -------------------------------------------------------------------------------------
+
+
+def _status_text(d: dict) -> str:
+    out = []
+    for j in d["jobs"]:
+        r = j["rows"]
+        cost = "unknown" if j["cost_usd"] is None else f"${j['cost_usd']:,.4f}"
+        out.append(f"job {j['job']}: succeeded {r['succeeded']:,}, in flight {r['in_flight']:,}, "
+                   f"failed {r['failed']:,}, never sent {r['never_sent']:,}; cost {cost}")
+        for k, v in j["not_sent"].items():
+            out.append(f"  not sent: {k:<20} {v['rows']:>6,}  {v['why']}")
+        for k, v in j["failures_by_type"].items():
+            out.append(f"  failed:   {k:<20} {v:>6,}")
+    if d["batches"]:
+        out.append("batches:")
+        for b in d["batches"]:
+            c = b["request_counts"]
+            age = b["age_seconds"]
+            out.append(f"  {b['batch_id']}  {b['job']:<20} {b['processing_status']:<11} {b['local_state']:<10} "
+                       f"{b['requests']:>7,} req  ok {c['succeeded']:,} err {c['errored']:,} "
+                       f"exp {c['expired']:,} can {c['canceled']:,}  age {age if age is not None else '?'}s")
+    return "\n".join(out) or "no jobs"
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@common
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handle_errors
+def status(project_dir, profiles_dir, target, jobs, as_json):
+    """Every batch with its processing_status, counts, age and expiry; per job, rows by outcome.
+
+    Reads only the bridge's own state (no network). Example: batch-bridge status --json
+    """
+    from . import state, status as st
+
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
+    names = [j.name for j in job_list]
+    with state.connect(settings) as con:
+        data = {"jobs": st.jobs_summary(con, names), "batches": st.batches(con, names)}
+    _emit(data, as_json, _status_text)
+
+
+from .emulator.cli import emulator  # noqa: E402 - registered last so its import cost is paid once
+
+cli.add_command(emulator)
 
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

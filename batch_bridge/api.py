@@ -1,0 +1,254 @@
+"""The only module that builds the `anthropic` client and talks to the Message Batches API.
+
+Two deliberate departures from `client.messages.batches.create(requests=[...])`:
+- the create body is streamed from the request file (`{"requests":[` + lines joined by commas + `]}`)
+  through the SDK's own `post`, so a 256 MB batch costs no Python object per request;
+- the create runs with `max_retries=0`: the API has no idempotency key, so a retried POST can pay twice.
+  Ambiguous failures are reconciled with `list` by the caller instead (`submit.py`).
+Results are streamed to disk as raw bytes (the SDK's JSONL decoder would build a pydantic object per line).
+SDK exceptions are translated to our hierarchy here and nowhere else; messages never carry the key.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import anthropic
+import httpx2
+from anthropic.types.messages import MessageBatch
+
+from .config import Settings
+from .errors import ApiAuthError, ApiError, ApiRequestRejected, ConfigError, ResultsError
+
+CHUNK = 1 << 20
+BODY_HEAD = b'{"requests":['
+BODY_TAIL = b"]}"
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """The fields of a MessageBatch the bridge keeps, in the API's words."""
+
+    id: str
+    processing_status: str
+    processing: int
+    succeeded: int
+    errored: int
+    canceled: int
+    expired: int
+    created_at: datetime | None
+    expires_at: datetime | None
+    ended_at: datetime | None
+    cancel_initiated_at: datetime | None
+    archived_at: datetime | None
+    results_url: str | None
+
+    @property
+    def total(self) -> int:
+        return self.processing + self.succeeded + self.errored + self.canceled + self.expired
+
+    @classmethod
+    def of(cls, b: MessageBatch) -> "BatchInfo":
+        rc = b.request_counts
+
+        def naive(d: datetime | None) -> datetime | None:
+            return d.replace(tzinfo=None) if d is not None and d.tzinfo else d
+
+        return cls(
+            id=b.id, processing_status=b.processing_status,
+            processing=rc.processing, succeeded=rc.succeeded, errored=rc.errored,
+            canceled=rc.canceled, expired=rc.expired,
+            created_at=naive(b.created_at), expires_at=naive(b.expires_at), ended_at=naive(b.ended_at),
+            cancel_initiated_at=naive(b.cancel_initiated_at), archived_at=naive(b.archived_at),
+            results_url=b.results_url,
+        )
+
+
+class CreateOutcomeUnknown(ApiError):
+    """The create call failed in a way that does not tell whether the batch exists (timeout, 5xx)."""
+
+
+class CreateRefused(ApiError):
+    """The API answered that it did not create the batch (429/529): safe to send again after a pause."""
+
+    def __init__(self, message: str, retry_after: float | None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotFound(ApiError):
+    transient = False
+
+
+def build_client(settings: Settings, *, max_retries: int = 4, timeout: float = 600.0) -> anthropic.Anthropic:
+    """The SDK client. Without ANTHROPIC_BASE_URL it talks to the real API."""
+    if not settings.api_key:
+        raise ConfigError(
+            "ANTHROPIC_API_KEY is not set",
+            hint="export ANTHROPIC_API_KEY=... (for the local emulator any value works, with "
+            "ANTHROPIC_BASE_URL pointing at it)",
+        )
+    return anthropic.Anthropic(
+        api_key=settings.api_key,
+        base_url=settings.base_url,  # None: the SDK's default, the real API
+        max_retries=max_retries,
+        timeout=httpx2.Timeout(timeout, connect=10.0),
+    )
+
+
+def _retry_after(e: anthropic.APIStatusError) -> float | None:
+    raw = e.response.headers.get("retry-after") if e.response is not None else None
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+@contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Map SDK exceptions to ours. The SDK's messages carry the API's words, never the key."""
+    try:
+        yield
+    except anthropic.AuthenticationError as e:
+        raise ApiAuthError(
+            f"{what}: the API rejected the key (401 authentication_error)",
+            hint="check ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL if you use the emulator)",
+        ) from e
+    except anthropic.PermissionDeniedError as e:
+        raise ApiAuthError(f"{what}: permission denied (403): {_api_message(e)}") from e
+    except anthropic.NotFoundError as e:
+        raise NotFound(f"{what}: not found (404): {_api_message(e)}") from e
+    except anthropic.APIStatusError as e:
+        if e.status_code in (408, 409, 429) or e.status_code >= 500:
+            raise ApiError(f"{what}: HTTP {e.status_code}: {_api_message(e)}") from e
+        raise ApiRequestRejected(f"{what}: HTTP {e.status_code}: {_api_message(e)}") from e
+    except anthropic.APITimeoutError as e:
+        raise ApiError(f"{what}: timed out") from e
+    except anthropic.APIConnectionError as e:
+        raise ApiError(f"{what}: connection failed: {e.__cause__ or e}") from e
+
+
+def _api_message(e: anthropic.APIStatusError) -> str:
+    body = e.body if isinstance(e.body, dict) else {}
+    err = body.get("error") if isinstance(body.get("error"), dict) else {}
+    return f"{err.get('type', 'error')}: {err.get('message', e.message)}"
+
+
+def body_size(request_file: Path) -> int:
+    """Exact byte size of the create body streamed from a request JSONL file."""
+    size = request_file.stat().st_size  # ends with one newline; each newline becomes a comma but the last
+    return len(BODY_HEAD) + size - 1 + len(BODY_TAIL)
+
+
+def _body_chunks(request_file: Path) -> Iterator[bytes]:
+    yield BODY_HEAD
+    size = request_file.stat().st_size
+    sent = 0
+    with open(request_file, "rb") as f:
+        while True:
+            chunk = f.read(CHUNK)
+            if not chunk:
+                break
+            sent += len(chunk)
+            if sent == size:  # drop the final newline
+                chunk = chunk[:-1]
+            yield chunk.replace(b"\n", b",")
+    yield BODY_TAIL
+
+
+def create_batch(client: anthropic.Anthropic, request_file: Path, *, timeout: float = 600.0) -> BatchInfo:
+    """One create POST, never retried by the SDK. Raises CreateRefused or CreateOutcomeUnknown."""
+    try:
+        batch = client.with_options(max_retries=0).post(
+            "/v1/messages/batches",
+            cast_to=MessageBatch,
+            content=_body_chunks(request_file),
+            options={
+                "headers": {"Content-Type": "application/json", "Content-Length": str(body_size(request_file))},
+                "timeout": timeout,
+            },
+        )
+    except anthropic.APIStatusError as e:
+        if e.status_code in (429, 529):  # refused before processing: nothing was created
+            raise CreateRefused(f"create: HTTP {e.status_code}: {_api_message(e)}", _retry_after(e)) from e
+        if e.status_code >= 500 or e.status_code in (408, 409):
+            raise CreateOutcomeUnknown(f"create: HTTP {e.status_code}: {_api_message(e)}") from e
+        with translated("create"):  # other 4xx: refused for good (bad key, bad body)
+            raise
+        raise  # unreachable: translated() always raises
+    except (anthropic.APITimeoutError, anthropic.APIConnectionError) as e:
+        raise CreateOutcomeUnknown(f"create: {type(e).__name__}: {e}") from e
+    return BatchInfo.of(batch)
+
+
+def retrieve(client: anthropic.Anthropic, batch_id: str) -> BatchInfo:
+    with translated(f"retrieve {batch_id}"):
+        return BatchInfo.of(client.messages.batches.retrieve(batch_id))
+
+
+def cancel(client: anthropic.Anthropic, batch_id: str) -> BatchInfo:
+    with translated(f"cancel {batch_id}"):
+        return BatchInfo.of(client.messages.batches.cancel(batch_id))
+
+
+def list_since(client: anthropic.Anthropic, since: datetime) -> list[BatchInfo]:
+    """Batches created at or after `since` (naive UTC), newest first; pages until older ones appear."""
+    out: list[BatchInfo] = []
+    with translated("list batches"):
+        for b in client.messages.batches.list(limit=100):
+            info = BatchInfo.of(b)
+            if info.created_at is not None and info.created_at < since:
+                break
+            out.append(info)
+    return out
+
+
+def download_results(
+    client: anthropic.Anthropic, batch: BatchInfo, dest: Path, *, on_bytes: Callable[[int], None] | None = None
+) -> int:
+    """Stream a batch's results into `dest` (atomically, via a .part file). Returns the line count."""
+    if not batch.results_url:
+        raise ResultsError(f"batch {batch.id} has no results_url yet (processing_status={batch.processing_status})")
+    tmp = dest.with_name(dest.name + ".part")
+    lines = 0
+    last = b"\n"
+    with translated(f"results of {batch.id}"):
+        resp = client.get(
+            batch.results_url,
+            cast_to=httpx2.Response,
+            stream=True,
+            options={"headers": {"Accept": "application/binary"}},
+        )
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in resp.iter_bytes(CHUNK):
+                f.write(chunk)
+                lines += chunk.count(b"\n")
+                last = chunk[-1:] or last
+                if on_bytes:
+                    on_bytes(len(chunk))
+            if last != b"\n":  # a final line without a newline is complete JSON; count it
+                f.write(b"\n")
+                lines += 1
+            f.flush()
+            os.fsync(f.fileno())
+    except (httpx2.HTTPError, anthropic.APIError) as e:
+        raise ResultsError(f"results of {batch.id}: the download broke off: {e}") from e
+    finally:
+        resp.close()
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, dest)
+    return lines
+
+
+def sleep_backoff(attempt: int, retry_after: float | None, sleep: Callable[[float], None] = time.sleep,
+                  cap: float = 30.0) -> None:
+    """Honour retry-after when the API gave one, else exponential backoff."""
+    delay = retry_after if retry_after is not None else min(0.5 * 2**attempt, cap)
+    sleep(min(delay, cap))

@@ -1,0 +1,190 @@
+"""The bridge's commands as functions: plan, submit, status, wait, collect, sync, run, cancel.
+
+Each takes settings, the jobs, and (for network steps) an API client built by `api.build_client`,
+plus a progress reporter and injectable sleep/clock, so the CLI stays thin and tests stay fast.
+Commands that change what is sent or loaded hold the project's process lock (`state.exclusive`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import anthropic
+
+from . import api, collect as collect_mod, state, submit as submit_mod
+from .config import Settings
+from .dbt_runner import load_manifest
+from .errors import WaitTimeout
+from .estimate import Estimate
+from .export import REJECTED_REASONS, JobPlan
+from .jobs import Job, jobs_from_manifest, select_jobs
+from .progress import Progress, Silent
+from .results import publish
+
+ENV_FAULT = "BATCH_BRIDGE_FAULT"  # test-only: name of a crash point at which the process kills itself
+
+
+def load_jobs(settings: Settings, names: tuple[str, ...] | list[str] | None = None, *, force_parse: bool = False) -> list[Job]:
+    return select_jobs(jobs_from_manifest(load_manifest(settings, force_parse=force_parse)), names)
+
+
+def crash_point(point: str) -> None:
+    """Die at a named point when BATCH_BRIDGE_FAULT names it (crash-safety tests kill us here)."""
+    if os.environ.get(ENV_FAULT) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- plan ---------------------------------------------------------------------------------------
+
+
+def plan(settings: Settings, jobs: list[Job], *, progress: Progress = Silent()) -> tuple[list[JobPlan], dict[str, Estimate]]:
+    """What `submit` would send now; sends and records nothing."""
+    with state.connect(settings) as con:
+        return submit_mod.plan_jobs(con, settings, jobs, progress=progress)
+
+
+def plan_to_json(p: JobPlan, e: Estimate | None) -> dict[str, Any]:
+    return {
+        "job": p.job.name,
+        "model": p.job.model,
+        "staged_rows": p.staged,
+        "rows_to_send": p.send_keys,
+        "requests_to_send": p.send_requests,
+        "deduplicated_rows": p.deduplicated,
+        "up_to_date_rows": p.dispositions.get("up_to_date", 0),
+        "in_flight_rows": p.dispositions.get("in_flight", 0),
+        "skipped": {k: {"rows": v, "why": REJECTED_REASONS[k]} for k, v in sorted(p.rejected.items())},
+        "batches": [{"requests": c.requests, "bytes": c.body_bytes} for c in p.chunks],
+        "bytes": p.body_bytes,
+        "estimate": e.to_json() if e else None,
+    }
+
+
+# --- submit / collect -----------------------------------------------------------------------------
+
+
+def _publish_all(settings: Settings, jobs: list[Job]) -> None:
+    with state.connect(settings) as con:
+        for j in jobs:
+            publish(con, settings, j)
+
+
+def submit(
+    settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, max_cost: float | None = None,
+    progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
+) -> submit_mod.SubmitReport:
+    """Export and submit what is needed; returns as soon as batches are created."""
+    names = [j.name for j in jobs]
+    # Submissions journalled by an interrupted run go first: their rows are in flight already.
+    leftover = submit_mod.send_pending(client, settings, jobs=names, progress=progress, sleep=sleep, fault=crash_point)
+    report = submit_mod.prepare_submissions(settings, jobs, max_cost=max_cost, progress=progress)
+    crash_point("after_prepare")
+    sent = submit_mod.send_pending(client, settings, jobs=names, progress=progress, sleep=sleep, fault=crash_point)
+    report.batches = leftover.batches + sent.batches
+    report.adopted = leftover.adopted + sent.adopted
+    report.pending_unknown = sent.pending_unknown
+    _publish_all(settings, jobs)
+    if report.batches:
+        progress.step(f"submitted {len(report.batches)} batch(es): {', '.join(report.batches)}")
+    return report
+
+
+def collect(
+    settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, progress: Progress = Silent(),
+    sleep: Callable[[float], None] = time.sleep,
+) -> collect_mod.CollectReport:
+    report = collect_mod.collect(client, settings, {j.name: j for j in jobs}, progress=progress, sleep=sleep)
+    for job, n in report.loaded.items():
+        progress.step(f"{job}: loaded {n:,} results")
+    return report
+
+
+@dataclass
+class WaitReport:
+    polls: int = 0
+    ended: int = 0
+    open: int = 0
+    collected: dict[str, int] = field(default_factory=dict)
+
+
+def wait(
+    settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, timeout: float | None = None,
+    collect_as_ended: bool = False, progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> WaitReport:
+    """Poll until every open batch has ended (collecting each as it ends if asked), or time out."""
+    names = [j.name for j in jobs]
+    by_name = {j.name: j for j in jobs}
+    report = WaitReport()
+    start = clock()
+    interval = settings.poll_interval
+    while True:
+        infos = collect_mod.refresh(client, settings, names)
+        report.polls += 1
+        ended = [i for i in infos if i.processing_status == "ended"]
+        running = [i for i in infos if i.processing_status != "ended"]
+        requests = sum(i.total for i in infos)
+        progress.tick("batches ended", len(ended), len(infos))
+        if collect_as_ended and ended:
+            collect_mod.download_ended(client, settings, ended, progress=progress, sleep=sleep)
+            for job, n in collect_mod.load_downloaded(settings, by_name, progress=progress).items():
+                report.collected[job] = report.collected.get(job, 0) + n
+                progress.step(f"{job}: loaded {n:,} results")
+        report.ended, report.open = len(ended), len(running)
+        if not running:
+            return report
+        elapsed = clock() - start
+        if timeout is not None and elapsed >= timeout:
+            raise WaitTimeout(
+                f"{len(running)} of {len(infos)} batch(es) still in progress after {elapsed:.0f}s "
+                f"({requests:,} requests in them)",
+                hint="nothing is lost: run `batch-bridge collect` or `wait` again later",
+            )
+        pause = interval if timeout is None else min(interval, max(0.0, timeout - elapsed))
+        sleep(pause)
+        interval = min(interval * 1.5, max(settings.max_poll_interval, settings.poll_interval))
+
+
+def sync(
+    settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, max_cost: float | None = None,
+    progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
+) -> tuple[collect_mod.CollectReport, submit_mod.SubmitReport]:
+    """`collect` then `submit`, never waiting: the one command an hourly schedule runs."""
+    with state.exclusive(settings):
+        c = collect(settings, jobs, client, progress=progress, sleep=sleep)
+        s = submit(settings, jobs, client, max_cost=max_cost, progress=progress, sleep=sleep)
+    return c, s
+
+
+def run(
+    settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, max_cost: float | None = None,
+    timeout: float | None = None, progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[submit_mod.SubmitReport, WaitReport]:
+    """`submit`, then wait and collect each batch as it ends: for pipelines that can wait."""
+    with state.exclusive(settings):
+        collect(settings, jobs, client, progress=progress, sleep=sleep)  # anything ended since last time
+        s = submit(settings, jobs, client, max_cost=max_cost, progress=progress, sleep=sleep)
+        w = wait(settings, jobs, client, timeout=timeout, collect_as_ended=True, progress=progress,
+                 sleep=sleep, clock=clock)
+        _publish_all(settings, jobs)
+    return s, w
+
+
+def cancel(settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, progress: Progress = Silent()) -> list[str]:
+    """Cancel every in-flight batch of the jobs; their unprocessed requests come back `canceled`."""
+    names = [j.name for j in jobs]
+    out = []
+    for b in collect_mod.open_batches(settings, names):
+        if b["local_state"] != "submitted" or b["processing_status"] != "in_progress":
+            continue
+        info = api.cancel(client, b["batch_id"])
+        with state.connect(settings) as con:
+            collect_mod.record_status(con, info)
+        out.append(info.id)
+        progress.step(f"cancel requested for {info.id} ({info.processing_status})")
+    return out

@@ -1,0 +1,146 @@
+"""What a submission will cost, before it is sent.
+
+Input tokens are counted offline as UTF-8 bytes / 4 (Claude's tokenizer gives about 3.5-4.5 bytes
+per token on English prose); once a job has answers, that guess is scaled by the job's observed
+ratio of billed input tokens to estimated ones. Output tokens are the job's observed mean once
+history exists; before that, a size derived from the output schema (or half of `max_tokens` for free
+text), never above `max_tokens`. The upper bound always assumes `max_tokens`. A shared prefix marked
+for caching is priced as one cache write per batch and reads for the rest, when it is long enough
+for the model to cache at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import duckdb
+
+from .export import JobPlan
+from .jobs import Job
+from .pricing import PriceBook
+
+BYTES_PER_TOKEN = 4.0
+MESSAGE_OVERHEAD_TOKENS = 8
+
+
+@dataclass
+class Estimate:
+    requests: int
+    input_tokens: int  # uncached input
+    cache_write_tokens: int
+    cache_read_tokens: int
+    output_tokens: int
+    output_tokens_max: int
+    batch_usd: float | None  # expected cost at batch prices (None: unknown model)
+    batch_usd_max: float | None  # if every answer used max_tokens
+    sync_usd: float | None  # the same work through synchronous calls, without caching
+    method: str  # how the numbers were obtained, for people reading `plan`
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tokens(nbytes: float) -> int:
+    return int(math.ceil(nbytes / BYTES_PER_TOKEN))
+
+
+def _schema_tokens(schema: dict[str, Any]) -> float:
+    """A typical answer size for a JSON schema, in tokens."""
+    if "enum" in schema:
+        vals = [json.dumps(v) for v in schema["enum"]]
+        return sum(len(v) for v in vals) / len(vals) / BYTES_PER_TOKEN + 1
+    t = schema.get("type")
+    if isinstance(t, list):
+        t = next((x for x in t if x != "null"), "string")
+    if t == "object":
+        props = schema.get("properties", {})
+        return 2 + sum(len(k) / BYTES_PER_TOKEN + 2 + _schema_tokens(v) for k, v in props.items())
+    if t == "array":
+        lo, hi = schema.get("minItems", 1), schema.get("maxItems", 4)
+        n = (lo + max(lo, min(hi, 4))) / 2
+        return 2 + n * (_schema_tokens(schema.get("items", {"type": "string"})) + 1)
+    if t == "string":
+        return min(schema.get("maxLength", 120), 120) / BYTES_PER_TOKEN + 2
+    return 2
+
+
+def static_bytes(job: Job) -> int:
+    prefix, suffix = job.params_split()
+    return len(prefix.encode()) + len(suffix.encode())
+
+
+def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: PriceBook) -> Estimate:
+    n = plan.send_requests
+    price = book.lookup(job.model)
+    hist = con.execute(
+        """
+        SELECT count(*), sum(r.input_tokens + coalesce(r.cache_creation_input_tokens, 0)
+                             + coalesce(r.cache_read_input_tokens, 0)),
+               sum(s.prompt_bytes), avg(r.output_tokens)
+        FROM bb_state.responses r
+        JOIN bb_state.sent_requests s ON s.job = r.job AND s.request_custom_id = r.request_custom_id
+             AND s.input_hash = r.input_hash AND s.attempt = r.attempt
+        WHERE r.job = ? AND r.status IN ('succeeded', 'parse_failed')
+        """,
+        [job.name],
+    ).fetchone()
+    seen, hist_tokens, hist_bytes, hist_out = hist
+    fixed = tokens(static_bytes(job)) + MESSAGE_OVERHEAD_TOKENS * (1 + 2 * len(job.few_shot))
+    per_row_estimate = tokens(plan.prompt_bytes) + fixed * n
+    method = "input: UTF-8 bytes / 4"
+    scale = 1.0
+    if seen and hist_tokens and hist_bytes is not None:
+        guessed = tokens(hist_bytes) + fixed * seen
+        if guessed:
+            scale = hist_tokens / guessed
+            method += f", scaled x{scale:.2f} by {seen:,} earlier answers"
+    total_input = int(per_row_estimate * scale)
+    # The cacheable prefix: system prompt and few-shot turns (the schema and tools are in it too).
+    prefix_tokens = 0
+    if job.cache_ttl != "none" and (job.system or job.few_shot):
+        prefix_bytes = len((job.system or "").encode()) + sum(len(u.encode()) + len(a.encode()) for u, a in job.few_shot)
+        prefix_tokens = int((tokens(prefix_bytes) + tokens(static_bytes(job) - prefix_bytes)) * scale)
+    cache_write = cache_read = 0
+    if price and prefix_tokens >= price.min_cache_tokens and n:
+        batches = max(1, len(plan.chunks))
+        cache_write = prefix_tokens * min(batches, n)
+        cache_read = prefix_tokens * (n - min(batches, n))
+        method += f"; shared prefix of ~{prefix_tokens:,} tokens cached ({job.cache_ttl})"
+    uncached = max(0, total_input - cache_write - cache_read)
+    if seen and hist_out is not None:
+        out_each = min(float(hist_out), job.max_tokens)
+        method += f"; output: mean of {seen:,} earlier answers"
+    elif job.answer_schema is not None:
+        out_each = min(_schema_tokens(job.answer_schema), job.max_tokens)
+        method += "; output: typical size of the schema"
+    else:
+        out_each = job.max_tokens / 2
+        method += "; output: half of max_tokens"
+    out_total = int(out_each * n)
+    out_max = job.max_tokens * n
+
+    def cost(out: int, batch: bool, cached: bool) -> float | None:
+        if cached:
+            w5 = cache_write if job.cache_ttl == "5m" else 0
+            w1 = cache_write if job.cache_ttl == "1h" else 0
+            return book.cost(job.model, input_tokens=uncached, output_tokens=out, cache_5m=w5, cache_1h=w1,
+                             cache_read=cache_read, batch=batch)
+        return book.cost(job.model, input_tokens=total_input, output_tokens=out, batch=batch)
+
+    if price is None:
+        method += f"; model {job.model!r} has no price: cost unknown"
+    return Estimate(
+        requests=n,
+        input_tokens=uncached,
+        cache_write_tokens=cache_write,
+        cache_read_tokens=cache_read,
+        output_tokens=out_total,
+        output_tokens_max=out_max,
+        batch_usd=cost(out_total, True, True),
+        batch_usd_max=cost(out_max, True, True),
+        sync_usd=book.cost(job.model, input_tokens=total_input, output_tokens=out_total, batch=False) if price else None,
+        method=method,
+    )

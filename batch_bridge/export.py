@@ -1,0 +1,379 @@
+"""Staging rows -> what to send: custom_ids, input hashes, dispositions and request files, all set-wise.
+
+Three passes, none of which holds prompt text for every row in memory:
+1. `stage`: read the staging relation once (warehouse ATTACHed read-only) into a narrow temp table:
+   key columns, custom_id, key_json, input_hash, prompt size and emptiness. No prompt text.
+2. `classify`: join that with the bridge's own history to give each row one disposition
+   (send, up_to_date, in_flight, or a reason for not sending it).
+3. `write_requests`: only for rows to send, rebuild each request line in SQL
+   (`prefix || to_json(prompt) || suffix`), cut the lines into batches that respect both caps, and
+   let DuckDB write every batch file in one COPY.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import duckdb
+
+from .config import Settings
+from .errors import JobDefinitionError, WarehouseError, WarehouseLocked
+from .jobs import Job, quote_ident, quote_literal, template_columns
+
+# Dispositions of a staged row. "send" goes out; the others are counted, and the "not sendable"
+# ones are recorded in `rejections` with their reason so that nothing is silently dropped.
+SEND = "send"
+UP_TO_DATE = "up_to_date"
+IN_FLIGHT = "in_flight"
+REJECTED_REASONS = {
+    "null_key": "a key column is NULL",
+    "duplicate_key": "the key appears on more than one row (none of them is sent)",
+    "empty_prompt": "the prompt is NULL or blank",
+    "too_large": "the request is larger than a batch may be",
+    "invalid_request": "the API answered invalid_request_error for this exact input; change the input or job",
+    "attempts_exhausted": "retryable failures reached max_attempts for this input",
+    "parse_failed": "the answer did not match the output schema (retry_parse_failed is false)",
+}
+RETRYABLE_ERRORS = ("overloaded_error", "api_error", "rate_limit_error", "timeout_error")
+CUSTOM_ID_PATTERN = "[a-zA-Z0-9_-]{1,64}"
+ENCODED_PREFIX = "bbk-"
+BODY_OVERHEAD = len(b'{"requests":[') + len(b"]}")
+
+
+@dataclass
+class Chunk:
+    """One future batch: a range of request rows."""
+
+    index: int
+    first: int
+    last: int
+    requests: int
+    body_bytes: int
+
+
+@dataclass
+class JobPlan:
+    job: Job
+    staged: int = 0
+    dispositions: dict[str, int] = field(default_factory=dict)
+    send_keys: int = 0
+    send_requests: int = 0
+    prompt_bytes: int = 0  # of the requests to send
+    chunks: list[Chunk] = field(default_factory=list)
+
+    @property
+    def deduplicated(self) -> int:
+        return self.send_keys - self.send_requests
+
+    @property
+    def body_bytes(self) -> int:
+        return sum(c.body_bytes for c in self.chunks)
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        return {k: v for k, v in self.dispositions.items() if k in REJECTED_REASONS}
+
+
+def _is_lock_error(e: Exception) -> bool:
+    t = str(e)
+    return "lock" in t.lower() and ("Conflicting" in t or "Could not set" in t)
+
+
+@contextmanager
+def warehouse_attached(
+    con: duckdb.DuckDBPyConnection, settings: Settings, catalog: str, *, sleep: Callable[[float], None] = time.sleep
+) -> Iterator[None]:
+    """ATTACH the warehouse read-only under dbt's catalog name (views refer to it), then DETACH."""
+    if not settings.warehouse.exists():
+        raise WarehouseError(
+            f"the warehouse {settings.warehouse} does not exist",
+            hint="run `dbt build` (or `batch-bridge pipeline`) first, or set BATCH_BRIDGE_WAREHOUSE",
+        )
+    if catalog in {r[0] for r in con.execute("SELECT database_name FROM duckdb_databases()").fetchall()}:
+        raise WarehouseError(f"the warehouse catalog name {catalog!r} clashes with the bridge's own files")
+    deadline = time.monotonic() + settings.lock_timeout
+    delay = 0.1
+    while True:
+        try:
+            con.execute(f"ATTACH {quote_literal(str(settings.warehouse))} AS {quote_ident(catalog)} (READ_ONLY)")
+            break
+        except duckdb.IOException as e:
+            if not _is_lock_error(e):
+                raise WarehouseError(f"cannot open the warehouse {settings.warehouse}: {e}") from e
+            if time.monotonic() >= deadline:
+                raise WarehouseLocked(
+                    f"the warehouse {settings.warehouse} is held by another process (is dbt running?)",
+                    hint="the bridge reads the warehouse between dbt runs; run it after `dbt build` "
+                    f"finishes (waited {settings.lock_timeout:g}s, BATCH_BRIDGE_LOCK_TIMEOUT)",
+                ) from e
+            sleep(delay)
+            delay = min(delay * 2, 2.0)
+    try:
+        yield
+    finally:
+        con.execute(f"DETACH {quote_ident(catalog)}")
+
+
+def relation_columns(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
+    """Column name -> DuckDB type of the staging relation; a clear error when it is missing."""
+    rel = job.relation
+    rows = con.execute(
+        "SELECT column_name, data_type FROM duckdb_columns() "
+        "WHERE database_name = ? AND schema_name = ? AND table_name = ? ORDER BY column_index",
+        [rel.database, rel.schema, rel.identifier],
+    ).fetchall()
+    if not rows:
+        raise WarehouseError(
+            f"job {job.name!r}: the staging relation {rel.sql()} does not exist in {rel.database!r}",
+            hint=f"build it first: dbt build --select {job.node.split('.')[-1]}",
+        )
+    return {name: typ for name, typ in rows}
+
+
+def _check_columns(job: Job, columns: dict[str, str]) -> None:
+    have = ", ".join(columns)
+    for k in job.key:
+        if k not in columns:
+            raise JobDefinitionError(job.name, "key", k, f"columns of {job.relation.identifier}: {have}")
+    if job.prompt_column and job.prompt_column not in columns:
+        raise JobDefinitionError(job.name, "prompt_column", job.prompt_column, f"columns of {job.relation.identifier}: {have}")
+    for c in template_columns(job.prompt_template or ""):
+        if c not in columns:
+            raise JobDefinitionError(
+                job.name, "prompt_template", "{" + c + "}", f"placeholders naming columns of {job.relation.identifier}: {have}"
+            )
+
+
+def prompt_sql(job: Job, alias: str = "s") -> str:
+    """SQL text of the row's prompt."""
+    if job.prompt_column:
+        return f"CAST({alias}.{quote_ident(job.prompt_column)} AS VARCHAR)"
+    parts: list[str] = []
+    pos = 0
+    template = job.prompt_template or ""
+    import re
+
+    for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_ ]*)\}", template):
+        if m.start() > pos:
+            parts.append(quote_literal(template[pos : m.start()]))
+        parts.append(f"coalesce(CAST({alias}.{quote_ident(m.group(1))} AS VARCHAR), '')")
+        pos = m.end()
+    if pos < len(template):
+        parts.append(quote_literal(template[pos:]))
+    return "(" + " || ".join(parts) + ")"
+
+
+def empty_prompt_sql(job: Job, alias: str = "s") -> str:
+    if job.prompt_column:
+        p = prompt_sql(job, alias)
+        return f"({p} IS NULL OR trim({p}) = '')"
+    cols = template_columns(job.prompt_template or "")
+    return "(" + " AND ".join(f"coalesce(trim(CAST({alias}.{quote_ident(c)} AS VARCHAR)), '') = ''" for c in cols) + ")"
+
+
+def custom_id_sql(job: Job, alias: str = "s") -> str:
+    keys = [f"{alias}.{quote_ident(k)}" for k in job.key]
+    any_null = " OR ".join(f"{k} IS NULL" for k in keys)
+    key_json = f"CAST(json_array({', '.join(keys)}) AS VARCHAR)"
+    encoded = f"'{ENCODED_PREFIX}' || left(sha256({key_json}), 40)"
+    if len(keys) == 1:
+        txt = f"CAST({keys[0]} AS VARCHAR)"
+        return (
+            f"CASE WHEN {any_null} THEN NULL "
+            f"WHEN regexp_full_match({txt}, '{CUSTOM_ID_PATTERN}') AND NOT starts_with({txt}, '{ENCODED_PREFIX}') "
+            f"THEN {txt} ELSE {encoded} END"
+        )
+    return f"CASE WHEN {any_null} THEN NULL ELSE {encoded} END"
+
+
+def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
+    """Pass 1: the narrow snapshot `bb_staged` of the job's staging relation. Returns key column types."""
+    columns = relation_columns(con, job)
+    _check_columns(job, columns)
+    keys = ", ".join(f"s.{quote_ident(k)}" for k in job.key)
+    prompt = prompt_sql(job)
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE bb_staged AS
+        SELECT {keys},
+               {custom_id_sql(job)} AS custom_id,
+               CAST(json_array({keys}) AS VARCHAR) AS key_json,
+               {' OR '.join(f's.{quote_ident(k)} IS NULL' for k in job.key)} AS key_null,
+               {empty_prompt_sql(job)} AS prompt_empty,
+               CASE WHEN NOT {empty_prompt_sql(job)} THEN md5({quote_literal(job.static_hash)} || {prompt}) END AS input_hash,
+               coalesce(strlen({prompt}), 0) AS prompt_bytes
+        FROM {job.relation.sql()} AS s
+        """
+    )
+    return {k: columns[k] for k in job.key}
+
+
+def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
+    """Pass 2: one disposition per staged row, in `bb_classified`; counts into `plan`."""
+    prefix, suffix = job.params_split()
+    # A request line is {"custom_id":<id>,"params":<prefix><json prompt><suffix>}; JSON escaping can only
+    # grow the prompt, so a prompt whose raw bytes already exceed the cap can never fit.
+    fixed = len('{"custom_id":"","params":}'.encode()) + len(prefix.encode()) + len(suffix.encode()) + 2 + 64
+    limit = job.max_bytes_per_batch - BODY_OVERHEAD - fixed
+    retryable = (
+        "r.status IN ('expired', 'canceled') OR (r.status = 'errored' AND coalesce(r.error_type, 'api_error') IN "
+        f"({', '.join(quote_literal(e) for e in RETRYABLE_ERRORS)}))"
+        + (" OR r.status = 'parse_failed'" if job.retry_parse_failed else "")
+    )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE bb_classified AS
+        WITH outcomes AS (
+            SELECT input_hash,
+                   bool_or(status = 'succeeded') AS ok,
+                   count(*) FILTER (WHERE {retryable}) AS failures,
+                   bool_or(status = 'errored' AND NOT ({retryable})) AS invalid,
+                   bool_or(status = 'parse_failed' AND NOT ({retryable})) AS unparsable
+            FROM bb_state.responses r WHERE job = $job GROUP BY input_hash
+        ),
+        flying AS (
+            SELECT DISTINCT sr.input_hash
+            FROM bb_state.sent_requests sr
+            JOIN bb_state.submissions su USING (submission_id)
+            LEFT JOIN bb_state.batches b ON b.batch_id = su.batch_id
+            WHERE sr.job = $job AND (su.state IN ('prepared', 'creating')
+                  OR (su.state = 'created' AND coalesce(b.local_state, 'submitted') IN ('submitted', 'downloaded')))
+        ),
+        dups AS (SELECT custom_id FROM bb_staged WHERE NOT key_null GROUP BY custom_id HAVING count(*) > 1)
+        SELECT s.*,
+               coalesce(o.failures, 0) AS failures,
+               CASE
+                 WHEN s.key_null THEN 'null_key'
+                 WHEN d.custom_id IS NOT NULL THEN 'duplicate_key'
+                 WHEN s.prompt_empty THEN 'empty_prompt'
+                 WHEN o.ok THEN '{UP_TO_DATE}'
+                 WHEN f.input_hash IS NOT NULL THEN '{IN_FLIGHT}'
+                 WHEN o.invalid THEN 'invalid_request'
+                 WHEN o.unparsable THEN 'parse_failed'
+                 WHEN coalesce(o.failures, 0) >= $max_attempts THEN 'attempts_exhausted'
+                 WHEN s.prompt_bytes > $limit THEN 'too_large'
+                 ELSE '{SEND}'
+               END AS disposition
+        FROM bb_staged s
+        LEFT JOIN dups d ON d.custom_id = s.custom_id
+        LEFT JOIN outcomes o ON o.input_hash = s.input_hash
+        LEFT JOIN flying f ON f.input_hash = s.input_hash
+        """,
+        {"job": job.name, "max_attempts": job.max_attempts, "limit": limit},
+    )
+    rows = con.execute("SELECT disposition, count(*) FROM bb_classified GROUP BY ALL").fetchall()
+    plan.dispositions = {d: n for d, n in rows}
+    plan.staged = sum(plan.dispositions.values())
+    plan.send_keys = plan.dispositions.get(SEND, 0)
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE bb_send AS
+        SELECT input_hash,
+               min(custom_id) AS request_custom_id,
+               count(*) AS key_count,
+               max(failures) + 1 AS attempt,
+               max(prompt_bytes) AS prompt_bytes
+        FROM bb_classified WHERE disposition = 'send' GROUP BY input_hash
+        """
+    )
+    n, pb = con.execute("SELECT count(*), coalesce(sum(prompt_bytes), 0) FROM bb_send").fetchone()
+    plan.send_requests, plan.prompt_bytes = int(n), int(pb)
+
+
+def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id") -> str:
+    prefix, suffix = job.params_split()
+    return (
+        f"""'{{"custom_id":' || CAST(to_json({custom_id}) AS VARCHAR) || ',"params":' || """
+        f"{quote_literal(prefix)} || CAST(to_json({prompt_sql(job, alias)}) AS VARCHAR) || {quote_literal(suffix)} || '}}'"
+    )
+
+
+def _lines_query(job: Job, columns: str) -> str:
+    """Rows of `bb_send` joined back to the staging relation for their prompt text."""
+    on = " AND ".join(f"s.{quote_ident(k)} = c.{quote_ident(k)}" for k in job.key)
+    return f"""
+        SELECT {columns}
+        FROM bb_send q
+        JOIN bb_classified c ON c.custom_id = q.request_custom_id AND c.disposition = 'send'
+        JOIN {job.relation.sql()} s ON {on}
+    """
+
+
+def cut_chunks(sizes: list[int], max_requests: int, max_body: int) -> list[tuple[int, int, int]]:
+    """Greedy cut of line sizes (in order) into (first, last, body_bytes) ranges within both caps."""
+    out: list[tuple[int, int, int]] = []
+    first, body = 0, BODY_OVERHEAD
+    for i, size in enumerate(sizes):
+        grown = body + size + (1 if i > first else 0)
+        if i > first and (i - first >= max_requests or grown > max_body):
+            out.append((first, i - 1, body))
+            first, body = i, BODY_OVERHEAD + size
+        else:
+            body = grown
+    if sizes:
+        out.append((first, len(sizes) - 1, body))
+    return out
+
+
+def measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
+    """Exact line sizes of the requests to send, ordered, and the batches they make (`bb_lines`)."""
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE bb_lines AS "
+        + _lines_query(job, f"q.request_custom_id, q.input_hash, q.attempt, q.key_count, q.prompt_bytes, strlen({line_sql(job)}) AS nbytes")
+        + " ORDER BY q.request_custom_id"
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE bb_lines AS "
+        "SELECT row_number() OVER (ORDER BY request_custom_id) - 1 AS rn, * FROM bb_lines"
+    )
+    sizes = con.sql("SELECT nbytes FROM bb_lines ORDER BY rn").to_arrow_table().column(0).to_pylist()
+    ranges = cut_chunks(sizes, job.max_requests_per_batch, job.max_bytes_per_batch)
+    plan.chunks = [Chunk(i, a, b, b - a + 1, body) for i, (a, b, body) in enumerate(ranges)]
+
+
+def write_requests(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_dir: Path, names: list[str]) -> list[Path]:
+    """Write one request JSONL per chunk, atomically (temp dir, then rename). Returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    con.execute("CREATE OR REPLACE TEMP TABLE bb_chunks (chunk INTEGER, first BIGINT, last BIGINT)")
+    con.executemany("INSERT INTO bb_chunks VALUES (?, ?, ?)", [(c.index, c.first, c.last) for c in plan.chunks])
+    tmp = out_dir / f".tmp-{names[0]}"
+    con.execute(
+        f"""
+        COPY (
+            SELECT k.chunk, {line_sql(job)} AS line
+            FROM bb_send q
+            JOIN bb_lines l ON l.request_custom_id = q.request_custom_id
+            JOIN bb_chunks k ON l.rn BETWEEN k.first AND k.last
+            JOIN bb_classified c ON c.custom_id = q.request_custom_id AND c.disposition = 'send'
+            JOIN {job.relation.sql()} s ON {' AND '.join(f's.{quote_ident(k)} = c.{quote_ident(k)}' for k in job.key)}
+            ORDER BY l.rn
+        ) TO {quote_literal(str(tmp))}
+        (FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\x01', PARTITION_BY (chunk),
+         WRITE_PARTITION_COLUMNS false, OVERWRITE_OR_IGNORE true)
+        """
+    )
+    paths = []
+    for c, name in zip(plan.chunks, names):
+        part_dir = tmp / f"chunk={c.index}"
+        files = sorted(part_dir.iterdir())
+        if len(files) != 1:
+            raise WarehouseError(f"expected one request file for chunk {c.index}, found {len(files)}")
+        dest = out_dir / f"{name}.jsonl"
+        size = files[0].stat().st_size
+        expected = c.body_bytes - BODY_OVERHEAD + 1  # lines + newlines == body minus wrapper plus final newline
+        if size != expected:
+            raise WarehouseError(f"request file for chunk {c.index} has {size} bytes, expected {expected}")
+        with open(files[0], "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(files[0], 0o600)
+        os.replace(files[0], dest)
+        paths.append(dest)
+    for d in sorted(tmp.glob("*"), reverse=True):
+        d.rmdir()
+    tmp.rmdir()
+    return paths

@@ -1,0 +1,272 @@
+"""The bridge's own state: a DuckDB file that dbt never opens, with append-only named migrations.
+
+Connections are short-lived (open, do one step, close) so that `status` can read while `wait` polls,
+and a DuckDB lock held by another bridge process is waited for, up to `lock_timeout`. Commands that
+change what is sent or loaded also take an exclusive process lock (`exclusive`), so two schedulers
+starting `batch-bridge sync` at once cannot both submit.
+
+State changes are named functions that refuse illegal moves (`InvalidStateTransition`).
+
+Submission journal (one row per request file; written *before* the create call):
+    prepared -> creating -> created
+    prepared | creating -> abandoned      (the create certainly did not happen)
+Local batch life (`batches.local_state`, beside the API's own `processing_status`):
+    submitted -> downloaded -> collected
+    submitted | downloaded -> lost        (results deleted or past retention; rows go back to pending)
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import duckdb
+
+from .config import Settings
+from .errors import InvalidStateTransition, StateError, StateLocked
+
+SubmissionState = Literal["prepared", "creating", "created", "abandoned"]
+LocalBatchState = Literal["submitted", "downloaded", "collected", "lost"]
+ProcessingStatus = Literal["in_progress", "canceling", "ended"]
+ResultType = Literal["succeeded", "errored", "canceled", "expired"]
+
+
+def utcnow() -> datetime:
+    """Naive UTC, the form DuckDB TIMESTAMP columns hold."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(
+        """
+        CREATE TABLE jobs (
+            job VARCHAR PRIMARY KEY,
+            definition JSON,           -- the validated job, for status and for the results export
+            static_hash VARCHAR,
+            key_types JSON,            -- [[column, duckdb type], ...] from the staging relation
+            updated_at TIMESTAMP
+        );
+        CREATE TABLE submissions (
+            submission_id VARCHAR PRIMARY KEY,
+            job VARCHAR NOT NULL,
+            state VARCHAR NOT NULL,    -- prepared | creating | created | abandoned
+            request_file VARCHAR NOT NULL,
+            request_count BIGINT NOT NULL,
+            body_bytes BIGINT NOT NULL,
+            estimated_cost_usd DOUBLE,
+            prepared_at TIMESTAMP NOT NULL,
+            create_started_at TIMESTAMP,
+            batch_id VARCHAR,
+            created_at TIMESTAMP,
+            note VARCHAR
+        );
+        CREATE TABLE sent_requests (   -- one row per request line of a submission
+            submission_id VARCHAR NOT NULL,
+            job VARCHAR NOT NULL,
+            request_custom_id VARCHAR NOT NULL,
+            input_hash VARCHAR NOT NULL,
+            attempt INTEGER NOT NULL,
+            key_count INTEGER NOT NULL, -- how many keys share this request (dedupe fan-out)
+            prompt_bytes BIGINT NOT NULL -- for calibrating token estimates against billed usage
+        );
+        CREATE TABLE batches (
+            batch_id VARCHAR PRIMARY KEY,
+            job VARCHAR NOT NULL,
+            submission_id VARCHAR NOT NULL,
+            processing_status VARCHAR NOT NULL,   -- the API's words: in_progress | canceling | ended
+            local_state VARCHAR NOT NULL,         -- submitted | downloaded | collected | lost
+            request_count BIGINT NOT NULL,
+            processing BIGINT DEFAULT 0, succeeded BIGINT DEFAULT 0, errored BIGINT DEFAULT 0,
+            canceled BIGINT DEFAULT 0, expired BIGINT DEFAULT 0,
+            created_at TIMESTAMP, expires_at TIMESTAMP, ended_at TIMESTAMP,
+            cancel_initiated_at TIMESTAMP, archived_at TIMESTAMP,
+            results_url VARCHAR,
+            polled_at TIMESTAMP,
+            result_file VARCHAR,
+            result_lines BIGINT,
+            collected_at TIMESTAMP,
+            note VARCHAR
+        );
+        CREATE TABLE key_versions (   -- which input each key had, appended when it changes
+            job VARCHAR NOT NULL,
+            custom_id VARCHAR NOT NULL,
+            key_json VARCHAR NOT NULL,
+            input_hash VARCHAR NOT NULL,
+            seen_at TIMESTAMP NOT NULL
+        );
+        CREATE TABLE responses (      -- one row per result line loaded; full history
+            job VARCHAR NOT NULL,
+            batch_id VARCHAR NOT NULL,
+            request_custom_id VARCHAR NOT NULL,
+            input_hash VARCHAR NOT NULL,
+            attempt INTEGER NOT NULL,
+            status VARCHAR NOT NULL,  -- succeeded | errored | canceled | expired | parse_failed
+            output_text VARCHAR,
+            output_json JSON,
+            stop_reason VARCHAR,
+            model VARCHAR,
+            input_tokens BIGINT, output_tokens BIGINT,
+            cache_creation_input_tokens BIGINT, cache_read_input_tokens BIGINT,
+            cache_creation_5m BIGINT, cache_creation_1h BIGINT,
+            cost_usd DOUBLE,
+            error_type VARCHAR, error_message VARCHAR,
+            submitted_at TIMESTAMP,
+            collected_at TIMESTAMP NOT NULL
+        );
+        CREATE TABLE rejections (     -- rows of the latest snapshot that were not sent, and why
+            job VARCHAR NOT NULL,
+            key_json VARCHAR,
+            reason VARCHAR NOT NULL,
+            detail VARCHAR,
+            seen_at TIMESTAMP NOT NULL
+        );
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [m001_initial]
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> None:
+    """Apply every migration not yet applied; runs on every open, so old and new files match."""
+    con.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP)")
+    done = {r[0] for r in con.execute("SELECT name FROM _migrations").fetchall()}
+    for m in MIGRATIONS:
+        if m.__name__ in done:
+            continue
+        con.execute("BEGIN")
+        try:
+            m(con)
+            con.execute("INSERT INTO _migrations VALUES (?, ?)", [m.__name__, utcnow()])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+
+
+def _is_lock_error(e: Exception) -> bool:
+    text = str(e)
+    return "lock" in text.lower() and ("Conflicting" in text or "Could not set" in text)
+
+
+@contextmanager
+def connect(
+    settings: Settings, *, sleep: Callable[[float], None] = time.sleep, read_only: bool = False
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the state file (creating and migrating it), waiting out another process's lock."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.home, 0o700)
+    path = settings.state_path
+    deadline = time.monotonic() + settings.lock_timeout
+    delay = 0.05
+    while True:
+        try:
+            if read_only and path.exists():
+                con = duckdb.connect(str(path), read_only=True)
+            else:
+                con = duckdb.connect(str(path))
+                os.chmod(path, 0o600)
+            break
+        except duckdb.IOException as e:
+            if not _is_lock_error(e):
+                raise StateError(f"cannot open the bridge state {path}: {e}") from e
+            if time.monotonic() >= deadline:
+                raise StateLocked(
+                    f"the bridge state {path} is held by another process",
+                    hint="another batch-bridge command is running; retry when it ends "
+                    f"(waited {settings.lock_timeout:g}s, BATCH_BRIDGE_LOCK_TIMEOUT)",
+                ) from e
+            sleep(delay)
+            delay = min(delay * 2, 1.0)
+    try:
+        if not read_only:
+            migrate(con)
+        yield con
+    finally:
+        con.close()
+
+
+@contextmanager
+def exclusive(settings: Settings, *, wait: float | None = None, sleep: Callable[[float], None] = time.sleep) -> Iterator[None]:
+    """Hold the project's process lock: only one submit/collect/sync/run/cancel at a time."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    path = settings.home / "bridge.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    wait = settings.lock_timeout if wait is None else wait
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = Path(path).read_text().strip() or "unknown"
+                    raise StateLocked(
+                        f"another batch-bridge process ({holder}) is working on {settings.home}",
+                        hint="two processes must not submit at once; this one sent nothing. "
+                        "Retry after it ends, or raise BATCH_BRIDGE_LOCK_TIMEOUT to wait longer",
+                    ) from None
+                sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {utcnow().isoformat(timespec='seconds')}Z".encode())
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+# --- named state transitions -------------------------------------------------------------------
+
+
+def _move(
+    con: duckdb.DuckDBPyConnection, table: str, id_col: str, ident: str, col: str,
+    allowed_from: tuple[str, ...], to: str, sets: dict[str, object] | None = None,
+) -> None:
+    row = con.execute(f"SELECT {col} FROM {table} WHERE {id_col} = ?", [ident]).fetchone()
+    if row is None:
+        raise StateError(f"{table}: no row {ident!r}")
+    if row[0] not in allowed_from:
+        raise InvalidStateTransition(table.rstrip("s"), ident, row[0], to, allowed_from)
+    sets = {col: to, **(sets or {})}
+    assignments = ", ".join(f"{k} = ?" for k in sets)
+    con.execute(f"UPDATE {table} SET {assignments} WHERE {id_col} = ?", [*sets.values(), ident])
+
+
+def start_create(con: duckdb.DuckDBPyConnection, submission_id: str) -> None:
+    """Journal that the create call is about to go out (the crash window starts here)."""
+    _move(con, "submissions", "submission_id", submission_id, "state", ("prepared", "creating"), "creating",
+          {"create_started_at": utcnow()})
+
+
+def record_created(con: duckdb.DuckDBPyConnection, submission_id: str, batch_id: str, note: str | None = None) -> None:
+    _move(con, "submissions", "submission_id", submission_id, "state", ("creating",), "created",
+          {"batch_id": batch_id, "created_at": utcnow(), "note": note})
+
+
+def abandon_submission(con: duckdb.DuckDBPyConnection, submission_id: str, why: str) -> None:
+    """The create certainly did not happen: its rows are no longer in flight."""
+    _move(con, "submissions", "submission_id", submission_id, "state", ("prepared", "creating"), "abandoned",
+          {"note": why})
+
+
+def mark_downloaded(con: duckdb.DuckDBPyConnection, batch_id: str, result_file: str, lines: int) -> None:
+    _move(con, "batches", "batch_id", batch_id, "local_state", ("submitted", "downloaded"), "downloaded",
+          {"result_file": result_file, "result_lines": lines})
+
+
+def mark_collected(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
+    _move(con, "batches", "batch_id", batch_id, "local_state", ("downloaded",), "collected",
+          {"collected_at": utcnow()})
+
+
+def mark_lost(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) -> None:
+    """Results can no longer be had (deleted, archived): its rows become pending again."""
+    _move(con, "batches", "batch_id", batch_id, "local_state", ("submitted", "downloaded"), "lost", {"note": why})
