@@ -93,11 +93,12 @@ def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Pat
     """(Re)write the job's results files; an empty file with the right columns before any results."""
     out = settings.results_dir(job.name)
     out.mkdir(parents=True, exist_ok=True)
-    _write(con, current_sql(con, job), out / "current.parquet")
-    _write(con, history_sql(con, job), out / "history.parquet")
+    _write(con, current_sql(con, job) + " ORDER BY custom_id", out / "current.parquet")
+    _write(con, f"SELECT * FROM ({history_sql(con, job)}) ORDER BY custom_id, collected_at", out / "history.parquet")
     _write(
         con,
-        f"SELECT key_json, reason, detail, seen_at FROM bb_state.rejections WHERE job = {quote_literal(job.name)}",
+        f"SELECT key_json, reason, detail, seen_at FROM bb_state.rejections WHERE job = {quote_literal(job.name)} "
+        "ORDER BY reason, key_json",
         out / "rejected.parquet",
     )
     return out / "current.parquet"
