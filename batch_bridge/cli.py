@@ -351,6 +351,59 @@ def status(project_dir, profiles_dir, target, jobs, as_json):
     _emit(data, as_json, _status_text)
 
 
+# --- pipeline / dbt -------------------------------------------------------------------------------
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@common
+@click.option("--wait", "wait_", is_flag=True, help="submit, wait and collect (run) instead of sync")
+@click.option("--max-cost", type=float, help="refuse (and send nothing) if the estimate exceeds this many USD")
+@click.option("--timeout", type=float, help="with --wait: stop waiting after this many seconds (exit 3)")
+@click.option("--poll-interval", type=float, help="with --wait: seconds between polls")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handle_errors
+def pipeline(project_dir, profiles_dir, target, jobs, wait_, max_cost, timeout, poll_interval, as_json):
+    """A whole scheduled run: dbt build (upstream of the jobs), sync (or --wait: run), dbt build (downstream).
+
+    Upstream/downstream are the project's selectors bb_upstream/bb_downstream when defined, otherwise
+    the jobs' staging models with their parents, and every model reading a results source.
+    Example (cron, hourly): batch-bridge pipeline --project-dir /srv/analytics/dbt_project
+    """
+    from .pipeline import run_pipeline
+
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, poll_interval=poll_interval)
+    r = run_pipeline(settings, job_list, _client(settings), wait=wait_, max_cost=max_cost, timeout=timeout,
+                     progress=StderrProgress())
+    data = {"upstream": r.upstream, "downstream": r.downstream, "submitted": r.submitted, "loaded": r.loaded}
+    _emit(data, as_json, lambda d: f"submitted {len(d['submitted'])} batch(es); loaded "
+          + (", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new"))
+
+
+@cli.command(context_settings={**CONTEXT_SETTINGS, "ignore_unknown_options": True})
+@click.option("--project-dir", type=click.Path(file_okay=False), help="dbt project directory [DBT_PROJECT_DIR]")
+@click.option("--profiles-dir", type=click.Path(file_okay=False), help="directory of profiles.yml [DBT_PROFILES_DIR]")
+@click.option("--target", help="dbt target")
+@click.argument("dbt_args", nargs=-1, type=click.UNPROCESSED)
+@handle_errors
+def dbt(project_dir, profiles_dir, target, dbt_args):
+    """Run dbt with the paths the bridge resolved (from any directory), then release the warehouse.
+
+    Example: batch-bridge dbt build --select review_insights
+    """
+    from .dbt_runner import invoke
+
+    settings = _settings(project_dir, profiles_dir, target)
+    invoke(settings, list(dbt_args))
+
+
+@cli.command("dbt-package-path", context_settings=CONTEXT_SETTINGS)
+def dbt_package_path():
+    """Print the path of the shipped dbt package (for packages.yml `local:` or macro-paths)."""
+    from importlib import resources
+
+    click.echo(str(resources.files("batch_bridge") / "dbt_package"))
+
+
 from .emulator.cli import emulator  # noqa: E402 - registered last so its import cost is paid once
 
 cli.add_command(emulator)

@@ -1,0 +1,149 @@
+"""`make demo` / `python -m batch_bridge.demo`: the example project end to end on the local emulator.
+
+Starts the emulator on a free port in a subprocess, runs the pipeline (dbt build upstream -> submit,
+wait, collect -> dbt build downstream), prints a summary, runs the pipeline again to show that nothing
+is resent, and stops the emulator even on failure. Uses this repository's `dbt_project/` and
+`profiles/`, a fresh `warehouse.duckdb` and `.batch_bridge/` in the repository root (or wherever
+BATCH_BRIDGE_WAREHOUSE / BATCH_BRIDGE_HOME point).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import duckdb
+
+DEMO_KEY = "sk-demo-not-a-real-key"
+
+
+def repo_root() -> Path:
+    here = Path(__file__).resolve().parents[1]
+    if not (here / "dbt_project" / "dbt_project.yml").is_file():
+        raise SystemExit(f"the demo needs the repository checkout (dbt_project/ next to {here}); run it from a clone")
+    return here
+
+
+def start_emulator(latency: float) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batch_bridge.emulator", "--port", "0", "--latency", str(latency)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("http"):
+        proc.kill()
+        raise SystemExit(f"the emulator did not start (first line: {line!r})")
+    return proc, line
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def say(msg: str) -> None:
+    click.secho(msg, fg="cyan", bold=True, err=True)
+
+
+def summary(settings, job_names: list[str]) -> dict:
+    from . import state, status
+    from .pricing import load_prices
+
+    book = load_prices(settings.prices_file)
+    with state.connect(settings) as con:
+        jobs = status.jobs_summary(con, job_names)
+        batches = status.batches(con, job_names)
+    out = {"jobs": jobs, "batches": len(batches)}
+    for j in jobs:
+        cost = j["cost_usd_known_part"] or 0.0
+        j["sync_usd_same_tokens"] = cost / book.batch_discount if book.batch_discount else None
+    return out
+
+
+def print_summary(data: dict, settings) -> None:
+    click.echo("")
+    click.echo("=" * 72)
+    for j in data["jobs"]:
+        r, t = j["rows"], j["tokens"]
+        click.echo(f"job {j['job']}")
+        click.echo(f"  rows enriched        {r['succeeded']:,}  (in flight {r['in_flight']:,}, failed {r['failed']:,})")
+        click.echo(f"  batches              {data['batches']}")
+        click.echo(f"  tokens               input {t['input']:,}, output {t['output']:,}, "
+                   f"cache write {t['cache_write']:,}, cache read {t['cache_read']:,}")
+        cost = j["cost_usd_known_part"] or 0.0
+        click.echo(f"  cost                 ${cost:,.4f} at batch prices; ${j['sync_usd_same_tokens']:,.4f} for the "
+                   "same tokens synchronously")
+        if j["not_sent"]:
+            click.echo("  rows not sent")
+            for reason, v in j["not_sent"].items():
+                click.echo(f"    {reason:<20} {v['rows']:>5,}  {v['why']}")
+    con = duckdb.connect(str(settings.warehouse), read_only=True)
+    try:
+        n, enriched = con.execute("select count(*), count(sentiment) from review_insights").fetchone()
+        top = con.execute(
+            "select product, reviews, enriched, positive, negative from product_sentiment order by reviews desc limit 5"
+        ).fetchall()
+    finally:
+        con.close()
+    click.echo(f"  review_insights      {n:,} reviews, {enriched:,} with sentiment")
+    click.echo("  product_sentiment (top 5 by reviews): product, reviews, enriched, positive, negative")
+    for row in top:
+        click.echo("    " + ", ".join(str(x) for x in row))
+    click.echo("=" * 72)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--latency", default=2.0, show_default=True, help="seconds each batch stays in_progress on the emulator")
+@click.option("--keep", is_flag=True, help="keep the previous warehouse and bridge state instead of starting fresh")
+def main(latency: float, keep: bool) -> None:
+    """Run the example project end to end on the local emulator, twice."""
+    from .api import build_client
+    from .bridge import load_jobs
+    from .config import resolve
+    from .pipeline import run_pipeline
+    from .cli import StderrProgress
+
+    root = repo_root()
+    os.environ.setdefault("BATCH_BRIDGE_WAREHOUSE", str(root / "warehouse.duckdb"))
+    os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
+    settings = resolve(project_dir=root / "dbt_project", profiles_dir=root / "profiles")
+    if not keep:
+        say(f"demo: starting fresh ({settings.warehouse.name} and {settings.home.name}/ removed)")
+        settings.warehouse.unlink(missing_ok=True)
+        Path(str(settings.warehouse) + ".wal").unlink(missing_ok=True)
+        shutil.rmtree(settings.home, ignore_errors=True)
+    proc, url = start_emulator(latency)
+    say(f"demo: emulator at {url} (latency {latency:g}s)")
+    started = time.monotonic()
+    try:
+        os.environ["ANTHROPIC_BASE_URL"] = url
+        os.environ["ANTHROPIC_API_KEY"] = DEMO_KEY
+        settings = resolve(project_dir=root / "dbt_project", profiles_dir=root / "profiles", poll_interval=1.0)
+        jobs = load_jobs(settings)
+        client = build_client(settings)
+        progress = StderrProgress()
+        say("demo: run 1 - dbt build, submit, wait, collect, dbt build")
+        first = run_pipeline(settings, jobs, client, wait=True, progress=progress)
+        print_summary(summary(settings, [j.name for j in jobs]), settings)
+        say("demo: run 2 - the same pipeline again: nothing changed, so nothing is sent")
+        second = run_pipeline(settings, jobs, client, wait=True, progress=progress)
+        click.echo(f"run 1 submitted {len(first.submitted)} batch(es); run 2 submitted {len(second.submitted)}.")
+        if second.submitted:
+            raise SystemExit("unexpected: the second run submitted batches")
+        say(f"demo: done in {time.monotonic() - started:.0f}s. Try: duckdb {settings.warehouse} "
+            "\"select count(*), count(sentiment) from review_insights\"")
+    finally:
+        stop(proc)
+
+
+if __name__ == "__main__":
+    main()
