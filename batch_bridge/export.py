@@ -171,9 +171,11 @@ def prompt_sql(job: Job, alias: str = "s") -> str:
 def empty_prompt_sql(job: Job, alias: str = "s") -> str:
     if job.prompt_column:
         p = prompt_sql(job, alias)
-        return f"({p} IS NULL OR trim({p}) = '')"
+        return f"({p} IS NULL OR regexp_full_match({p}, '\\s*'))"  # trim() strips spaces only
     cols = template_columns(job.prompt_template or "")
-    return "(" + " AND ".join(f"coalesce(trim(CAST({alias}.{quote_ident(c)} AS VARCHAR)), '') = ''" for c in cols) + ")"
+    return "(" + " AND ".join(
+        f"regexp_full_match(coalesce(CAST({alias}.{quote_ident(c)} AS VARCHAR), ''), '\\s*')" for c in cols
+    ) + ")"
 
 
 def custom_id_sql(job: Job, alias: str = "s") -> str:
