@@ -1,8 +1,10 @@
 """What a submission will cost, before it is sent.
 
-Input tokens are counted offline as UTF-8 bytes / 4 (Claude's tokenizer gives about 3.5-4.5 bytes
-per token on English prose); once a job has answers, that guess is scaled by the job's observed
-ratio of billed input tokens to estimated ones. Output tokens are the job's observed mean once
+Input tokens are counted offline from the text the model reads, not the JSON envelope: characters / 4
+for each text (Claude's tokenizer gives about 3.5-4.5 characters per token on English prose), plus a
+small framing cost per message, and the compact JSON of an output schema or tool (which the API turns
+into instructions) / 4 plus a fixed overhead. Once a job has answers, that guess is scaled by the
+job's observed ratio of billed input tokens to estimated ones. Output tokens are the job's observed mean once
 history exists; before that, a size derived from the output schema (or half of `max_tokens` for free
 text), never above `max_tokens`. The upper bound always assumes `max_tokens`. A shared prefix marked
 for caching is priced as one cache write per batch and reads for the rest, when it is long enough
@@ -22,8 +24,12 @@ from .export import JobPlan
 from .jobs import Job
 from .pricing import PriceBook
 
-BYTES_PER_TOKEN = 4.0
-MESSAGE_OVERHEAD_TOKENS = 8
+CHARS_PER_TOKEN = 4.0
+MESSAGE_OVERHEAD_TOKENS = 4
+REQUEST_OVERHEAD_TOKENS = 3
+SCHEMA_OVERHEAD_TOKENS = 20
+TOOL_OVERHEAD_TOKENS = 10
+STRING_ANSWER_TOKENS = 12  # a typical free string field in an answer: a phrase or short sentence
 
 
 @dataclass
@@ -43,33 +49,46 @@ class Estimate:
         return asdict(self)
 
 
-def tokens(nbytes: float) -> int:
-    return int(math.ceil(nbytes / BYTES_PER_TOKEN))
+def tokens(nchars: float) -> int:
+    return int(math.ceil(nchars / CHARS_PER_TOKEN))
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+
+
+def prefix_tokens(job: Job) -> int:
+    """Tokens of what every request of the job shares: tools or schema, system prompt, few-shot turns."""
+    n = REQUEST_OVERHEAD_TOKENS
+    if job.output_schema is not None:
+        n += tokens(len(_compact(job.output_schema))) + SCHEMA_OVERHEAD_TOKENS
+    if job.output_tool is not None:
+        n += tokens(len(_compact(job.output_tool))) + TOOL_OVERHEAD_TOKENS
+    if job.system:
+        n += tokens(len(job.system))
+    for user, assistant in job.few_shot:
+        n += tokens(len(user)) + tokens(len(assistant)) + 2 * MESSAGE_OVERHEAD_TOKENS
+    return n
 
 
 def _schema_tokens(schema: dict[str, Any]) -> float:
     """A typical answer size for a JSON schema, in tokens."""
     if "enum" in schema:
         vals = [json.dumps(v) for v in schema["enum"]]
-        return sum(len(v) for v in vals) / len(vals) / BYTES_PER_TOKEN + 1
+        return sum(len(v) for v in vals) / len(vals) / CHARS_PER_TOKEN + 1
     t = schema.get("type")
     if isinstance(t, list):
         t = next((x for x in t if x != "null"), "string")
     if t == "object":
         props = schema.get("properties", {})
-        return 2 + sum(len(k) / BYTES_PER_TOKEN + 2 + _schema_tokens(v) for k, v in props.items())
+        return 2 + sum(len(k) / CHARS_PER_TOKEN + 2 + _schema_tokens(v) for k, v in props.items())
     if t == "array":
-        lo, hi = schema.get("minItems", 1), schema.get("maxItems", 4)
-        n = (lo + max(lo, min(hi, 4))) / 2
+        lo, hi = schema.get("minItems", 0), schema.get("maxItems", 3)
+        n = max(lo, min(hi, 3))
         return 2 + n * (_schema_tokens(schema.get("items", {"type": "string"})) + 1)
     if t == "string":
-        return min(schema.get("maxLength", 120), 120) / BYTES_PER_TOKEN + 2
+        return min(schema["maxLength"] / CHARS_PER_TOKEN, STRING_ANSWER_TOKENS) if "maxLength" in schema else STRING_ANSWER_TOKENS
     return 2
-
-
-def static_bytes(job: Job) -> int:
-    prefix, suffix = job.params_split()
-    return len(prefix.encode()) + len(suffix.encode())
 
 
 def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: PriceBook) -> Estimate:
@@ -79,7 +98,7 @@ def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: 
         """
         SELECT count(*), sum(r.input_tokens + coalesce(r.cache_creation_input_tokens, 0)
                              + coalesce(r.cache_read_input_tokens, 0)),
-               sum(s.prompt_bytes), avg(r.output_tokens)
+               sum(s.prompt_chars), avg(r.output_tokens)
         FROM bb_state.responses r
         JOIN bb_state.sent_requests s ON s.job = r.job AND s.request_custom_id = r.request_custom_id
              AND s.input_hash = r.input_hash AND s.attempt = r.attempt
@@ -87,28 +106,26 @@ def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: 
         """,
         [job.name],
     ).fetchone()
-    seen, hist_tokens, hist_bytes, hist_out = hist
-    fixed = tokens(static_bytes(job)) + MESSAGE_OVERHEAD_TOKENS * (1 + 2 * len(job.few_shot))
-    per_row_estimate = tokens(plan.prompt_bytes) + fixed * n
-    method = "input: UTF-8 bytes / 4"
+    seen, hist_tokens, hist_chars, hist_out = hist
+    shared = prefix_tokens(job)
+    fixed = shared + MESSAGE_OVERHEAD_TOKENS  # the row's own user message framing
+    per_row_estimate = tokens(plan.prompt_chars) + fixed * n
+    method = "input: characters / 4 of every text, plus framing and schema"
     scale = 1.0
-    if seen and hist_tokens and hist_bytes is not None:
-        guessed = tokens(hist_bytes) + fixed * seen
+    if seen and hist_tokens and hist_chars is not None:
+        guessed = tokens(hist_chars) + fixed * seen
         if guessed:
             scale = hist_tokens / guessed
             method += f", scaled x{scale:.2f} by {seen:,} earlier answers"
     total_input = int(per_row_estimate * scale)
     # The cacheable prefix: system prompt and few-shot turns (the schema and tools are in it too).
-    prefix_tokens = 0
-    if job.cache_ttl != "none" and (job.system or job.few_shot):
-        prefix_bytes = len((job.system or "").encode()) + sum(len(u.encode()) + len(a.encode()) for u, a in job.few_shot)
-        prefix_tokens = int((tokens(prefix_bytes) + tokens(static_bytes(job) - prefix_bytes)) * scale)
+    cached_prefix = int(shared * scale) if job.cache_ttl != "none" and (job.system or job.few_shot) else 0
     cache_write = cache_read = 0
-    if price and prefix_tokens >= price.min_cache_tokens and n:
+    if price and cached_prefix >= price.min_cache_tokens and n:
         batches = max(1, len(plan.chunks))
-        cache_write = prefix_tokens * min(batches, n)
-        cache_read = prefix_tokens * (n - min(batches, n))
-        method += f"; shared prefix of ~{prefix_tokens:,} tokens cached ({job.cache_ttl})"
+        cache_write = cached_prefix * min(batches, n)
+        cache_read = cached_prefix * (n - min(batches, n))
+        method += f"; shared prefix of ~{cached_prefix:,} tokens cached ({job.cache_ttl})"
     uncached = max(0, total_input - cache_write - cache_read)
     if seen and hist_out is not None:
         out_each = min(float(hist_out), job.max_tokens)

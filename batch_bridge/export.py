@@ -64,6 +64,7 @@ class JobPlan:
     send_keys: int = 0
     send_requests: int = 0
     prompt_bytes: int = 0  # of the requests to send
+    prompt_chars: int = 0
     chunks: list[Chunk] = field(default_factory=list)
 
     @property
@@ -208,7 +209,8 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
                {' OR '.join(f's.{quote_ident(k)} IS NULL' for k in job.key)} AS key_null,
                {empty_prompt_sql(job)} AS prompt_empty,
                CASE WHEN NOT {empty_prompt_sql(job)} THEN md5({quote_literal(job.static_hash)} || {prompt}) END AS input_hash,
-               coalesce(strlen({prompt}), 0) AS prompt_bytes
+               coalesce(strlen({prompt}), 0) AS prompt_bytes,
+               coalesce(length({prompt}), 0) AS prompt_chars
         FROM {job.relation.sql()} AS s
         """
     )
@@ -279,12 +281,15 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
                min(custom_id) AS request_custom_id,
                count(*) AS key_count,
                max(failures) + 1 AS attempt,
-               max(prompt_bytes) AS prompt_bytes
+               max(prompt_bytes) AS prompt_bytes,
+               max(prompt_chars) AS prompt_chars
         FROM bb_classified WHERE disposition = 'send' GROUP BY input_hash
         """
     )
-    n, pb = con.execute("SELECT count(*), coalesce(sum(prompt_bytes), 0) FROM bb_send").fetchone()
-    plan.send_requests, plan.prompt_bytes = int(n), int(pb)
+    n, pb, pc = con.execute(
+        "SELECT count(*), coalesce(sum(prompt_bytes), 0), coalesce(sum(prompt_chars), 0) FROM bb_send"
+    ).fetchone()
+    plan.send_requests, plan.prompt_bytes, plan.prompt_chars = int(n), int(pb), int(pc)
 
 
 def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id") -> str:
@@ -326,7 +331,7 @@ def measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
     """Exact line sizes of the requests to send, ordered, and the batches they make (`bb_lines`)."""
     con.execute(
         "CREATE OR REPLACE TEMP TABLE bb_lines AS "
-        + _lines_query(job, f"q.request_custom_id, q.input_hash, q.attempt, q.key_count, q.prompt_bytes, strlen({line_sql(job)}) AS nbytes")
+        + _lines_query(job, f"q.request_custom_id, q.input_hash, q.attempt, q.key_count, q.prompt_chars, strlen({line_sql(job)}) AS nbytes")
         + " ORDER BY q.request_custom_id"
     )
     con.execute(

@@ -73,7 +73,7 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
             input_hash VARCHAR NOT NULL,
             attempt INTEGER NOT NULL,
             key_count INTEGER NOT NULL, -- how many keys share this request (dedupe fan-out)
-            prompt_bytes BIGINT NOT NULL -- for calibrating token estimates against billed usage
+            prompt_chars BIGINT NOT NULL -- for calibrating token estimates against billed usage
         );
         CREATE TABLE batches (
             batch_id VARCHAR PRIMARY KEY,

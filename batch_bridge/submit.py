@@ -140,7 +140,7 @@ def _prepare(settings: Settings, run_stamp: str, out: list[str]) -> Callable[...
                     [name, job.name, str(path), chunk.requests, chunk.body_bytes, now],
                 )
                 con.execute(
-                    "INSERT INTO bb_state.sent_requests SELECT ?, ?, request_custom_id, input_hash, attempt, key_count, prompt_bytes "
+                    "INSERT INTO bb_state.sent_requests SELECT ?, ?, request_custom_id, input_hash, attempt, key_count, prompt_chars "
                     "FROM bb_lines WHERE rn BETWEEN ? AND ?",
                     [name, job.name, chunk.first, chunk.last],
                 )

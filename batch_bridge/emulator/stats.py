@@ -1,0 +1,52 @@
+"""Counters a test reads to prove what happened on the wire (e.g. "3 create POSTs, 1 batch")."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+
+class Stats:
+    """Thread-safe counters; `snapshot()` is what `GET /_emulator/stats` returns."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: Counter[str] = Counter()
+        self._endpoints: Counter[str] = Counter()
+        self._faults: Counter[str] = Counter()
+
+    def incr(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counters[name] += n
+
+    def endpoint(self, name: str) -> None:
+        with self._lock:
+            self._endpoints[name] += 1
+
+    def fault(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._faults[name] += n
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counters.clear()
+            self._endpoints.clear()
+            self._faults.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                # every POST /v1/messages/batches that reached the emulator, faulted or not
+                "create_posts": self._endpoints["create"],
+                "batches_created": self._counters["batches_created"],
+                "requests_created": self._counters["requests_created"],
+                "batches_ended": self._counters["batches_ended"],
+                "requests_processed": self._counters["requests_processed"],
+                "creates_rejected": self._counters["creates_rejected"],
+                "auth_failures": self._counters["auth_failures"],
+                "results_bytes_sent": self._counters["results_bytes_sent"],
+                "http_requests": sum(self._endpoints.values()),
+                "requests_by_endpoint": dict(self._endpoints),
+                "faults_fired": dict(self._faults),
+            }

@@ -1,0 +1,194 @@
+"""Deterministic token counts and prompt-cache accounting.
+
+Token rule (an approximation of real tokenizers, documented in docs/emulator.md):
+* text: ceil(chars / 4)
+* every message: +4 (role framing); every request: +3
+* every tool: ceil(len(compact JSON of the tool) / 4) + 10
+* a json_schema output format: ceil(len(compact JSON of the schema) / 4) + 20
+* image: 1,600; base64 PDF document: 2,000; any other block: ceil(len(compact JSON) / 4)
+
+Cache rule: the prompt is a sequence of segments in the API's order (tools, output schema,
+system blocks, message blocks). A block carrying `cache_control` (or the last block, for
+top-level `cache_control`) is a breakpoint whose prefix is everything up to and including it.
+Breakpoints shorter than the model's minimum are ignored. The longest prefix seen before in
+this emulator's lifetime is read from cache; longer ones are written (per ttl, 5m default);
+`input_tokens` is what is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+REQUEST_OVERHEAD = 3
+MESSAGE_OVERHEAD = 4
+TOOL_OVERHEAD = 10
+SCHEMA_OVERHEAD = 20
+IMAGE_TOKENS = 1600
+PDF_TOKENS = 2000
+
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode
+
+
+def text_tokens(text: str) -> int:
+    """ceil(len(text) / 4)."""
+    return (len(text) + 3) // 4
+
+
+def _without_cache_control(obj: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k != "cache_control"}
+
+
+def _block_tokens(block: Any) -> int:
+    if isinstance(block, str):
+        return text_tokens(block)
+    kind = block.get("type")
+    if kind == "text":
+        return text_tokens(block.get("text", ""))
+    if kind == "image":
+        return IMAGE_TOKENS
+    if kind == "document":
+        source = block.get("source") or {}
+        if source.get("type") == "text":
+            return text_tokens(str(source.get("data", "")))
+        return PDF_TOKENS
+    if kind == "tool_use":
+        return text_tokens(_compact(block.get("input", {}))) + TOOL_OVERHEAD
+    if kind == "tool_result":
+        content = block.get("content", "")
+        inner = sum(_block_tokens(b) for b in content) if isinstance(content, list) else text_tokens(str(content))
+        return inner + 5
+    if kind == "thinking":
+        return text_tokens(block.get("thinking", ""))
+    return text_tokens(_compact(_without_cache_control(block)))
+
+
+def _ttl(obj: Any) -> str | None:
+    if isinstance(obj, dict):
+        cc = obj.get("cache_control")
+        if isinstance(cc, dict):
+            return "1h" if cc.get("ttl") == "1h" else "5m"
+    return None
+
+
+@dataclass(slots=True)
+class Segment:
+    tokens: int
+    source: Any  # the block (or string) the tokens came from; hashed only when caching applies
+    ttl: str | None
+
+
+def prompt_segments(params: Mapping[str, Any]) -> list[Segment]:
+    """The prompt as ordered, countable segments: tools, output schema, system, messages."""
+    segs: list[Segment] = []
+    for tool in params.get("tools") or ():
+        segs.append(Segment(text_tokens(_compact(_without_cache_control(tool))) + TOOL_OVERHEAD, tool, _ttl(tool)))
+    fmt = (params.get("output_config") or {}).get("format")
+    if isinstance(fmt, dict) and isinstance(fmt.get("schema"), dict):
+        segs.append(Segment(text_tokens(_compact(fmt["schema"])) + SCHEMA_OVERHEAD, fmt, None))
+    system = params.get("system")
+    if isinstance(system, str):
+        segs.append(Segment(text_tokens(system), system, None))
+    elif isinstance(system, list):
+        segs.extend(Segment(_block_tokens(b), b, _ttl(b)) for b in system)
+    for message in params.get("messages") or ():
+        content = message.get("content", "")
+        role = message.get("role", "")
+        if isinstance(content, str):
+            segs.append(Segment(text_tokens(content) + MESSAGE_OVERHEAD, (role, content), None))
+        else:
+            for j, block in enumerate(content):
+                extra = MESSAGE_OVERHEAD if j == 0 else 0
+                segs.append(Segment(_block_tokens(block) + extra, (role, block), _ttl(block)))
+    return segs
+
+
+def _segment_key(source: Any) -> bytes:
+    if isinstance(source, str):
+        return source.encode()
+    if isinstance(source, tuple):
+        role, inner = source
+        return role.encode() + b"\x00" + (inner.encode() if isinstance(inner, str) else _segment_key(inner))
+    return _compact(_without_cache_control(source)).encode()
+
+
+@dataclass(slots=True)
+class InputUsage:
+    input_tokens: int
+    cache_creation_5m: int = 0
+    cache_creation_1h: int = 0
+    cache_read: int = 0
+
+    def as_usage(self, output_tokens: int) -> dict[str, Any]:
+        """The Message `usage` object."""
+        return {
+            "input_tokens": self.input_tokens,
+            "cache_creation_input_tokens": self.cache_creation_5m + self.cache_creation_1h,
+            "cache_read_input_tokens": self.cache_read,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": self.cache_creation_5m,
+                "ephemeral_1h_input_tokens": self.cache_creation_1h,
+            },
+            "output_tokens": output_tokens,
+            "service_tier": "batch",
+        }
+
+
+class PromptCache:
+    """Prefix hashes seen during this emulator's lifetime (in memory; a restart starts cold)."""
+
+    def __init__(self) -> None:
+        self._seen: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+    def account(self, params: Mapping[str, Any], min_tokens: int) -> InputUsage:
+        """Split this prompt's input tokens into uncached / cache write / cache read."""
+        segs = prompt_segments(params)
+        total = REQUEST_OVERHEAD + sum(s.tokens for s in segs)
+        breakpoints = [i for i, s in enumerate(segs) if s.ttl is not None]
+        top = _ttl(params)
+        if top is not None and segs and (not breakpoints or breakpoints[-1] != len(segs) - 1):
+            breakpoints.append(len(segs) - 1)
+        if not breakpoints:
+            return InputUsage(input_tokens=total)
+
+        h = hashlib.blake2b(str(params.get("model", "")).encode(), digest_size=16)
+        prefixes: list[tuple[int, bytes, str]] = []  # (prefix tokens, digest, ttl)
+        running = REQUEST_OVERHEAD
+        wanted = iter(breakpoints)
+        target = next(wanted)
+        for i, seg in enumerate(segs):
+            h.update(_segment_key(seg.source))
+            h.update(b"\x01")
+            running += seg.tokens
+            if i == target:
+                ttl = seg.ttl or top or "5m"
+                if running >= min_tokens:
+                    prefixes.append((running, h.copy().digest(), ttl))
+                target = next(wanted, -1)
+                if target < 0:
+                    break
+        if not prefixes:
+            return InputUsage(input_tokens=total)
+
+        usage = InputUsage(input_tokens=0)
+        with self._lock:
+            hit = max((k for k, p in enumerate(prefixes) if p[1] in self._seen), default=-1)
+            done = prefixes[hit][0] if hit >= 0 else 0
+            usage.cache_read = done
+            for tokens, digest, ttl in prefixes[hit + 1 :]:
+                if ttl == "1h":
+                    usage.cache_creation_1h += tokens - done
+                else:
+                    usage.cache_creation_5m += tokens - done
+                done = tokens
+                self._seen.add(digest)
+        usage.input_tokens = total - usage.cache_read - usage.cache_creation_5m - usage.cache_creation_1h
+        return usage

@@ -1,0 +1,163 @@
+"""Benchmark: one 100,000-request (~200 MB) batch through the emulator, run as a subprocess.
+
+Prints wall time for create, processing and download, and the emulator's peak RSS next to
+the body size: the point is that the emulator streams (RSS stays far below the body size).
+
+    .venv/bin/python bench/bench_emulator.py [--requests 100000] [--text-bytes 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from typing import Iterator
+
+import anthropic
+import httpx2
+import psutil
+
+WORDS = (
+    "the quick brown fox jumps over lazy dog great terrible service product order delivery refund "
+    "excellent awful price quality support customer happy late broken love hate fast slow package"
+).split()
+
+
+_TEXTS: dict[int, list[str]] = {}
+
+
+def _texts(text_bytes: int) -> list[str]:
+    """1,000 distinct review texts of ~text_bytes each, built once (the client must not be the bottleneck)."""
+    if text_bytes not in _TEXTS:
+        rng = random.Random(42)
+        texts = []
+        for _ in range(1000):
+            words: list[str] = []
+            size = 0
+            while size < text_bytes:
+                w = rng.choice(WORDS)
+                words.append(w)
+                size += len(w) + 1
+            texts.append(" ".join(words))
+        _TEXTS[text_bytes] = texts
+    return _TEXTS[text_bytes]
+
+
+def item_bytes(i: int, text_bytes: int) -> bytes:
+    request = {
+        "custom_id": f"row-{i:07d}",
+        "params": {
+            "model": "claude-haiku-4-5",
+            "max_tokens": 256,
+            "messages": [{"role": "user", "content": f"Classify review {i}: " + _texts(text_bytes)[i % 1000]}],
+        },
+    }
+    return json.dumps(request, separators=(",", ":")).encode()
+
+
+def body_chunks(n: int, text_bytes: int) -> Iterator[bytes]:
+    yield b'{"requests":['
+    buf: list[bytes] = []
+    for i in range(n):
+        buf.append((b"," if i else b"") + item_bytes(i, text_bytes))
+        if len(buf) == 500:
+            yield b"".join(buf)
+            buf = []
+    if buf:
+        yield b"".join(buf)
+    yield b"]}"
+
+
+class PeakRss(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.01)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--text-bytes", type=int, default=2_000)
+    args = parser.parse_args()
+
+    print(f"building body size for {args.requests:,} requests ...", file=sys.stderr)
+    size = sum(len(c) for c in body_chunks(args.requests, args.text_bytes))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batch_bridge.emulator", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    sampler = PeakRss(proc.pid)
+    sampler.start()
+    time.sleep(0.3)
+    idle_rss = sampler.peak
+    try:
+        t0 = time.perf_counter()
+        with httpx2.Client(base_url=url, timeout=600) as http:
+            response = http.post(
+                "/v1/messages/batches",
+                content=body_chunks(args.requests, args.text_bytes),
+                headers={"content-length": str(size), "content-type": "application/json", "x-api-key": "sk-bench"},
+            )
+        response.raise_for_status()
+        batch_id = response.json()["id"]
+        t_create = time.perf_counter() - t0
+
+        with anthropic.Anthropic(api_key="sk-bench", base_url=url) as client:
+            t1 = time.perf_counter()
+            while (batch := client.messages.batches.retrieve(batch_id)).processing_status != "ended":
+                time.sleep(0.1)
+            t_process = time.perf_counter() - t1
+
+            t2 = time.perf_counter()
+            raw_bytes = 0
+            with httpx2.Client(timeout=600) as http, http.stream(
+                "GET", batch.results_url or "", headers={"x-api-key": "sk-bench"}
+            ) as stream:
+                for chunk in stream.iter_bytes(1 << 20):
+                    raw_bytes += len(chunk)
+            t_raw = time.perf_counter() - t2
+
+            t3 = time.perf_counter()
+            lines = sum(1 for _ in client.messages.batches.results(batch_id))
+            t_sdk = time.perf_counter() - t3
+    finally:
+        sampler.stopping.set()
+        sampler.join()
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+
+    assert lines == args.requests == batch.request_counts.succeeded, (lines, batch.request_counts)
+    mb = 1024 * 1024
+    print(f"requests                 {args.requests:,}")
+    print(f"create body              {size / mb:,.1f} MB")
+    print(f"create (upload+validate) {t_create:6.2f} s  ({size / mb / t_create:,.0f} MB/s)")
+    print(f"processing (to ended)    {t_process:6.2f} s  ({args.requests / t_process:,.0f} requests/s)")
+    print(f"download, raw httpx2     {t_raw:6.2f} s  ({raw_bytes / mb:,.1f} MB, {raw_bytes / mb / t_raw:,.0f} MB/s)")
+    print(f"download, SDK results()  {t_sdk:6.2f} s  ({lines / t_sdk:,.0f} lines/s; SDK reads 64-byte chunks)")
+    print(f"emulator RSS idle        {idle_rss / mb:,.1f} MB")
+    print(f"emulator RSS peak        {sampler.peak / mb:,.1f} MB")
+    print(f"peak RSS / body size     {sampler.peak / size:.3f}")
+
+
+if __name__ == "__main__":
+    main()

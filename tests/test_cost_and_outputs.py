@@ -1,0 +1,209 @@
+"""Cost (estimates, budgets, billed cost per row) and structured outputs (typed columns, parse_failed, tools)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import duckdb
+import pytest
+
+from batch_bridge import api, bridge
+from batch_bridge.emulator import EmulatorConfig, run_emulator
+from batch_bridge.errors import BudgetExceeded
+from helpers import current, load_staging, settings_for, write_project
+
+RICH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "label": {"type": "string", "enum": ["a", "b", "c"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        "flagged": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "detail": {
+            "type": "object",
+            "properties": {"reason": {"type": "string"}, "score": {"type": "integer"}},
+            "required": ["reason", "score"],
+            "additionalProperties": False,
+        },
+        "spans": {
+            "type": "array",
+            "items": {"type": "object", "properties": {"start": {"type": "integer"}, "text": {"type": "string"}},
+                      "required": ["start", "text"], "additionalProperties": False},
+        },
+    },
+    "required": ["label", "confidence", "count", "flagged", "tags", "detail", "spans"],
+    "additionalProperties": False,
+}
+
+
+def meta(**over):
+    m = {"job": "items", "key": "id", "model": "claude-haiku-4-5", "max_tokens": 400, "prompt_column": "prompt",
+         "system": "You label short texts."}
+    m.update(over)
+    return {k: v for k, v in m.items() if v is not None}
+
+
+def setup(tmp_path, base_url, m, n=20):
+    write_project(tmp_path, m)
+    s = settings_for(tmp_path, base_url)
+    load_staging(s, f"SELECT 'k' || i AS id, 'text number ' || i || ' about pricing' AS prompt FROM range({n}) t(i)")
+    return s
+
+
+def run(s):
+    return bridge.run(s, bridge.load_jobs(s), api.build_client(s))
+
+
+def plan_json(s):
+    plans, est = bridge.plan(s, bridge.load_jobs(s))
+    return bridge.plan_to_json(plans[0], est[plans[0].job.name])
+
+
+def parquet_types(s, job="items"):
+    con = duckdb.connect()
+    return {r[0]: r[1] for r in con.execute(
+        f"DESCRIBE SELECT * FROM read_parquet('{s.results_dir(job) / 'current.parquet'}')").fetchall()}
+
+
+def test_schema_fields_become_typed_columns(tmp_path, emulator):
+    s = setup(tmp_path, emulator.base_url, meta(output_schema=RICH_SCHEMA))
+    run(s)
+    types = parquet_types(s)
+    assert types["label"] == "VARCHAR"
+    assert types["confidence"] == "DOUBLE"
+    assert types["count"] == "BIGINT"
+    assert types["flagged"] == "BOOLEAN"
+    assert types["tags"] == "VARCHAR[]"
+    assert types["detail"] == "STRUCT(reason VARCHAR, score BIGINT)"
+    assert types["spans"] == "STRUCT(\"start\" BIGINT, \"text\" VARCHAR)[]"
+    rows = current(s, "items")
+    assert {r["status"] for r in rows} == {"succeeded"}
+    assert all(r["label"] in ("a", "b", "c") and 0 <= r["confidence"] <= 1 for r in rows)
+    assert all(isinstance(r["detail"]["reason"], str) for r in rows)
+    # the output schema was sent as output_config.format
+    line = json.loads(next(s.requests_dir.glob("*.jsonl")).read_text().splitlines()[0])
+    assert line["params"]["output_config"] == {"format": {"type": "json_schema", "schema": RICH_SCHEMA}}
+
+
+def test_empty_results_file_has_the_typed_columns_before_any_answer(tmp_path, emulator):
+    s = setup(tmp_path, emulator.base_url, meta(output_schema=RICH_SCHEMA), n=3)
+    bridge.plan(s, bridge.load_jobs(s))
+    assert not (s.results_dir("items") / "current.parquet").exists()  # plan writes nothing
+    bridge.submit(s, bridge.load_jobs(s), api.build_client(s))  # publishes the (still empty) source
+    types = parquet_types(s)
+    assert types["detail"] == "STRUCT(reason VARCHAR, score BIGINT)" and types["status"] == "VARCHAR"
+    assert current(s, "items") == []
+
+
+def _bad_answer(params, custom_id=None):
+    """A responder whose answers break the schema: one non-JSON, the rest with an enum value not allowed."""
+    text = "not json at all" if custom_id == "k0" else json.dumps({"sentiment": "ecstatic"})
+    return {"content": [{"type": "text", "text": text}], "stop_reason": "end_turn"}
+
+
+def test_answers_that_do_not_match_the_schema_are_parse_failed_with_raw_text(tmp_path):
+    schema = {"type": "object", "properties": {"sentiment": {"type": "string", "enum": ["positive", "negative"]}},
+              "required": ["sentiment"], "additionalProperties": False}
+    with run_emulator(EmulatorConfig(responder=_bad_answer)) as emu:
+        s = setup(tmp_path, emu.base_url, meta(output_schema=schema), n=3)
+        run(s)
+        rows = {r["id"]: r for r in current(s, "items")}
+        assert {r["status"] for r in rows.values()} == {"parse_failed"}
+        assert rows["k0"]["output_text"] == "not json at all"
+        assert json.loads(rows["k1"]["output_text"]) == {"sentiment": "ecstatic"}
+        assert rows["k1"]["sentiment"] is None or rows["k1"]["sentiment"] == "ecstatic"
+        assert all(r["cost_usd"] > 0 for r in rows.values())  # the answer was billed even if unusable
+        p = plan_json(s)
+        assert p["rows_to_send"] == 0 and p["skipped"]["parse_failed"]["rows"] == 3
+
+        write_project(tmp_path, meta(output_schema=schema, retry_parse_failed=True))
+        p = plan_json(s)
+        assert p["rows_to_send"] == 3  # only when the job says so
+
+
+def test_forced_tool_output(tmp_path, emulator):
+    tool = {"name": "record_label", "description": "Record the label of a text.",
+            "input_schema": {"type": "object", "properties": {"label": {"type": "string", "enum": ["x", "y"]},
+                                                              "score": {"type": "number"}},
+                             "required": ["label", "score"], "additionalProperties": False}}
+    s = setup(tmp_path, emulator.base_url, meta(output_tool=tool), n=5)
+    run(s)
+    rows = current(s, "items")
+    assert {r["status"] for r in rows} == {"succeeded"} and {r["stop_reason"] for r in rows} == {"tool_use"}
+    assert all(r["label"] in ("x", "y") and isinstance(r["score"], float) for r in rows)
+    assert parquet_types(s)["label"] == "VARCHAR"
+    line = json.loads(next(s.requests_dir.glob("*.jsonl")).read_text().splitlines()[0])
+    assert line["params"]["tool_choice"] == {"type": "tool", "name": "record_label"}
+    assert line["params"]["tools"] == [tool]
+
+
+PRICES = json.loads((resources.files("batch_bridge") / "prices.json").read_text())
+
+
+def test_cost_columns_match_a_hand_computation_with_caching(tmp_path):
+    system = "You label short texts. " + "Follow the labelling guide carefully. " * 60
+    with run_emulator(EmulatorConfig(cache_min_tokens=100)) as emu:
+        s = setup(tmp_path, emu.base_url, meta(system=system, cache_ttl="1h", output_schema=None), n=30)
+        run(s)
+        rows = current(s, "items")
+    price = PRICES["models"]["claude-haiku-4-5"]
+    assert sum(r["cache_creation_input_tokens"] or 0 for r in rows) > 0
+    assert sum(r["cache_read_input_tokens"] or 0 for r in rows) > 0
+    for r in rows:
+        con = duckdb.connect()
+        u = con.execute(
+            f"SELECT input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens "
+            f"FROM read_parquet('{s.results_dir('items') / 'history.parquet'}') WHERE custom_id = ?",
+            [r["custom_id"]]).fetchone()
+        inp, out, cw, cr = (x or 0 for x in u)
+        # 1h cache writes cost 2x base input, reads 0.1x; the batch discount halves everything.
+        hand = 0.5 * (inp * price["input"] + out * price["output"] + cw * price["input"] * 2.0
+                      + cr * price["input"] * 0.1) / 1e6
+        assert r["cost_usd"] == pytest.approx(hand, rel=1e-9)
+
+
+def test_errored_canceled_expired_are_free(tmp_path, emulator):
+    emulator.set_faults(errored_fraction=0.5, expired_fraction=0.3)
+    s = setup(tmp_path, emulator.base_url, meta(), n=40)
+    run(s)
+    rows = current(s, "items")
+    assert {r["status"] for r in rows} >= {"errored", "expired", "succeeded"}
+    assert all(r["cost_usd"] == 0 for r in rows if r["status"] != "succeeded")
+    assert all(r["cost_usd"] > 0 for r in rows if r["status"] == "succeeded")
+
+
+def test_unknown_model_price_is_unknown_not_zero(tmp_path, emulator):
+    s = setup(tmp_path, emulator.base_url, meta(model="claude-3-opus-20240229", max_tokens=100), n=4)
+    plans, est = bridge.plan(s, bridge.load_jobs(s))
+    assert est["items"].batch_usd is None and "no price" in est["items"].method
+    with pytest.raises(BudgetExceeded, match="unknown"):
+        bridge.submit(s, bridge.load_jobs(s), api.build_client(s), max_cost=10.0)
+    run(s)
+    rows = current(s, "items")
+    assert {r["status"] for r in rows} == {"succeeded"}
+    assert all(r["cost_usd"] is None for r in rows)
+
+
+def test_estimate_is_close_to_billed_cost_and_learns_from_history(tmp_path, emulator):
+    s = setup(tmp_path, emulator.base_url, meta(output_schema={
+        "type": "object", "properties": {"sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]},
+                                         "summary": {"type": "string"}},
+        "required": ["sentiment", "summary"], "additionalProperties": False}), n=200)
+    _, est = bridge.plan(s, bridge.load_jobs(s))
+    first = est["items"].batch_usd
+    run(s)
+    billed = sum(r["cost_usd"] for r in current(s, "items"))
+    assert first == pytest.approx(billed, rel=0.25)
+    assert est["items"].sync_usd == pytest.approx(2 * est["items"].batch_usd, rel=0.5)
+    # New rows of the same shape: the estimate now uses observed answers and gets closer.
+    load_staging(s, "SELECT 'k' || i AS id, 'text number ' || i || ' about pricing' AS prompt FROM range(400) t(i)")
+    _, est2 = bridge.plan(s, bridge.load_jobs(s))
+    assert "earlier answers" in est2["items"].method
+    run(s)
+    con = duckdb.connect()
+    billed2 = con.execute(
+        f"SELECT sum(cost_usd) FROM read_parquet('{s.results_dir('items') / 'current.parquet'}') "
+        "WHERE NOT regexp_full_match(id, 'k([0-9]|[1-9][0-9]|1[0-9][0-9])')").fetchone()[0]
+    assert est2["items"].batch_usd == pytest.approx(billed2, rel=0.10)
