@@ -112,6 +112,17 @@ def _render_env(text: str, env: dict[str, str]) -> str:
     return jinja2.Environment().from_string(text).render(env_var=env_var)
 
 
+def _render_tree(value: object, env: dict[str, str]) -> object:
+    """Render env_var() in every string of a profile target (dbt renders each value the same way)."""
+    if isinstance(value, str):
+        return yaml.safe_load(_render_env(value, env)) if "{{" in value else value
+    if isinstance(value, dict):
+        return {k: _render_tree(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_render_tree(v, env) for v in value]
+    return value
+
+
 def read_profile_target(profiles_dir: Path, project_dir: Path, target: str | None, env: dict[str, str]) -> tuple[str, dict]:
     """Return (target name, target dict) of the project's profile, with env_var() rendered."""
     project = yaml.safe_load((project_dir / "dbt_project.yml").read_text()) or {}
@@ -127,7 +138,7 @@ def read_profile_target(profiles_dir: Path, project_dir: Path, target: str | Non
     outputs = profile.get("outputs") or {}
     if name not in outputs:
         raise ConfigError(f"target {name!r} is not in profile {profile_name!r}; targets: {sorted(outputs)}")
-    rendered = yaml.safe_load(_render_env(yaml.safe_dump(outputs[name]), env))
+    rendered = _render_tree(outputs[name], env)
     if rendered.get("type") != "duckdb":
         raise ConfigError(f"target {name!r} has type {rendered.get('type')!r}; batch_bridge supports 'duckdb'")
     return name, rendered

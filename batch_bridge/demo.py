@@ -63,9 +63,21 @@ def summary(settings, job_names: list[str]) -> dict:
         jobs = status.jobs_summary(con, job_names)
         batches = status.batches(con, job_names)
     out = {"jobs": jobs, "batches": len(batches)}
-    for j in jobs:
-        cost = j["cost_usd_known_part"] or 0.0
-        j["sync_usd_same_tokens"] = cost / book.batch_discount if book.batch_discount else None
+    con = duckdb.connect()
+    try:
+        for j in jobs:
+            cost = j["cost_usd_known_part"] or 0.0
+            j["sync_usd_same_tokens"] = cost / book.batch_discount if book.batch_discount else None
+            # Naive: one synchronous call per enriched row, no prompt caching, no deduplication.
+            rows = con.execute(
+                "SELECT model, coalesce(input_tokens, 0) + coalesce(cache_creation_input_tokens, 0) "
+                "+ coalesce(cache_read_input_tokens, 0), coalesce(output_tokens, 0) "
+                f"FROM read_parquet('{settings.results_dir(j['job']) / 'current.parquet'}') WHERE status = 'succeeded'"
+            ).fetchall()
+            naive = [book.cost(m, input_tokens=i, output_tokens=o, batch=False) for m, i, o in rows]
+            j["naive_sync_usd"] = None if any(x is None for x in naive) else sum(naive)
+    finally:
+        con.close()
     return out
 
 
@@ -82,6 +94,13 @@ def print_summary(data: dict, settings) -> None:
         cost = j["cost_usd_known_part"] or 0.0
         click.echo(f"  cost                 ${cost:,.4f} at batch prices; ${j['sync_usd_same_tokens']:,.4f} for the "
                    "same tokens synchronously")
+        if j.get("naive_sync_usd"):
+            click.echo(f"  naive synchronous    ${j['naive_sync_usd']:,.4f} (one call per row, no caching, no dedupe): "
+                       f"batch_bridge costs {cost / j['naive_sync_usd']:.2f}x of that")
+        if j.get("dedupe"):
+            d = j["dedupe"]
+            click.echo(f"  deduplicated         {d['rows']:,} rows answered by another row's request "
+                       f"(saved ${d['saved_usd']:,.4f})")
         if j["not_sent"]:
             click.echo("  rows not sent")
             for reason, v in j["not_sent"].items():
@@ -132,15 +151,16 @@ def main(latency: float, keep: bool) -> None:
         client = build_client(settings)
         progress = StderrProgress()
         say("demo: run 1 - dbt build, submit, wait, collect, dbt build")
-        first = run_pipeline(settings, jobs, client, wait=True, progress=progress)
+        first = run_pipeline(settings, jobs, client, wait=True, progress=progress, quiet_dbt=True)
         print_summary(summary(settings, [j.name for j in jobs]), settings)
         say("demo: run 2 - the same pipeline again: nothing changed, so nothing is sent")
-        second = run_pipeline(settings, jobs, client, wait=True, progress=progress)
+        second = run_pipeline(settings, jobs, client, wait=True, progress=progress, quiet_dbt=True)
         click.echo(f"run 1 submitted {len(first.submitted)} batch(es); run 2 submitted {len(second.submitted)}.")
         if second.submitted:
             raise SystemExit("unexpected: the second run submitted batches")
-        say(f"demo: done in {time.monotonic() - started:.0f}s. Try: duckdb {settings.warehouse} "
-            "\"select count(*), count(sentiment) from review_insights\"")
+        say(f"demo: done in {time.monotonic() - started:.0f}s. Query the marts:")
+        click.echo(f"  .venv/bin/python -c \"import duckdb; print(duckdb.connect('{settings.warehouse}', read_only=True)"
+                   ".sql('select count(*), count(sentiment) from review_insights'))\"")
     finally:
         stop(proc)
 

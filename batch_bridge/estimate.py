@@ -29,7 +29,11 @@ MESSAGE_OVERHEAD_TOKENS = 4
 REQUEST_OVERHEAD_TOKENS = 3
 SCHEMA_OVERHEAD_TOKENS = 20
 TOOL_OVERHEAD_TOKENS = 10
-STRING_ANSWER_TOKENS = 12  # a typical free string field in an answer: a phrase or short sentence
+# A typical answer, in characters: a free string is a short sentence, a string in a list a short
+# phrase, a list has two items. Only a first guess: after the first answers, observed sizes are used.
+STRING_CHARS = 40
+ITEM_STRING_CHARS = 12
+TYPICAL_ITEMS = 2
 
 
 @dataclass
@@ -71,24 +75,30 @@ def prefix_tokens(job: Job) -> int:
     return n
 
 
-def _schema_tokens(schema: dict[str, Any]) -> float:
-    """A typical answer size for a JSON schema, in tokens."""
+def _answer_chars(schema: dict[str, Any], in_array: bool = False) -> float:
+    """Typical length, in characters of compact JSON, of an answer that fits `schema`."""
     if "enum" in schema:
         vals = [json.dumps(v) for v in schema["enum"]]
-        return sum(len(v) for v in vals) / len(vals) / CHARS_PER_TOKEN + 1
+        return sum(len(v) for v in vals) / len(vals)
     t = schema.get("type")
     if isinstance(t, list):
         t = next((x for x in t if x != "null"), "string")
     if t == "object":
         props = schema.get("properties", {})
-        return 2 + sum(len(k) / CHARS_PER_TOKEN + 2 + _schema_tokens(v) for k, v in props.items())
+        return 2 + max(0, len(props) - 1) + sum(len(k) + 3 + _answer_chars(v) for k, v in props.items())
     if t == "array":
-        lo, hi = schema.get("minItems", 0), schema.get("maxItems", 3)
-        n = max(lo, min(hi, 3))
-        return 2 + n * (_schema_tokens(schema.get("items", {"type": "string"})) + 1)
+        n = max(schema.get("minItems", 0), min(schema.get("maxItems", TYPICAL_ITEMS), TYPICAL_ITEMS))
+        return 2 + n * (_answer_chars(schema.get("items", {"type": "string"}), in_array=True) + 1)
     if t == "string":
-        return min(schema["maxLength"] / CHARS_PER_TOKEN, STRING_ANSWER_TOKENS) if "maxLength" in schema else STRING_ANSWER_TOKENS
-    return 2
+        typical = ITEM_STRING_CHARS if in_array else STRING_CHARS
+        return 2 + min(schema.get("maxLength", typical), typical)
+    if t == "boolean":
+        return 5
+    return 3
+
+
+def _schema_tokens(schema: dict[str, Any]) -> float:
+    return _answer_chars(schema) / CHARS_PER_TOKEN + 1
 
 
 def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: PriceBook) -> Estimate:

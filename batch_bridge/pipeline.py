@@ -67,14 +67,15 @@ def downstream_args(manifest: dict[str, Any]) -> list[str] | None:
 def run_pipeline(
     settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, wait: bool = False,
     max_cost: float | None = None, timeout: float | None = None, progress: Progress = Silent(),
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] = time.sleep, quiet_dbt: bool = False,
 ) -> PipelineReport:
     """dbt build upstream, then the bridge (sync, or run with `wait`), then dbt build downstream."""
     report = PipelineReport(waited=wait)
     manifest = load_manifest(settings)
     report.upstream = upstream_args(manifest, jobs)
     progress.step(f"dbt build {' '.join(report.upstream)}")
-    invoke(settings, ["build", *report.upstream])
+    quiet = ["--quiet"] if quiet_dbt else []
+    invoke(settings, ["build", *quiet, *report.upstream])
     if wait:
         s, w = bridge.run(settings, jobs, client, max_cost=max_cost, timeout=timeout, progress=progress, sleep=sleep)
         report.submitted, report.loaded = s.batches, w.collected
@@ -87,5 +88,5 @@ def run_pipeline(
         return report
     report.downstream = down
     progress.step(f"dbt build {' '.join(down)}")
-    invoke(settings, ["build", *down])
+    invoke(settings, ["build", *quiet, *down])
     return report

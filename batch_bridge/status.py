@@ -98,8 +98,25 @@ def jobs_summary(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[s
         unknown_cost = con.execute(
             "SELECT count(*) FROM bb_state.responses WHERE job = ? AND cost_usd IS NULL", [job]
         ).fetchone()[0]
+        dedupe_rows, dedupe_saved = con.execute(
+            """
+            WITH latest AS (
+                SELECT custom_id, arg_max(input_hash, seen_at) AS h FROM bb_state.key_versions
+                WHERE job = $job GROUP BY custom_id
+            ),
+            answered AS (
+                SELECT input_hash, arg_max(request_custom_id, collected_at) AS sent_as,
+                       arg_max(cost_usd, collected_at) AS cost
+                FROM bb_state.responses WHERE job = $job AND status = 'succeeded' GROUP BY input_hash
+            )
+            SELECT count(*), coalesce(sum(a.cost), 0) FROM latest l JOIN answered a ON a.input_hash = l.h
+            WHERE a.sent_as <> l.custom_id
+            """,
+            {"job": job},
+        ).fetchone()
         out.append({
             "job": job,
+            "dedupe": {"rows": dedupe_rows, "saved_usd": dedupe_saved},
             "rows": {
                 "known_keys": keys, "succeeded": ok, "in_flight": flying, "failed": failed,
                 "never_sent": never + sum(rejected.values()),

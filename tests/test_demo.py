@@ -1,0 +1,93 @@
+"""The example project end to end (issue: the demo a new user runs first), on a temporary copy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from batch_bridge import api, bridge, dbt_runner
+from batch_bridge.config import resolve
+from batch_bridge.pipeline import run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def demo_copy(tmp_path):
+    """dbt_project/, profiles/ and the shipped dbt package, keeping their relative layout."""
+    shutil.copytree(REPO / "dbt_project", tmp_path / "dbt_project",
+                    ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles", ignore=shutil.ignore_patterns(".user.yml"))
+    shutil.copytree(REPO / "batch_bridge" / "dbt_package", tmp_path / "batch_bridge" / "dbt_package")
+    return tmp_path
+
+
+def settings(root, base_url):
+    env = {**os.environ, "ANTHROPIC_API_KEY": "sk-test-demo", "ANTHROPIC_BASE_URL": base_url,
+           "BATCH_BRIDGE_POLL_INTERVAL": "0.1"}
+    env.pop("BATCH_BRIDGE_WAREHOUSE", None)
+    env.pop("BATCH_BRIDGE_HOME", None)
+    return resolve(project_dir=root / "dbt_project", profiles_dir=root / "profiles", env=env, cwd=root)
+
+
+def test_demo_pipeline_enriches_every_sendable_review_and_rerun_sends_nothing(demo_copy, emulator):
+    s = settings(demo_copy, emulator.base_url)
+    assert s.warehouse == demo_copy / "warehouse.duckdb"  # the repository-root default
+    jobs = bridge.load_jobs(s)
+    assert [j.name for j in jobs] == ["review_enrichment"]
+    client = api.build_client(s)
+
+    first = run_pipeline(s, jobs, client, wait=True, quiet_dbt=True)
+    assert len(first.submitted) == 1
+    con = duckdb.connect(str(s.warehouse), read_only=True)
+    n, enriched = con.execute("select count(*), count(sentiment) from review_insights").fetchone()
+    sendable = con.execute(
+        """select count(*) from (select review_id from stg_reviews_to_enrich
+           where review_id is not null and prompt is not null and not regexp_full_match(prompt, '\\s*')
+           and review_id in (select review_id from stg_reviews_to_enrich group by 1 having count(*) = 1))"""
+    ).fetchone()[0]
+    bad = con.execute("select count(*) from review_insights where sentiment not in ('positive','neutral','negative')"
+                      ).fetchone()[0]
+    products = con.execute("select count(*), sum(enriched) from product_sentiment").fetchone()
+    con.close()
+    assert n == 2398 and enriched == sendable == 2373 and bad == 0
+    assert products[0] == 25 and products[1] == enriched
+
+    before = emulator.counters()["create_posts"]
+    second = run_pipeline(s, jobs, client, wait=True, quiet_dbt=True)
+    assert second.submitted == [] and emulator.counters()["create_posts"] == before
+
+    dbt_runner.invoke(s, ["source", "freshness", "--quiet"])  # raises if stale or failing
+
+
+def test_demo_estimate_is_within_25_percent_of_billed(demo_copy, emulator):
+    s = settings(demo_copy, emulator.base_url)
+    jobs = bridge.load_jobs(s)
+    dbt_runner.invoke(s, ["build", "--selector", "bb_upstream", "--quiet"])
+    _, est = bridge.plan(s, jobs)
+    estimate = est["review_enrichment"].batch_usd
+    assert est["review_enrichment"].cache_read_tokens > 0  # the shared prefix is priced as cached
+    bridge.run(s, jobs, api.build_client(s))
+    con = duckdb.connect()
+    billed = con.execute(
+        f"select sum(cost_usd) from read_parquet('{s.results_dir('review_enrichment') / 'current.parquet'}')"
+    ).fetchone()[0]
+    assert estimate == pytest.approx(billed, rel=0.25)
+
+
+def test_make_demo_entry_point_runs_from_any_directory(tmp_path):
+    env = {**os.environ, "BATCH_BRIDGE_WAREHOUSE": str(tmp_path / "wh.duckdb"),
+           "BATCH_BRIDGE_HOME": str(tmp_path / "home"), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+    r = subprocess.run([sys.executable, "-m", "batch_bridge.demo", "--latency", "0.2"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "run 1 submitted 1 batch(es); run 2 submitted 0." in r.stdout
+    assert "review_insights      2,398 reviews, 2,373 with sentiment" in r.stdout
+    con = duckdb.connect(str(tmp_path / "wh.duckdb"), read_only=True)
+    assert con.execute("select count(*), count(sentiment) from review_insights").fetchone() == (2398, 2373)
