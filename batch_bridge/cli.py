@@ -142,7 +142,7 @@ def _plan_text(data: dict) -> str:
                      f"({j['deduplicated_rows']:,} deduplicated)")
         lines.append(f"  batches            {len(j['batches']):>12,}  ({j['bytes'] / 1e6:,.1f} MB)")
         for reason, v in j["skipped"].items():
-            lines.append(f"  skipped {reason:<18} {v['rows']:>5,}  {v['why']}")
+            lines.append(f"  skipped: {reason:<18}{v['rows']:>8,}  {v['why']}")
         if e:
             b, s = e.get("batch_usd"), e.get("sync_usd")
             money = (lambda x: "unknown" if x is None else f"${x:,.4f}")

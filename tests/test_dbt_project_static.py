@@ -201,7 +201,7 @@ def test_parse_declares_the_job_and_the_results_source(project: Project) -> None
     job = node["config"]["meta"]["batch_bridge"]
     assert job == expected
     assert job["job"] == JOB and job["key"] == "review_id" and job["prompt_column"] == "prompt"
-    assert job["model"] == "claude-haiku-4-5" and job["cache_ttl"] == "1h" and job["max_attempts"] == 3
+    assert job["model"] == "claude-sonnet-4-5" and job["cache_ttl"] == "1h" and job["max_attempts"] == 3
     schema = job["output_schema"]
     assert schema["required"] == ["sentiment", "topics", "summary"] and schema["additionalProperties"] is False
     assert schema["properties"]["sentiment"]["enum"] == ["positive", "neutral", "negative"]
