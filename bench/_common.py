@@ -1,0 +1,220 @@
+"""Shared helpers of the benchmark scripts: machine facts, the emulator subprocess, RSS sampling,
+and a throw-away dbt project + DuckDB warehouse (built with tests/helpers.py, as the tests do).
+
+Benchmarks print figures; they never assert on time.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # tests/helpers.py: write_project, settings_for, load_staging
+PY = sys.executable
+BRIDGE_CLI = str(Path(PY).parent / "batch-bridge")
+API_KEY = "sk-bench-key"
+
+
+def machine() -> str:
+    import anthropic
+    import duckdb
+
+    mem = psutil.virtual_memory().total / 2**30
+    cpu = platform.processor() or platform.machine()
+    return (f"nproc {os.cpu_count()}, RAM {mem:.1f} GiB, {cpu}, Linux {platform.release()}, "
+            f"python {platform.python_version()}, duckdb {duckdb.__version__}, anthropic {anthropic.__version__}")
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+# --- emulator ------------------------------------------------------------------------------------
+
+
+class Emulator:
+    def __init__(self, proc: subprocess.Popen, base_url: str) -> None:
+        self.proc = proc
+        self.base_url = base_url
+        self.ps = psutil.Process(proc.pid)
+
+    def cpu_seconds(self) -> float:
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    def rss(self) -> int:
+        return self.ps.memory_info().rss
+
+
+@contextmanager
+def emulator(latency: float = 2.0, *extra: str) -> Iterator[Emulator]:
+    """`python -m batch_bridge.emulator --port 0` as a subprocess; its first stdout line is the base URL."""
+    proc = subprocess.Popen(
+        [PY, "-m", "batch_bridge.emulator", "--port", "0", "--latency", str(latency), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+    )
+    try:
+        line = proc.stdout.readline().strip() if proc.stdout else ""
+        m = re.search(r"https?://\S+", line)
+        if not m:
+            raise RuntimeError(f"the emulator printed {line!r} instead of its base URL")
+        yield Emulator(proc, m.group(0))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def sdk_client(base_url: str, **kw: Any):
+    import anthropic
+
+    return anthropic.Anthropic(api_key=API_KEY, base_url=base_url, **kw)
+
+
+# --- RSS ------------------------------------------------------------------------------------------
+
+
+class PeakRSS:
+    """Samples a process and all its descendants every `interval` s; keeps the peak of their RSS sum."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                break
+            self.samples.append((time.monotonic(), total))
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_between(self, t0: float, t1: float) -> int:
+        return max((r for t, r in self.samples if t0 <= t <= t1), default=0)
+
+
+def run_measured(cmd: list[str], env: dict[str, str], *, cwd: Path | None = None) -> dict[str, Any]:
+    """Run a command; wall time, peak RSS (with children, 20 ms sampling), stdout, and stderr lines
+    each stamped with the time it arrived."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[tuple[float, str]] = []
+    out: list[str] = []
+
+    def read_err() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append((time.monotonic() - t0, line.rstrip("\n")))
+
+    def read_out() -> None:
+        assert proc.stdout is not None
+        out.append(proc.stdout.read())
+
+    threads = [threading.Thread(target=read_err, daemon=True), threading.Thread(target=read_out, daemon=True)]
+    with PeakRSS(proc.pid) as rss:
+        for t in threads:
+            t.start()
+        rc = proc.wait()
+        wall = time.monotonic() - t0
+    for t in threads:
+        t.join()
+    if rc != 0:
+        tail = "\n".join(line for _, line in lines[-20:])
+        raise RuntimeError(f"{' '.join(cmd)} exited {rc}:\n{tail}")
+    return {"wall": wall, "peak_rss": rss.peak, "stderr": lines, "stdout": "".join(out), "t0": t0,
+            "samples": [(t - t0, r) for t, r in rss.samples]}
+
+
+# --- projects -------------------------------------------------------------------------------------
+
+
+def job_meta(**over: Any) -> dict[str, Any]:
+    meta = {"job": "items", "key": "id", "model": "claude-haiku-4-5", "max_tokens": 200,
+            "system": "You label short product reviews.", "prompt_column": "prompt"}
+    meta.update(over)
+    return meta
+
+
+def rows_sql(n: int, prompt_chars: int = 200) -> str:
+    """n staging rows: id VARCHAR ('r0000001'), and a prompt of about `prompt_chars` characters."""
+    filler = "the parcel arrived late but the product itself is good value for money and works well "
+    reps = max(1, prompt_chars // len(filler) + 1)
+    return (f"SELECT 'r' || lpad(i::VARCHAR, 8, '0') AS id, "
+            f"left('review ' || i || ': ' || repeat('{filler}', {reps}), {prompt_chars}) AS prompt "
+            f"FROM range({n}) t(i)")
+
+
+@contextmanager
+def workdir(keep: bool = False, prefix: str = "bb_bench_") -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield d
+    finally:
+        if not keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def make_project(root: Path, n: int, base_url: str | None, *, prompt_chars: int = 200, meta: dict | None = None,
+                 **env: str):
+    """A dbt project with one staging model and its table loaded directly into the warehouse file."""
+    from helpers import load_staging, settings_for, write_project
+
+    write_project(root, meta or job_meta())
+    s = settings_for(root, base_url, api_key=API_KEY, BATCH_BRIDGE_LOCK_TIMEOUT="60", **env)
+    load_staging(s, rows_sql(n, prompt_chars))
+    return s
+
+
+def cli_env(root: Path, base_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "BATCH_BRIDGE_", "DBT_"))}
+    env.update({
+        "ANTHROPIC_API_KEY": API_KEY, "ANTHROPIC_BASE_URL": base_url,
+        "BATCH_BRIDGE_WAREHOUSE": str(root / "warehouse.duckdb"),
+        "DBT_PROJECT_DIR": str(root / "dbt_project"), "DBT_PROFILES_DIR": str(root / "profiles"),
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "BATCH_BRIDGE_LOCK_TIMEOUT": "60",
+        **extra,
+    })
+    return env
+
+
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    cols = list(zip(header, *rows))
+    widths = [max(len(str(c)) for c in col) for col in cols]
+    fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])

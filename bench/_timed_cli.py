@@ -1,0 +1,101 @@
+"""`batch-bridge` with phase stamps: the real CLI (`batch_bridge.cli.main`), with a few core functions
+wrapped so that each call writes `@@phase <name> <start> <end>` (CLOCK_MONOTONIC, comparable across
+processes on Linux) to stderr when it returns. Nothing else changes; the wrappers cost microseconds.
+
+Used by bench_scale.py and bench_submit_memory.py to split wall time and peak RSS by phase.
+
+    .venv/bin/python bench/_timed_cli.py run --poll-interval 1
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable
+
+from batch_bridge import api, bridge, collect, submit
+
+
+def _stamp(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        t = time.monotonic()
+        try:
+            return fn(*a, **kw)
+        finally:
+            sys.stderr.write(f"@@phase {name} {t:.6f} {time.monotonic():.6f}\n")
+            sys.stderr.flush()
+    return wrapper
+
+
+def install() -> None:
+    bridge.load_jobs = _stamp("manifest", bridge.load_jobs)
+    submit.plan_jobs = _stamp("plan", submit.plan_jobs)
+    submit.write_requests = _stamp("write_requests", submit.write_requests)
+    api.create_batch = _stamp("upload", api.create_batch)
+    api.retrieve = _stamp("poll", api.retrieve)
+    api.download_results = _stamp("download", api.download_results)
+    collect.load_downloaded = _stamp("load", collect.load_downloaded)
+    collect.publish = _stamp("publish", collect.publish)
+    bridge.publish = _stamp("publish", bridge.publish)
+    sleep = _stamp("sleep", time.sleep)
+    for fn in (bridge.run, bridge.wait, bridge.submit, bridge.collect, bridge.sync):
+        if fn.__kwdefaults__ and "sleep" in fn.__kwdefaults__:
+            fn.__kwdefaults__["sleep"] = sleep
+
+
+# Exclusive attribution when phases nest or overlap: the first active one in this order wins.
+PRIORITY = ("publish", "write_requests", "download", "upload", "poll", "sleep", "load", "plan", "manifest")
+
+
+def parse(lines: list[tuple[float, str]]) -> tuple[list[tuple[str, float, float]], list[tuple[float, str]]]:
+    """Split stderr into phase intervals and the other (progress) lines."""
+    phases, other = [], []
+    for t, line in lines:
+        if line.startswith("@@phase "):
+            _, name, a, b = line.split()
+            phases.append((name, float(a), float(b)))
+        else:
+            other.append((t, line))
+    return phases, other
+
+
+def active(phases: list[tuple[str, float, float]], t: float) -> str:
+    names = {n for n, a, b in phases if a <= t < b}
+    return next((p for p in PRIORITY if p in names), "other")
+
+
+def exclusive(phases: list[tuple[str, float, float]], t0: float, t1: float) -> dict[str, float]:
+    """Seconds of [t0, t1] attributed to each phase (innermost by PRIORITY), 'other' for the rest."""
+    points = sorted({t0, t1, *(a for _, a, _ in phases), *(b for _, _, b in phases)})
+    points = [p for p in points if t0 <= p <= t1]
+    out: dict[str, float] = {}
+    for a, b in zip(points, points[1:]):
+        name = active(phases, (a + b) / 2)
+        out[name] = out.get(name, 0.0) + (b - a)
+    return out
+
+
+def limit_duckdb_memory(limit: str) -> None:
+    """Experiment only (BENCH_DUCKDB_MEMORY_LIMIT): every DuckDB connection gets `SET memory_limit`."""
+    import duckdb
+
+    connect = duckdb.connect
+
+    def limited(*a: Any, **kw: Any) -> Any:
+        con = connect(*a, **kw)
+        con.execute(f"SET memory_limit = '{limit}'")
+        return con
+
+    duckdb.connect = limited
+
+
+if __name__ == "__main__":
+    import os
+
+    if os.environ.get("BENCH_DUCKDB_MEMORY_LIMIT"):
+        limit_duckdb_memory(os.environ["BENCH_DUCKDB_MEMORY_LIMIT"])
+    install()
+    from batch_bridge.cli import main
+
+    sys.argv[0] = "batch-bridge"
+    main()

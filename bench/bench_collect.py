@@ -1,0 +1,171 @@
+"""Benchmark (issues 3, 7): collecting one N-request batch (default 100,000) from the emulator.
+
+Setup (not timed): a dbt project whose staging table holds N rows, the real `bridge.submit` of it to
+an emulator subprocess, and a wait until the batch has ended. The results therefore are in the
+emulator's exact format and the bridge's state DB knows the batch, as in production.
+
+Timed, side by side, in this one process (min and median of --repeat runs each):
+  bridge collect   `bridge.collect`: retrieve + download over HTTP to results/raw/<id>.jsonl +
+                   `load_downloaded` (read_json + extraction + joins + INSERT into the state DB +
+                   COMMIT) + publish of current/history/rejected parquet. Before each run the batch is
+                   put back to `submitted` and its responses and file removed.
+  bridge load      `collect.load_downloaded` on the already downloaded file (same work minus the
+                   HTTP part). Before each run the batch is put back to `downloaded`, responses deleted.
+                   Split into "insert" (until the `results loaded` progress tick) and "publish" (the rest).
+  (b) duckdb CTAS  a fresh DuckDB file: CREATE TABLE AS SELECT * FROM read_json(file, explicit columns
+                   custom_id VARCHAR, result JSON) + close (checkpoint); nothing else.
+  (c) SDK list     `list(client.messages.batches.results(batch_id))` with a fresh client: download + a
+                   pydantic object per line; nothing written anywhere.
+
+Targets: bridge load <= 1.3x (b); (c) / bridge collect >= 4.
+
+    .venv/bin/python bench/bench_collect.py [--rows 100000] [--repeat 3] [--schema]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import duckdb
+
+from _common import emulator, job_meta, machine, make_project, sdk_client, workdir
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]},
+        "topics": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        "score": {"type": "integer", "minimum": 1, "maximum": 5},
+    },
+    "required": ["sentiment", "topics", "score"],
+    "additionalProperties": False,
+}
+
+
+class Stamps:
+    """A Progress that remembers when each event happened."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str]] = []
+
+    def step(self, message: str) -> None:
+        self.events.append((time.perf_counter(), message))
+
+    def tick(self, what: str, done: int, total: int | None = None) -> None:
+        self.events.append((time.perf_counter(), what))
+
+    def last(self, what: str) -> float:
+        return max(t for t, w in self.events if w == what)
+
+
+def stats(xs: list[float]) -> str:
+    return f"min {min(xs):6.2f} s  median {statistics.median(xs):6.2f} s"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--prompt-chars", type=int, default=200)
+    ap.add_argument("--schema", action="store_true", help="give the job an output_schema (adds JSON validation)")
+    args = ap.parse_args()
+
+    from batch_bridge import api, bridge, collect, state
+
+    print(machine())
+    with workdir() as root, emulator(latency=0) as emu:
+        meta = job_meta(max_tokens=200, **({"output_schema": SCHEMA} if args.schema else {}))
+        s = make_project(root, args.rows, emu.base_url, prompt_chars=args.prompt_chars, meta=meta)
+        jobs = bridge.load_jobs(s)
+        client = api.build_client(s)
+        t = time.perf_counter()
+        rep = bridge.submit(s, jobs, client)
+        assert len(rep.batches) == 1, rep.batches
+        bid = rep.batches[0]
+        while api.retrieve(client, bid).processing_status != "ended":
+            time.sleep(0.5)
+        print(f"setup: {args.rows:,} rows submitted and ended in {time.perf_counter() - t:.1f} s (not timed below)")
+
+        def reset(to: str) -> None:
+            with state.connect(s) as con:
+                con.execute("DELETE FROM bb_state.responses WHERE batch_id = ?", [bid])
+                if to == "submitted":
+                    f = con.execute("SELECT result_file FROM bb_state.batches WHERE batch_id = ?", [bid]).fetchone()[0]
+                    if f:
+                        Path(f).unlink(missing_ok=True)
+                    con.execute("UPDATE bb_state.batches SET local_state = 'submitted', result_file = NULL, "
+                                "result_lines = NULL, collected_at = NULL WHERE batch_id = ?", [bid])
+                else:
+                    con.execute("UPDATE bb_state.batches SET local_state = 'downloaded', collected_at = NULL "
+                                "WHERE batch_id = ?", [bid])
+
+        by_name = {j.name: j for j in jobs}
+        collect_t, collect_dl = [], []
+        for _ in range(args.repeat):
+            reset("submitted")
+            p = Stamps()
+            t0 = time.perf_counter()
+            r = bridge.collect(s, jobs, client, progress=p)
+            collect_t.append(time.perf_counter() - t0)
+            collect_dl.append(p.last("batches downloaded") - t0)
+            assert r.loaded == {"items": args.rows}, r.loaded
+        result_file = Path(s.raw_results_dir / f"{bid}.jsonl")
+        size = result_file.stat().st_size
+
+        load_t, load_ins, load_pub = [], [], []
+        for _ in range(args.repeat):
+            reset("downloaded")
+            p = Stamps()
+            t0 = time.perf_counter()
+            loaded = collect.load_downloaded(s, by_name, progress=p)
+            t1 = time.perf_counter()
+            assert loaded == {"items": args.rows}, loaded
+            load_t.append(t1 - t0)
+            load_ins.append(p.last("results loaded") - t0)
+            load_pub.append(t1 - p.last("results loaded"))
+
+        ctas_t = []
+        for i in range(args.repeat):
+            db = root / f"ctas_{i}.duckdb"
+            t0 = time.perf_counter()
+            con = duckdb.connect(str(db))
+            n = con.execute(
+                f"CREATE TABLE results AS SELECT * FROM read_json('{result_file}', format = 'newline_delimited', "
+                "columns = {custom_id: 'VARCHAR', result: 'JSON'})"
+            ).fetchone()[0]
+            con.close()
+            ctas_t.append(time.perf_counter() - t0)
+            assert n == args.rows, n
+            db.unlink()
+
+        sdk_t = []
+        for _ in range(args.repeat):
+            c = sdk_client(emu.base_url)
+            t0 = time.perf_counter()
+            items = list(c.messages.batches.results(bid))
+            sdk_t.append(time.perf_counter() - t0)
+            assert len(items) == args.rows
+            del items
+            c.close()
+
+    print(f"results file: {args.rows:,} lines, {size / 1e6:.1f} MB; repeat {args.repeat}; "
+          f"output_schema: {'yes' if args.schema else 'no'}")
+    print(f"  bridge collect (HTTP download + load + publish) {stats(collect_t)}   (download part: median {statistics.median(collect_dl):.2f} s)")
+    print(f"  bridge load_downloaded (load + publish)          {stats(load_t)}")
+    print(f"     of which read_json + extract + INSERT + COMMIT median {statistics.median(load_ins):.2f} s, "
+          f"publish parquet median {statistics.median(load_pub):.2f} s")
+    print(f"  (b) DuckDB read_json CTAS into a file DB         {stats(ctas_t)}")
+    print(f"  (c) SDK list(batches.results(id)) incl. download {stats(sdk_t)}")
+    r1 = min(load_t) / min(ctas_t)
+    r1i = min(load_ins) / min(ctas_t)
+    r2 = min(sdk_t) / min(collect_t)
+    print(f"RATIO bridge load / (b)           = {r1:.2f}x  (target <= 1.3x: {'met' if r1 <= 1.3 else 'MISSED'}); "
+          f"without publish {r1i:.2f}x")
+    print(f"RATIO (c) SDK / bridge collect    = {r2:.2f}x  (target >= 4x: {'met' if r2 >= 4 else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Benchmark (issue 7): does `batch-bridge run` scale? N rows (default 1,000,000 = 10 batches of
+100,000) against a small run (default 50,000), same emulator, same settings.
+
+Each run: a fresh dbt project + warehouse, `batch-bridge plan` once (caches the dbt parse; reported
+separately), then `run --poll-interval 1` as a subprocess through bench/_timed_cli.py (the real CLI
+with phase stamps). Measured per run:
+  - wall time of the `run` process and its peak RSS (with children, sampled every 20 ms);
+  - the share of wall time in each phase, from the stamps (innermost phase wins when they nest or
+    overlap, e.g. downloads running in 4 threads count once): manifest (read the cached manifest),
+    plan (stage/classify/measure, twice in submit), write_requests (export COPY), upload (create
+    POSTs), poll (retrieve calls), sleep (waiting between polls), download, load (read_json + INSERT),
+    publish (parquet files), other (imports, state DB opens, the initial collect, ...);
+  - the emulator's CPU seconds during the run (psutil cpu_times of its process) / wall.
+The emulator runs with `--latency 1` so waiting is short and the bridge's own work dominates.
+
+Target: peak RSS of the large run does not grow with the job (ratio large/small close to 1).
+
+    .venv/bin/python bench/bench_scale.py [--rows 1000000] [--small 50000] [--latency 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import BRIDGE_CLI, PY, REPO, cli_env, emulator, machine, make_project, run_measured, workdir
+from _timed_cli import active, exclusive, parse
+
+ORDER = ("other", "manifest", "plan", "write_requests", "upload", "poll", "sleep", "download", "load", "publish")
+
+
+def one(n: int, args: argparse.Namespace) -> dict:
+    with workdir() as root, emulator(latency=args.latency) as emu:
+        make_project(root, n, emu.base_url, prompt_chars=args.prompt_chars)
+        env = cli_env(root, emu.base_url)
+        p = run_measured([BRIDGE_CLI, "plan"], env)
+        cpu0 = emu.cpu_seconds()
+        r = run_measured([PY, str(REPO / "bench" / "_timed_cli.py"), "run", "--poll-interval", str(args.poll_interval)], env)
+        cpu = emu.cpu_seconds() - cpu0
+        emu_rss = emu.rss()
+    phases, lines = parse(r["stderr"])
+    phases = [(name, a - r["t0"], b - r["t0"]) for name, a, b in phases]
+    shares = exclusive(phases, 0.0, r["wall"])
+    peaks: dict[str, int] = {}
+    for t, rss in r["samples"]:
+        name = active(phases, t)
+        peaks[name] = max(peaks.get(name, 0), rss)
+    batches = next((line for _, line in lines if line.startswith("submitted ")), "")
+    return {"n": n, "wall": r["wall"], "rss": r["peak_rss"], "shares": shares, "peaks": peaks, "plan_wall": p["wall"],
+            "emu_cpu": cpu, "emu_rss": emu_rss, "batches": batches.split(":")[0], "lines": lines}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--small", type=int, default=50_000)
+    ap.add_argument("--latency", type=float, default=1.0)
+    ap.add_argument("--poll-interval", type=float, default=1.0)
+    ap.add_argument("--prompt-chars", type=int, default=200)
+    ap.add_argument("--show-stderr", action="store_true")
+    args = ap.parse_args()
+
+    print(machine())
+    runs = [one(args.small, args), one(args.rows, args)]
+    for r in runs:
+        print(f"{r['n']:,} rows ({r['batches']}): run wall {r['wall']:.1f} s, peak RSS {r['rss'] / 1e6:.1f} MB; "
+              f"emulator CPU {r['emu_cpu']:.1f} s = {r['emu_cpu'] / r['wall']:.0%} of wall "
+              f"(emulator RSS at end {r['emu_rss'] / 1e6:.0f} MB); `batch-bridge plan` before it {r['plan_wall']:.1f} s")
+        for name in ORDER:
+            if name in r["shares"]:
+                s = r["shares"][name]
+                print(f"    {name:15s} {s:7.2f} s {s / r['wall']:6.1%}   peak RSS in it {r['peaks'].get(name, 0) / 1e6:7.1f} MB")
+        if args.show_stderr:
+            for t, line in r["lines"]:
+                print(f"      +{t:7.2f}s {line}")
+    small, big = runs
+    ratio = big["rss"] / small["rss"]
+    print(f"RATIO peak RSS {big['n']:,} / {small['n']:,} rows = {ratio:.2f}x "
+          f"(rows x{big['n'] / small['n']:.0f}; target ~1x: {'met' if ratio <= 1.5 else 'MISSED'} at a 1.5x tolerance)")
+    print(f"RATIO wall {big['n']:,} / {small['n']:,} rows = {big['wall'] / small['wall']:.1f}x; "
+          f"throughput {big['n'] / big['wall']:,.0f} rows/s vs {small['n'] / small['wall']:,.0f} rows/s")
+
+
+if __name__ == "__main__":
+    main()
