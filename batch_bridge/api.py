@@ -226,7 +226,10 @@ def download_results(
             options={"headers": {"Accept": "application/binary"}},
         )
     try:
-        with open(tmp, "wb") as f:
+        # Results hold user data: the file is the owner's only from its first byte.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a .part left by a killed run
+        with open(fd, "wb") as f:
             for chunk in resp.iter_bytes(CHUNK):
                 f.write(chunk)
                 lines += chunk.count(b"\n")
@@ -247,8 +250,13 @@ def download_results(
     return lines
 
 
+MAX_RETRY_AFTER = 600.0
+
+
 def sleep_backoff(attempt: int, retry_after: float | None, sleep: Callable[[float], None] = time.sleep,
                   cap: float = 30.0) -> None:
-    """Honour retry-after when the API gave one, else exponential backoff."""
-    delay = retry_after if retry_after is not None else min(0.5 * 2**attempt, cap)
-    sleep(min(delay, cap))
+    """Honour retry-after when the API gave one (up to 10 minutes), else exponential backoff up to `cap`."""
+    if retry_after is not None and retry_after >= 0:
+        sleep(min(retry_after, MAX_RETRY_AFTER))
+        return
+    sleep(min(0.5 * 2**attempt, cap))

@@ -26,6 +26,18 @@ from .progress import Progress, Silent
 from .results import publish
 
 ENV_FAULT = "BATCH_BRIDGE_FAULT"  # test-only: name of a crash point at which the process kills itself
+# Every crash point, in the order a `run` reaches them (submit, then collect).
+CRASH_POINTS = (
+    "before_prepare_commit",  # request files written, the `prepared` journal rows not yet committed
+    "after_prepare",          # journal committed, no create call made
+    "before_journal",         # about to journal `creating`
+    "before_create",          # `creating` journalled, the create POST not sent
+    "after_create",           # the batch exists on the API, its id not yet recorded
+    "during_download",        # part of a results file written to its .part file
+    "after_download",         # results file complete and renamed, not yet marked downloaded
+    "during_load",            # rows inserted and batches marked collected, before COMMIT
+    "after_load",             # committed, results source not yet republished
+)
 
 
 def load_jobs(settings: Settings, names: tuple[str, ...] | list[str] | None = None, *, force_parse: bool = False) -> list[Job]:
@@ -81,12 +93,12 @@ def submit(
     names = [j.name for j in jobs]
     # Submissions journalled by an interrupted run go first: their rows are in flight already.
     leftover = submit_mod.send_pending(client, settings, jobs=names, progress=progress, sleep=sleep, fault=crash_point)
-    report = submit_mod.prepare_submissions(settings, jobs, max_cost=max_cost, progress=progress)
+    report = submit_mod.prepare_submissions(settings, jobs, max_cost=max_cost, progress=progress, fault=crash_point)
     crash_point("after_prepare")
     sent = submit_mod.send_pending(client, settings, jobs=names, progress=progress, sleep=sleep, fault=crash_point)
     report.batches = leftover.batches + sent.batches
     report.adopted = leftover.adopted + sent.adopted
-    report.pending_unknown = sent.pending_unknown
+    report.pending_unknown = sorted(set(leftover.pending_unknown) | set(sent.pending_unknown))
     _publish_all(settings, jobs)
     if report.batches:
         progress.step(f"submitted {len(report.batches)} batch(es): {', '.join(report.batches)}")
@@ -97,7 +109,8 @@ def collect(
     settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, progress: Progress = Silent(),
     sleep: Callable[[float], None] = time.sleep,
 ) -> collect_mod.CollectReport:
-    report = collect_mod.collect(client, settings, {j.name: j for j in jobs}, progress=progress, sleep=sleep)
+    report = collect_mod.collect(client, settings, {j.name: j for j in jobs}, progress=progress, sleep=sleep,
+                                 fault=crash_point)
     for job, n in report.loaded.items():
         progress.step(f"{job}: loaded {n:,} results")
     return report
@@ -123,15 +136,16 @@ def wait(
     start = clock()
     interval = settings.poll_interval
     while True:
-        infos = collect_mod.refresh(client, settings, names)
+        unconfirmed: list[str] = []  # young batches answering 404 (propagation delay): still in flight
+        infos = collect_mod.refresh(client, settings, names, unconfirmed=unconfirmed)
         report.polls += 1
         ended = [i for i in infos if i.processing_status == "ended"]
-        running = [i for i in infos if i.processing_status != "ended"]
+        running = [i.id for i in infos if i.processing_status != "ended"] + unconfirmed
         requests = sum(i.total for i in infos)
-        progress.tick("batches ended", len(ended), len(infos))
+        progress.tick("batches ended", len(ended), len(infos) + len(unconfirmed))
         if collect_as_ended and ended:
-            collect_mod.download_ended(client, settings, ended, progress=progress, sleep=sleep)
-            for job, n in collect_mod.load_downloaded(settings, by_name, progress=progress).items():
+            collect_mod.download_ended(client, settings, ended, progress=progress, sleep=sleep, fault=crash_point)
+            for job, n in collect_mod.load_downloaded(settings, by_name, progress=progress, fault=crash_point).items():
                 report.collected[job] = report.collected.get(job, 0) + n
                 progress.step(f"{job}: loaded {n:,} results")
         report.ended, report.open = len(ended), len(running)
@@ -140,7 +154,7 @@ def wait(
         elapsed = clock() - start
         if timeout is not None and elapsed >= timeout:
             raise WaitTimeout(
-                f"{len(running)} of {len(infos)} batch(es) still in progress after {elapsed:.0f}s "
+                f"{len(running)} of {len(infos) + len(unconfirmed)} batch(es) still in progress after {elapsed:.0f}s "
                 f"({requests:,} requests in them)",
                 hint="nothing is lost: run `batch-bridge collect` or `wait` again later",
             )

@@ -4,15 +4,22 @@ Each batch's results are streamed to `results/raw/<batch_id>.jsonl` (a `.part` f
 complete) and its line count checked against `request_counts`, so a stream cut short is retried,
 never loaded. Loading is one `INSERT ... SELECT` over DuckDB's own `read_json` of every downloaded
 file, in the same transaction that marks the batches `collected`: a crash mid-load loads nothing,
-and a rerun loads exactly once.
+and a rerun loads exactly once. A file with a line that is not JSON is named (file and line), loads
+nothing, and is forgotten so that the next collect downloads it again.
+
+A 404 on a batch is the API's propagation delay only while the batch is young and has never been
+seen `ended`; otherwise the batch was deleted and is marked `lost` (its rows are sent again), as is
+a batch whose `archived_at` is set (results are kept 29 days).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable
 
 import anthropic
@@ -57,15 +64,22 @@ def record_status(con: duckdb.DuckDBPyConnection, info: api.BatchInfo) -> None:
 def open_batches(settings: Settings, jobs: list[str] | None) -> list[dict]:
     with state.connect(settings) as con:
         rows = con.execute(
-            "SELECT batch_id, job, processing_status, created_at, archived_at, request_count, local_state "
+            "SELECT batch_id, job, processing_status, created_at, archived_at, request_count, local_state, ended_at "
             "FROM bb_state.batches WHERE local_state IN ('submitted', 'downloaded') ORDER BY created_at"
         ).fetchall()
-    cols = ["batch_id", "job", "processing_status", "created_at", "archived_at", "request_count", "local_state"]
+    cols = ["batch_id", "job", "processing_status", "created_at", "archived_at", "request_count", "local_state",
+            "ended_at"]
     return [dict(zip(cols, r)) for r in rows if jobs is None or r[1] in jobs]
 
 
-def refresh(client: anthropic.Anthropic, settings: Settings, jobs: list[str] | None = None) -> list[api.BatchInfo]:
-    """Retrieve every batch not yet collected; record its status. Deleted batches are marked lost."""
+def refresh(
+    client: anthropic.Anthropic, settings: Settings, jobs: list[str] | None = None, *,
+    lost: list[str] | None = None, unconfirmed: list[str] | None = None,
+) -> list[api.BatchInfo]:
+    """Retrieve every batch not yet collected; record its status. Deleted batches are marked lost.
+
+    Ids of batches marked lost are appended to `lost`; ids of young batches that answered 404 (the
+    API's propagation delay) to `unconfirmed`: they are still in flight."""
     out = []
     for b in open_batches(settings, jobs):
         if b["local_state"] != "submitted":
@@ -73,11 +87,17 @@ def refresh(client: anthropic.Anthropic, settings: Settings, jobs: list[str] | N
         try:
             info = api.retrieve(client, b["batch_id"])
         except api.NotFound:
+            seen_ended = b["processing_status"] == "ended" or b["ended_at"] is not None
             young = b["created_at"] is None or state.utcnow() - b["created_at"] < TRANSIENT_404
-            if young:
+            if young and not seen_ended:
+                if unconfirmed is not None:
+                    unconfirmed.append(b["batch_id"])
                 continue  # the API's propagation delay right after create; look again next time
             with state.connect(settings) as con:
-                state.mark_lost(con, b["batch_id"], "the API no longer knows this batch (deleted)")
+                state.mark_lost(con, b["batch_id"], "the API no longer knows this batch (deleted); "
+                                "its rows are sent again by the next submit")
+            if lost is not None:
+                lost.append(b["batch_id"])
             continue
         with state.connect(settings) as con:
             record_status(con, info)
@@ -86,12 +106,13 @@ def refresh(client: anthropic.Anthropic, settings: Settings, jobs: list[str] | N
 
 
 def _download_one(client: anthropic.Anthropic, settings: Settings, info: api.BatchInfo,
-                  sleep: Callable[[float], None]) -> tuple[str, int]:
+                  sleep: Callable[[float], None], fault: Callable[[str], None] | None = None) -> tuple[str, int]:
     dest = settings.raw_results_dir / f"{info.id}.jsonl"
     last: Exception | None = None
+    on_bytes = (lambda n: fault("during_download")) if fault else None
     for attempt in range(DOWNLOAD_TRIES):
         try:
-            lines = api.download_results(client, info, dest)
+            lines = api.download_results(client, info, dest, on_bytes=on_bytes)
         except (ResultsError, ApiError) as e:
             if isinstance(e, api.NotFound) and info.created_at and state.utcnow() - info.created_at > TRANSIENT_404:
                 raise
@@ -111,14 +132,15 @@ def _download_one(client: anthropic.Anthropic, settings: Settings, info: api.Bat
 def download_ended(
     client: anthropic.Anthropic, settings: Settings, infos: list[api.BatchInfo], *,
     progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
+    fault: Callable[[str], None] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Download every ended batch in `infos` (concurrently). Returns (downloaded ids, lost ids)."""
     ended = [i for i in infos if i.processing_status == "ended"]
     downloaded, lost = [], []
-    now = state.utcnow()
     todo = []
     for info in ended:
-        if info.archived_at is not None and info.archived_at <= now:
+        # The API sets archived_at once the results are gone; its clock, not ours, decides.
+        if info.archived_at is not None:
             with state.connect(settings) as con:
                 state.mark_lost(con, info.id, f"results archived at {info.archived_at.isoformat()}Z (29-day retention)")
             lost.append(info.id)
@@ -129,7 +151,7 @@ def download_ended(
     settings.raw_results_dir.mkdir(parents=True, exist_ok=True)
     errors: list[Exception] = []
     with ThreadPoolExecutor(max_workers=min(settings.concurrency, len(todo))) as pool:
-        futures = {pool.submit(_download_one, client, settings, i, sleep): i for i in todo}
+        futures = {pool.submit(_download_one, client, settings, i, sleep, fault): i for i in todo}
         for n, (fut, info) in enumerate(futures.items(), 1):
             try:
                 path, lines = fut.result()
@@ -141,6 +163,8 @@ def download_ended(
             except (ResultsError, ApiError) as e:
                 errors.append(e)
                 continue
+            if fault:
+                fault("after_download")
             with state.connect(settings) as con:
                 state.mark_downloaded(con, info.id, path, lines)
             downloaded.append(info.id)
@@ -205,7 +229,40 @@ def _extract_sql(job: Job) -> str:
     """
 
 
-def load_downloaded(settings: Settings, jobs: dict[str, Job], *, progress: Progress = Silent()) -> dict[str, int]:
+def _first_bad_line(path: str) -> tuple[int, str] | None:
+    """(line number, why) of the first line of a result file that is not a JSON object with a custom_id."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                return n, f"not valid JSON ({e})"
+            if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str) or "result" not in obj:
+                return n, "not a result object with custom_id and result"
+    return None
+
+
+def _reject_bad_file(con: duckdb.DuckDBPyConnection, batches: list[tuple]) -> None:
+    """Name the file and line that made read_json fail; forget that download so it is fetched again."""
+    for b in batches:
+        path = b[3]
+        bad = _first_bad_line(path) if Path(path).is_file() else (0, "the file is missing")
+        if bad is None:
+            continue
+        line, why = bad
+        where = f"line {line}" if line else "file"
+        state.discard_download(con, b[0], f"result {where}: {why}; downloaded again by the next collect")
+        Path(path).unlink(missing_ok=True)
+        raise ResultsError(
+            f"results of batch {b[0]} ({path}), {where}: {why}; nothing of job {b[1]!r} was loaded",
+            hint="the file was removed; the next `batch-bridge collect` downloads it again",
+        )
+
+
+def load_downloaded(
+    settings: Settings, jobs: dict[str, Job], *, progress: Progress = Silent(),
+    fault: Callable[[str], None] | None = None,
+) -> dict[str, int]:
     """Load every downloaded batch into `responses`, set-wise, and mark it collected (one transaction per job)."""
     loaded: dict[str, int] = {}
     book = load_prices(settings.prices_file)
@@ -226,14 +283,18 @@ def load_downloaded(settings: Settings, jobs: dict[str, Job], *, progress: Progr
             con.executemany("INSERT INTO bb_files VALUES (?, ?, ?)", [(b[0], b[2], b[3]) for b in batches])
             files = "[" + ", ".join(quote_literal(b[3]) for b in batches) + "]"
             now = state.utcnow()
-            con.execute("BEGIN")
-            try:
+            try:  # parsed into a temp table before the transaction: a bad file changes no state
                 con.execute(
                     f"""CREATE OR REPLACE TEMP VIEW raw AS SELECT * FROM read_json({files},
                         format = 'newline_delimited', columns = {{custom_id: 'VARCHAR', result: 'JSON'}},
                         filename = true, maximum_object_size = 268435456)"""
                 )
                 con.execute(f"CREATE OR REPLACE TEMP TABLE bb_new AS {_extract_sql(job)} SELECT * FROM y")
+            except duckdb.Error as e:
+                _reject_bad_file(con, batches)
+                raise ResultsError(f"job {job_name!r}: the result files could not be read: {e}") from e
+            con.execute("BEGIN")
+            try:
                 models = [r[0] for r in con.execute("SELECT DISTINCT model FROM bb_new WHERE model IS NOT NULL").fetchall()]
                 unknown = register_model_map(con, book, models)
                 for m in unknown:
@@ -262,27 +323,44 @@ def load_downloaded(settings: Settings, jobs: dict[str, Job], *, progress: Progr
                     )
                 for b in batches:
                     state.mark_collected(con, b[0])
+                if fault:
+                    fault("during_load")
                 con.execute("COMMIT")
             except Exception:
                 con.execute("ROLLBACK")
                 raise
             loaded[job_name] = int(n)
             progress.tick("results loaded", int(n), expected)
+            if fault:
+                fault("after_load")
         for job in jobs.values():
-            publish(con, settings, job)
+            # History parts of every collected batch that has none yet: this run's, and those of a run
+            # killed between its COMMIT and here (so a crash never loses a history part).
+            parts = settings.results_dir(job.name) / "history"
+            collected = [r[0] for r in con.execute(
+                "SELECT batch_id FROM bb_state.batches WHERE job = ? AND local_state = 'collected' ORDER BY batch_id",
+                [job.name]).fetchall()]
+            publish(con, settings, job, [b for b in collected if not (parts / f"{b}.parquet").exists()])
     return loaded
 
 
 def collect(
     client: anthropic.Anthropic, settings: Settings, jobs: dict[str, Job], *,
     progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
+    fault: Callable[[str], None] | None = None,
 ) -> CollectReport:
     """Fetch every ended, uncollected batch and load it; never waits for running batches."""
     report = CollectReport()
-    infos = refresh(client, settings, list(jobs))
-    report.refreshed = len(infos)
+    gone: list[str] = []
+    unconfirmed: list[str] = []
+    infos = refresh(client, settings, list(jobs), lost=gone, unconfirmed=unconfirmed)
+    report.refreshed = len(infos) + len(unconfirmed)
     report.ended = sum(1 for i in infos if i.processing_status == "ended")
-    report.still_running = len(infos) - report.ended
-    report.downloaded, report.lost = download_ended(client, settings, infos, progress=progress, sleep=sleep)
-    report.loaded = load_downloaded(settings, jobs, progress=progress)
+    report.still_running = report.refreshed - report.ended
+    report.downloaded, lost = download_ended(client, settings, infos, progress=progress, sleep=sleep, fault=fault)
+    report.lost = gone + lost
+    for bid in report.lost:
+        progress.step(f"batch {bid} is lost (deleted, or results past the 29-day retention); "
+                      "its rows are sent again by the next submit")
+    report.loaded = load_downloaded(settings, jobs, progress=progress, fault=fault)
     return report

@@ -1,8 +1,8 @@
 """The results source dbt reads: Parquet files per job, written atomically, never a lock on anything.
 
 `current.parquet` holds one row per key: the latest answer for the key's current input, or, when the
-input changed and has no answer yet, the latest earlier answer flagged `is_stale`. `history.parquet`
-holds every (key, answer) pair. Keys get their original names and types back from `jobs.key_types`;
+input changed and has no answer yet, the latest earlier answer flagged `is_stale`. `history/` holds
+one part per collected batch with every (key, answer) pair it produced. Keys get their original names and types back from `jobs.key_types`;
 schema fields become typed columns through `json_transform`. An identical request sent once for
 several keys is attributed to the key that was sent (`cost_usd`), the others are `deduplicated`.
 """
@@ -34,7 +34,8 @@ def _key_types(con: duckdb.DuckDBPyConnection, job: Job) -> list[tuple[str, str]
     return [(k, "VARCHAR") for k in job.key]
 
 
-def history_sql(con: duckdb.DuckDBPyConnection, job: Job) -> str:
+def _projection(con: duckdb.DuckDBPyConnection, job: Job) -> str:
+    """Result columns over a relation `h` of (custom_id, key_json, current_hash, response columns...)."""
     keys = ", ".join(
         f"CAST(json_extract_string(h.key_json, '$[{i}]') AS {typ}) AS {quote_ident(name)}"
         for i, (name, typ) in enumerate(_key_types(con, job))
@@ -47,21 +48,7 @@ def history_sql(con: duckdb.DuckDBPyConnection, job: Job) -> str:
             f", json_transform(h.output_json, {quote_literal(struct)}).{quote_ident(k)} AS {quote_ident(k)}"
             for k in field_structures(schema)
         )
-    job_lit = quote_literal(job.name)
     return f"""
-        WITH versions AS (
-            SELECT DISTINCT custom_id, input_hash FROM bb_state.key_versions WHERE job = {job_lit}
-        ),
-        latest AS (
-            SELECT custom_id, arg_max(input_hash, seen_at) AS current_hash, arg_max(key_json, seen_at) AS key_json
-            FROM bb_state.key_versions WHERE job = {job_lit} GROUP BY custom_id
-        ),
-        h AS (
-            SELECT l.custom_id, l.key_json, l.current_hash, r.*
-            FROM latest l
-            JOIN versions v ON v.custom_id = l.custom_id
-            JOIN bb_state.responses r ON r.job = {job_lit} AND r.input_hash = v.input_hash
-        )
         SELECT {keys},
                h.custom_id, h.status, h.output_text, h.output_json{fields},
                h.stop_reason, h.model, h.input_tokens, h.output_tokens,
@@ -71,15 +58,61 @@ def history_sql(con: duckdb.DuckDBPyConnection, job: Job) -> str:
                h.input_hash <> h.current_hash AS is_stale,
                h.error_type, h.error_message, h.attempt, h.batch_id, h.request_custom_id, h.input_hash,
                h.submitted_at, h.collected_at
-        FROM h
+    """
+
+
+def history_sql(con: duckdb.DuckDBPyConnection, job: Job, batch_ids: list[str] | None = None) -> str:
+    """Every (key, answer) pair, or only those of the given batches."""
+    job_lit = quote_literal(job.name)
+    only = ""
+    if batch_ids is not None:
+        only = " AND r.batch_id IN (" + (", ".join(quote_literal(b) for b in batch_ids) or "NULL") + ")"
+    return _projection(con, job) + f"""
+        FROM (
+            SELECT l.custom_id, l.key_json, l.current_hash, r.*
+            FROM (
+                SELECT custom_id, arg_max(input_hash, seen_at) AS current_hash, arg_max(key_json, seen_at) AS key_json
+                FROM bb_state.key_versions WHERE job = {job_lit} GROUP BY custom_id
+            ) l
+            JOIN (SELECT DISTINCT custom_id, input_hash FROM bb_state.key_versions WHERE job = {job_lit}) v
+              ON v.custom_id = l.custom_id
+            JOIN bb_state.responses r ON r.job = {job_lit} AND r.input_hash = v.input_hash{only}
+        ) h
     """
 
 
 def current_sql(con: duckdb.DuckDBPyConnection, job: Job) -> str:
-    return (
-        f"SELECT * FROM ({history_sql(con, job)}) "
-        "QUALIFY row_number() OVER (PARTITION BY custom_id ORDER BY is_stale, collected_at DESC, attempt DESC) = 1"
-    )
+    """One row per key: the latest answer for its current input, else its latest earlier answer (stale).
+
+    Hash aggregates only (latest version per key, latest answer per input), no window over history,
+    so the cost grows with the number of keys, not with the number of answers ever collected.
+    """
+    job_lit = quote_literal(job.name)
+    return _projection(con, job) + f"""
+        FROM (
+            WITH latest AS (
+                SELECT custom_id, arg_max(input_hash, seen_at) AS current_hash, arg_max(key_json, seen_at) AS key_json
+                FROM bb_state.key_versions WHERE job = {job_lit} GROUP BY custom_id
+            ),
+            best AS (
+                SELECT input_hash, arg_max(r, (r.collected_at, r.attempt)) AS r
+                FROM bb_state.responses r WHERE job = {job_lit} GROUP BY input_hash
+            ),
+            fresh AS (
+                SELECT l.custom_id, l.key_json, l.current_hash, b.r FROM latest l JOIN best b ON b.input_hash = l.current_hash
+            ),
+            stale AS (
+                SELECT l.custom_id, l.key_json, l.current_hash, arg_max(b.r, (b.r.collected_at, b.r.attempt)) AS r
+                FROM latest l
+                JOIN bb_state.key_versions v ON v.job = {job_lit} AND v.custom_id = l.custom_id
+                     AND v.input_hash <> l.current_hash
+                JOIN best b ON b.input_hash = v.input_hash
+                WHERE l.current_hash NOT IN (SELECT input_hash FROM best)
+                GROUP BY l.custom_id, l.key_json, l.current_hash
+            )
+            SELECT custom_id, key_json, current_hash, unnest(r) FROM (SELECT * FROM fresh UNION ALL SELECT * FROM stale)
+        ) h
+    """
 
 
 def _write(con: duckdb.DuckDBPyConnection, query: str, dest: Path) -> None:
@@ -89,12 +122,19 @@ def _write(con: duckdb.DuckDBPyConnection, query: str, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Path:
-    """(Re)write the job's results files; an empty file with the right columns before any results."""
+def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, batch_ids: list[str] | None = None) -> Path:
+    """(Re)write the job's current results and rejections, and the history parts of `batch_ids`.
+
+    History is append-only: one part per collected batch (`history/<batch_id>.parquet`) plus an empty
+    `history/_schema.parquet`, so `read_parquet('.../history/*.parquet')` always resolves and a collect
+    costs time in proportion to what it loaded, not to everything ever collected.
+    """
     out = settings.results_dir(job.name)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "history").mkdir(parents=True, exist_ok=True)
     _write(con, current_sql(con, job) + " ORDER BY custom_id", out / "current.parquet")
-    _write(con, f"SELECT * FROM ({history_sql(con, job)}) ORDER BY custom_id, collected_at", out / "history.parquet")
+    _write(con, history_sql(con, job, []) , out / "history" / "_schema.parquet")
+    for b in batch_ids or []:
+        _write(con, history_sql(con, job, [b]) + " ORDER BY custom_id", out / "history" / f"{b}.parquet")
     _write(
         con,
         f"SELECT key_json, reason, detail, seen_at FROM bb_state.rejections WHERE job = {quote_literal(job.name)} "

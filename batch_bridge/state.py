@@ -9,9 +9,11 @@ State changes are named functions that refuse illegal moves (`InvalidStateTransi
 
 Submission journal (one row per request file; written *before* the create call):
     prepared -> creating -> created
+    creating -> prepared                  (the API refused the create with 429/529: nothing exists)
     prepared | creating -> abandoned      (the create certainly did not happen)
 Local batch life (`batches.local_state`, beside the API's own `processing_status`):
     submitted -> downloaded -> collected
+    downloaded -> submitted               (the result file is unreadable: download it again)
     submitted | downloaded -> lost        (results deleted or past retention; rows go back to pending)
 """
 
@@ -251,6 +253,11 @@ def record_created(con: duckdb.DuckDBPyConnection, submission_id: str, batch_id:
           {"batch_id": batch_id, "created_at": utcnow(), "note": note})
 
 
+def refuse_create(con: duckdb.DuckDBPyConnection, submission_id: str, why: str) -> None:
+    """The API answered that it did not create the batch (429/529): the file may be sent again at once."""
+    _move(con, "submissions", "submission_id", submission_id, "state", ("creating",), "prepared", {"note": why})
+
+
 def abandon_submission(con: duckdb.DuckDBPyConnection, submission_id: str, why: str) -> None:
     """The create certainly did not happen: its rows are no longer in flight."""
     _move(con, "submissions", "submission_id", submission_id, "state", ("prepared", "creating"), "abandoned",
@@ -265,6 +272,12 @@ def mark_downloaded(con: duckdb.DuckDBPyConnection, batch_id: str, result_file: 
 def mark_collected(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
     _move(con, "batches", "batch_id", batch_id, "local_state", ("downloaded",), "collected",
           {"collected_at": utcnow()})
+
+
+def discard_download(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) -> None:
+    """The downloaded file cannot be loaded (corrupt): forget it so the next collect downloads again."""
+    _move(con, "batches", "batch_id", batch_id, "local_state", ("downloaded",), "submitted",
+          {"result_file": None, "result_lines": None, "note": why})
 
 
 def mark_lost(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) -> None:

@@ -5,10 +5,21 @@ For every batch: the request file is written and a `prepared` journal row commit
 runs without SDK retries. When its outcome is unknown (timeout, 5xx, a crash in between), the batch is
 looked for with `list` (created since the call, not yet known, same request count) and adopted;
 only when it is certainly absent is the same file sent again.
+
+Because adoption can only match on the request count, two submissions with the same count are never
+in the create window at the same time: they are created one after the other (different counts still
+go in parallel). Otherwise a crash after both creates could let each adopt the other's batch.
+
+Two knobs are read from the environment at call time (seconds; both are for operators and tests):
+`BATCH_BRIDGE_RECONCILE_GRACE` (default 60): how long a create of unknown outcome is looked for in
+`list` before the file is sent again; `BATCH_BRIDGE_CREATE_TIMEOUT` (default 600): the create call's
+timeout, after which its outcome is unknown and reconciled.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +33,7 @@ import duckdb
 
 from . import api, state
 from .config import Settings
-from .errors import ApiError, BudgetExceeded
+from .errors import ApiAuthError, ApiError, ApiRequestRejected, BudgetExceeded, ConfigError
 from .estimate import Estimate, estimate_job
 from .export import JobPlan, classify, measure, stage, warehouse_attached, write_requests
 from .jobs import Job
@@ -31,8 +42,35 @@ from .progress import Progress, Silent
 
 # A create whose outcome is unknown is looked for in `list` for this long before the file is resent.
 RECONCILE_GRACE = timedelta(seconds=60)
+CREATE_TIMEOUT = 600.0
+ENV_RECONCILE_GRACE = "BATCH_BRIDGE_RECONCILE_GRACE"
+ENV_CREATE_TIMEOUT = "BATCH_BRIDGE_CREATE_TIMEOUT"
 CLOCK_SKEW = timedelta(minutes=5)
 MAX_CREATE_TRIES = 4
+# One adoption at a time in this process, so two threads can never adopt the same orphan.
+_adopt_lock = threading.Lock()
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise ConfigError(f"{name}={raw!r} must be >= 0 seconds")
+    return value
+
+
+def reconcile_grace() -> timedelta:
+    """How long a create of unknown outcome is looked for before its file is sent again."""
+    return timedelta(seconds=_env_seconds(ENV_RECONCILE_GRACE, RECONCILE_GRACE.total_seconds()))
+
+
+def create_timeout() -> float:
+    return _env_seconds(ENV_CREATE_TIMEOUT, CREATE_TIMEOUT)
 
 
 @dataclass
@@ -125,7 +163,8 @@ def check_budget(job: Job, estimate: Estimate, max_cost: float | None) -> None:
             )
 
 
-def _prepare(settings: Settings, run_stamp: str, out: list[str]) -> Callable[..., None]:
+def _prepare(settings: Settings, run_stamp: str, out: list[str],
+             fault: Callable[[str], None] | None = None) -> Callable[..., None]:
     def prepare(job: Job, plan: JobPlan, con: duckdb.DuckDBPyConnection, key_types: dict[str, str]) -> None:
         names = [f"{run_stamp}_{job.name}_{c.index:03d}_{uuid.uuid4().hex[:6]}" for c in plan.chunks]
         paths = write_requests(con, job, plan, settings.requests_dir, names) if plan.chunks else []
@@ -145,6 +184,8 @@ def _prepare(settings: Settings, run_stamp: str, out: list[str]) -> Callable[...
                     [name, job.name, chunk.first, chunk.last],
                 )
                 out.append(name)
+            if fault:
+                fault("before_prepare_commit")
             con.execute("COMMIT")
         except Exception:
             con.execute("ROLLBACK")
@@ -154,7 +195,8 @@ def _prepare(settings: Settings, run_stamp: str, out: list[str]) -> Callable[...
 
 
 def prepare_submissions(
-    settings: Settings, jobs: list[Job], *, max_cost: float | None = None, progress: Progress = Silent()
+    settings: Settings, jobs: list[Job], *, max_cost: float | None = None, progress: Progress = Silent(),
+    fault: Callable[[str], None] | None = None,
 ) -> SubmitReport:
     """Plan every job, check budgets, and journal `prepared` submissions with their request files."""
     report = SubmitReport()
@@ -165,7 +207,7 @@ def prepare_submissions(
         for plan in plans:
             check_budget(plan.job, estimates[plan.job.name], max_cost)
         names: list[str] = []
-        plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names))
+        plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names, fault))
     report.plans, report.estimates = plans, estimates
     return report
 
@@ -202,20 +244,30 @@ def _record_batch(settings: Settings, sub_id: str, job: str, info: api.BatchInfo
         con.execute("COMMIT")
 
 
+def _adopt(client: anthropic.Anthropic, settings: Settings, sub: dict, started: datetime, note: str) -> str | None:
+    """Adopt the orphan of an interrupted create, if `list` shows one. Returns its id."""
+    with _adopt_lock:
+        orphan = find_orphan(client, settings, started, sub["request_count"])
+        if orphan is None:
+            return None
+        _record_batch(settings, sub["submission_id"], sub["job"], orphan, note)
+        return orphan.id
+
+
 def create_one(
     client: anthropic.Anthropic, settings: Settings, sub: dict, *, sleep: Callable[[float], None] = time.sleep,
     now: Callable[[], datetime] = state.utcnow, fault: Callable[[str], None] | None = None,
 ) -> tuple[str | None, bool]:
     """Create (or adopt) the batch of one journalled submission. Returns (batch id or None, adopted)."""
     sub_id, count, path = sub["submission_id"], sub["request_count"], Path(sub["request_file"])
+    grace = reconcile_grace()
     if sub["state"] == "creating":
         # A previous run was interrupted during the create call: the batch may exist.
         started = sub["create_started_at"]
-        orphan = find_orphan(client, settings, started, count)
-        if orphan is not None:
-            _record_batch(settings, sub_id, sub["job"], orphan, "adopted after an interrupted create")
-            return orphan.id, True
-        if now() - started < RECONCILE_GRACE:
+        adopted = _adopt(client, settings, sub, started, "adopted after an interrupted create")
+        if adopted is not None:
+            return adopted, True
+        if now() - started < grace:
             return None, False  # too early to be sure it is absent; the next run looks again
     for attempt in range(MAX_CREATE_TRIES):
         if fault:
@@ -226,19 +278,26 @@ def create_one(
         if fault:
             fault("before_create")
         try:
-            info = api.create_batch(client, path)
+            info = api.create_batch(client, path, timeout=create_timeout())
         except api.CreateRefused as e:
+            with state.connect(settings) as con:
+                state.refuse_create(con, sub_id, f"create refused: {e.message}")
             api.sleep_backoff(attempt, e.retry_after, sleep)
             continue
+        except (ApiAuthError, ApiRequestRejected) as e:
+            # A definite 4xx (bad key, bad body): nothing was created, so no reconciliation is needed.
+            with state.connect(settings) as con:
+                state.refuse_create(con, sub_id, f"create rejected: {e.message}")
+            raise
         except api.CreateOutcomeUnknown:
             # The server may have created it. Look for it a few times before sending the file again.
             for look in range(4):
-                orphan = find_orphan(client, settings, started, count)
-                if orphan is not None:
-                    _record_batch(settings, sub_id, sub["job"], orphan, "adopted after an ambiguous create")
-                    return orphan.id, True
-                api.sleep_backoff(look, None, sleep, cap=8.0)
-            if now() - started < RECONCILE_GRACE:
+                adopted = _adopt(client, settings, sub, started, "adopted after an ambiguous create")
+                if adopted is not None:
+                    return adopted, True
+                if look < 3:
+                    api.sleep_backoff(look, None, sleep, cap=8.0)
+            if now() - started < grace:
                 return None, False  # leave it `creating`: the next run reconciles
             continue
         if fault:
@@ -271,27 +330,39 @@ def send_pending(
         return report
     done = 0
 
-    def one(sub: dict) -> tuple[dict, str | None, bool]:
-        bid, adopted = create_one(client, settings, sub, sleep=sleep, fault=fault)
-        return sub, bid, adopted
+    # Submissions with the same request count go one after the other (see the module docstring).
+    groups: dict[int, list[dict]] = {}
+    for s in subs:
+        groups.setdefault(s["request_count"], []).append(s)
+
+    def one_group(group: list[dict]) -> list[tuple[dict, str | None, bool] | Exception]:
+        out: list[tuple[dict, str | None, bool] | Exception] = []
+        for sub in group:
+            try:
+                bid, adopted = create_one(client, settings, sub, sleep=sleep, fault=fault)
+            except ApiError as e:
+                out.append(e)
+                break  # the rest of this group stays journalled for the next run
+            out.append((sub, bid, adopted))
+        return out
 
     errors: list[Exception] = []
-    with ThreadPoolExecutor(max_workers=min(settings.concurrency, len(subs))) as pool:
-        futures = [pool.submit(one, s) for s in subs]
+    with ThreadPoolExecutor(max_workers=min(settings.concurrency, len(groups))) as pool:
+        futures = [pool.submit(one_group, g) for g in groups.values()]
         for fut in futures:
-            try:
-                sub, bid, adopted = fut.result()
-            except ApiError as e:
-                errors.append(e)
-                continue
-            done += 1
-            if bid is None:
-                report.pending_unknown.append(sub["submission_id"])
-            else:
-                report.batches.append(bid)
-                if adopted:
-                    report.adopted.append(bid)
-            progress.tick("batches submitted", done, len(subs))
+            for item in fut.result():
+                if isinstance(item, Exception):
+                    errors.append(item)
+                    continue
+                sub, bid, adopted = item
+                done += 1
+                if bid is None:
+                    report.pending_unknown.append(sub["submission_id"])
+                else:
+                    report.batches.append(bid)
+                    if adopted:
+                        report.adopted.append(bid)
+                progress.tick("batches submitted", done, len(subs))
     if errors:
         raise errors[0]
     return report

@@ -101,7 +101,7 @@ def test_one_changed_row_is_resent_alone(project):
     assert all(after[k] == first[k] for k in unchanged)
     con = duckdb.connect()
     hist = con.execute(
-        f"SELECT count(*) FROM read_parquet('{s.results_dir('items') / 'history.parquet'}') WHERE id = 'r000007'"
+        f"SELECT count(*) FROM read_parquet('{s.results_dir('items') / 'history' / '*.parquet'}') WHERE id = 'r000007'"
     ).fetchone()[0]
     assert hist == 2  # full history kept
 

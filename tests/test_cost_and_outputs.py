@@ -155,7 +155,7 @@ def test_cost_columns_match_a_hand_computation_with_caching(tmp_path):
         con = duckdb.connect()
         u = con.execute(
             f"SELECT input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens "
-            f"FROM read_parquet('{s.results_dir('items') / 'history.parquet'}') WHERE custom_id = ?",
+            f"FROM read_parquet('{s.results_dir('items') / 'history' / '*.parquet'}') WHERE custom_id = ?",
             [r["custom_id"]]).fetchone()
         inp, out, cw, cr = (x or 0 for x in u)
         # 1h cache writes cost 2x base input, reads 0.1x; the batch discount halves everything.

@@ -12,7 +12,8 @@
 
     Args:
       job:  the job name (`meta.batch_bridge.job`, default the staging model's name).
-      file: 'current' (one row per key, the default) or 'history' (every answer ever collected).
+      file: 'current' (one row per key, the default) or 'history' (every answer ever collected: a glob
+            over one Parquet part per collected batch).
     Returns: a plain string such as `/data/.batch_bridge/results/review_enrichment/current.parquet`.
     Example: select * from read_parquet('{{ batch_bridge_results_location("review_enrichment") }}')
   -#}
@@ -22,7 +23,7 @@
   {%- if not (job is string and modules.re.match('^[A-Za-z0-9_]+$', job)) -%}
     {{ exceptions.raise_compiler_error("batch_bridge_results_location: job must be a job name like 'review_enrichment' ([A-Za-z0-9_]+), got '" ~ job ~ "'") }}
   {%- endif -%}
-  {{- env_var('BATCH_BRIDGE_HOME', '.batch_bridge').rstrip('/') ~ '/results/' ~ job ~ '/' ~ file ~ '.parquet' -}}
+  {{- env_var('BATCH_BRIDGE_HOME', '.batch_bridge').rstrip('/') ~ '/results/' ~ job ~ ('/history/*.parquet' if file == 'history' else '/current.parquet') -}}
 {%- endmacro %}
 
 

@@ -1,0 +1,200 @@
+"""Faults from the API, injected by the emulator: every run must end with one answer per row, no batch
+paid twice, and `retry-after` honoured.
+
+Sleeps of our own retry loops are recorded (an injected `sleep`), so waiting costs nothing; the SDK's
+own retries of GET requests really sleep the emulator's short `retry-after`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from batch_bridge import api, bridge, state
+from helpers import current, load_staging, settings_for, write_project
+
+ROWS = 25
+CHUNK = 10
+BATCHES = 3
+META = {"job": "items", "key": "id", "model": "claude-haiku-4-5", "max_tokens": 50,
+        "prompt_column": "prompt", "max_requests_per_batch": CHUNK}
+
+
+@pytest.fixture(scope="module")
+def project_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    write_project(root, META)
+    s = settings_for(root)
+    load_staging(s, f"SELECT 'r' || lpad(i::VARCHAR, 3, '0') AS id, 'text number ' || i AS prompt FROM range({ROWS}) t(i)")
+    bridge.load_jobs(s)
+    return root
+
+
+@pytest.fixture
+def proj(project_root, emulator, monkeypatch):
+    s = settings_for(project_root, emulator.base_url)
+    for p in s.home.iterdir():
+        if p.name != "dbt_target":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for var in ("BATCH_BRIDGE_RECONCILE_GRACE", "BATCH_BRIDGE_CREATE_TIMEOUT", bridge.ENV_FAULT):
+        monkeypatch.delenv(var, raising=False)
+    return s
+
+
+class Sleeps(list):
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def submit(s, sleep=time.sleep):
+    return bridge.submit(s, bridge.load_jobs(s), api.build_client(s), sleep=sleep)
+
+
+def run(s, sleep=time.sleep):
+    return bridge.run(s, bridge.load_jobs(s), api.build_client(s), timeout=60, sleep=sleep)
+
+
+def collect(s, sleep=time.sleep):
+    return bridge.collect(s, bridge.load_jobs(s), api.build_client(s), sleep=sleep)
+
+
+def assert_all_answered_once(s) -> None:
+    rows = current(s, "items")
+    assert len(rows) == ROWS == len({r["id"] for r in rows})
+    assert {r["status"] for r in rows} == {"succeeded"}
+    with state.connect(s) as con:
+        dup = con.execute(
+            "SELECT batch_id, request_custom_id FROM bb_state.responses GROUP BY ALL HAVING count(*) > 1").fetchall()
+        succeeded = con.execute("SELECT count(*) FROM bb_state.responses WHERE status = 'succeeded'").fetchone()[0]
+    assert dup == [] and succeeded == ROWS
+
+
+@pytest.mark.parametrize("statuses", [[429, 529], [529, 529, 529]])
+def test_create_refused_is_retried_honouring_retry_after(proj, emulator, statuses):
+    emulator.set_faults(http_errors=statuses, http_error_endpoints=("create",), retry_after=7)
+    sleeps = Sleeps()
+    report = submit(proj, sleep=sleeps)
+    assert len(report.batches) == BATCHES and report.pending_unknown == []
+    assert sleeps.count(7.0) == len(statuses), sleeps  # retry-after, not our own backoff
+    c = emulator.counters()
+    assert (c["create_posts"], c["batches_created"]) == (BATCHES + len(statuses), BATCHES)
+    run(proj)
+    assert_all_answered_once(proj)
+
+
+def test_gets_are_retried_by_the_sdk_honouring_retry_after(proj, emulator):
+    submit(proj)
+    emulator.set_faults(http_errors=[429, 500, 529, 500], http_error_endpoints=("retrieve", "results", "list"),
+                        retry_after=0.2)
+    t0 = time.monotonic()
+    run(proj)
+    assert time.monotonic() - t0 >= 0.8  # four retry-after pauses of 0.2 s
+    fired = emulator.counters()["faults_fired"]
+    assert (fired["http_429"], fired["http_500"], fired["http_529"]) == (1, 2, 1)
+    assert emulator.counters()["batches_created"] == BATCHES
+    assert_all_answered_once(proj)
+
+
+def test_create_500_is_reconciled_by_list_never_sent_twice(proj, emulator, monkeypatch):
+    emulator.set_faults(http_errors=[500], http_error_endpoints=("create",))
+    report = submit(proj, sleep=Sleeps())
+    # The 500 leaves the outcome unknown: within the grace nothing is resent, the next run looks again.
+    assert len(report.pending_unknown) == 1 and len(report.batches) == BATCHES - 1
+    assert emulator.counters()["batches_created"] == BATCHES - 1
+    monkeypatch.setenv("BATCH_BRIDGE_RECONCILE_GRACE", "0")
+    report = submit(proj, sleep=Sleeps())
+    assert len(report.batches) == 1 and report.pending_unknown == []
+    assert emulator.counters()["batches_created"] == BATCHES
+    run(proj)
+    assert_all_answered_once(proj)
+
+
+def test_create_timeout_finds_the_batch_with_list_and_adopts_it(proj, emulator, monkeypatch):
+    # The server persists the batch, then answers only after 1.5 s; the client gives up after 0.3 s.
+    emulator.set_faults(slow_create_seconds=1.5, slow_create_times=1)
+    monkeypatch.setenv("BATCH_BRIDGE_CREATE_TIMEOUT", "0.3")
+    report = submit(proj, sleep=Sleeps())
+    assert len(report.adopted) == 1 and len(report.batches) == BATCHES
+    c = emulator.counters()
+    assert (c["create_posts"], c["batches_created"]) == (BATCHES, BATCHES)
+    with state.connect(proj) as con:
+        note = con.execute("SELECT note FROM bb_state.submissions WHERE batch_id = ?", [report.adopted[0]]).fetchone()[0]
+    assert note == "adopted after an ambiguous create"
+    run(proj)
+    assert_all_answered_once(proj)
+
+
+def test_connection_resets_on_create_and_reads(proj, emulator, monkeypatch):
+    monkeypatch.setenv("BATCH_BRIDGE_RECONCILE_GRACE", "0")
+    emulator.set_faults(connection_resets=2, connection_reset_endpoints=("create",))
+    report = submit(proj, sleep=Sleeps())
+    assert len(report.batches) == BATCHES
+    emulator.set_faults(connection_resets=3, connection_reset_endpoints=("retrieve", "results", "list"))
+    run(proj)
+    c = emulator.counters()
+    assert c["faults_fired"]["connection_reset"] == 5
+    assert c["batches_created"] == BATCHES
+    assert_all_answered_once(proj)
+
+
+def test_results_stream_cut_short_is_downloaded_again(proj, emulator):
+    submit(proj)
+    emulator.set_faults(results_cut_after_bytes=300, results_cut_times=2)
+    sleeps = Sleeps()
+    run(proj, sleep=sleeps)
+    c = emulator.counters()
+    assert c["faults_fired"]["results_cut"] == 2
+    assert c["requests_by_endpoint"]["results"] == BATCHES + 2
+    assert not list(proj.raw_results_dir.glob("*.part"))
+    assert_all_answered_once(proj)
+
+
+def test_transient_404_right_after_create_is_tolerated(proj, emulator):
+    emulator.set_faults(not_found_first_calls=2)
+    sub, w = run(proj)
+    assert len(sub.batches) == BATCHES and w.collected == {"items": ROWS}
+    assert emulator.counters()["faults_fired"]["not_found"] >= BATCHES * 2
+    with state.connect(proj) as con:
+        assert con.execute("SELECT count(*) FROM bb_state.batches WHERE local_state = 'lost'").fetchone()[0] == 0
+    assert_all_answered_once(proj)
+
+
+def test_deleted_batch_is_reported_lost_and_its_rows_resent(proj, emulator):
+    jobs = bridge.load_jobs(proj)
+    client = api.build_client(proj)
+    sub = bridge.submit(proj, jobs, client)
+    bridge.wait(proj, jobs, client, timeout=30)
+    gone = sub.batches[0]
+    client.messages.batches.delete(gone)
+    report = collect(proj)
+    assert report.lost == [gone]
+    with state.connect(proj) as con:
+        local_state, note = con.execute("SELECT local_state, note FROM bb_state.batches WHERE batch_id = ?",
+                                        [gone]).fetchone()
+    assert local_state == "lost" and "deleted" in note and "sent again" in note
+    plans, _ = bridge.plan(proj, jobs)
+    assert plans[0].send_keys == CHUNK  # the lost batch's rows, and only those
+    run(proj)
+    assert emulator.counters()["batches_created"] == BATCHES + 1
+    assert_all_answered_once(proj)
+
+
+def test_batch_past_29_day_retention_is_reported_lost_and_resent(proj, emulator):
+    jobs = bridge.load_jobs(proj)
+    client = api.build_client(proj)
+    bridge.submit(proj, jobs, client)
+    bridge.wait(proj, jobs, client, timeout=30)
+    emulator.configure(time_scale=2e7)  # 29 emulated days pass in about 0.13 real seconds
+    emulator.clock.now()  # the clock takes a new scale when next read
+    time.sleep(0.3)
+    emulator.configure(time_scale=1.0)
+    report = collect(proj)
+    assert len(report.lost) == BATCHES and report.loaded == {}
+    with state.connect(proj) as con:
+        notes = [r[0] for r in con.execute("SELECT note FROM bb_state.batches WHERE local_state = 'lost'").fetchall()]
+    assert len(notes) == BATCHES and all("29-day retention" in n for n in notes)
+    run(proj)
+    assert emulator.counters()["batches_created"] == 2 * BATCHES
+    assert_all_answered_once(proj)
