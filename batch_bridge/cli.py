@@ -404,6 +404,30 @@ def dbt_package_path():
     click.echo(str(resources.files("batch_bridge") / "dbt_package"))
 
 
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--project-dir", type=click.Path(file_okay=False), help="dbt project directory [DBT_PROJECT_DIR]")
+@click.option("--profiles-dir", type=click.Path(file_okay=False), help="directory of profiles.yml [DBT_PROFILES_DIR]")
+@click.option("--target", help="dbt target")
+@click.option("--older-than-days", type=float, help="retention in days [BATCH_BRIDGE_RETENTION_DAYS]")
+@click.option("--dry-run", is_flag=True, help="list what would be removed; remove nothing")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handle_errors
+def purge(project_dir, profiles_dir, target, older_than_days, dry_run, as_json):
+    """Remove request and result archives (user data) of finished batches older than the retention.
+
+    Files of batches still in flight are never removed. Example: batch-bridge purge --older-than-days 30
+    """
+    from .purge import purge as do_purge
+    from .state import exclusive
+
+    settings = _settings(project_dir, profiles_dir, target)
+    with exclusive(settings):
+        r = do_purge(settings, older_than_days, dry_run)
+    _emit(r.to_json(), as_json, lambda d: f"{'would remove' if d['dry_run'] else 'removed'} {len(d['removed'])} "
+          f"archive file(s), {d['bytes'] / 1e6:,.1f} MB; kept {d['kept_in_flight']} in flight, "
+          f"{d['kept_recent']} younger than {d['older_than_days']:g} days")
+
+
 from .emulator.cli import emulator  # noqa: E402 - registered last so its import cost is paid once
 
 cli.add_command(emulator)

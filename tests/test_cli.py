@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from batch_bridge.cli import cli
 from helpers import current, load_staging, settings_for, write_project
 
-COMMANDS = ["plan", "submit", "status", "wait", "collect", "sync", "run", "cancel", "pipeline", "emulator", "dbt"]
+COMMANDS = ["plan", "submit", "status", "wait", "collect", "sync", "run", "cancel", "pipeline", "emulator", "dbt",
+            "purge", "dbt-package-path"]
 
 
 def meta(**over):
@@ -155,3 +156,19 @@ def test_paths_work_from_any_directory(proj, tmp_path, monkeypatch):
                {k: v for k, v in env.items() if k not in ("DBT_PROJECT_DIR", "DBT_PROFILES_DIR")})
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["jobs"][0]["staged_rows"] == 20
+
+
+def test_purge_command_removes_finished_archives_only(proj):
+    s, env = proj
+    assert invoke(["run", "--timeout", "30"], env).exit_code == 0
+    archives = list(s.requests_dir.glob("*.jsonl")) + list(s.raw_results_dir.glob("*.jsonl"))
+    assert len(archives) == 2
+    r = invoke(["purge", "--older-than-days", "0", "--dry-run", "--json"], env)
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["removed"]) == 2
+    assert all(p.exists() for p in archives)
+    r = invoke(["purge", "--older-than-days", "0", "--json"], env)
+    assert sorted(json.loads(r.stdout)["removed"]) == sorted(str(p) for p in archives)
+    assert not any(p.exists() for p in archives)
+    assert len(current(s, "items")) == 20  # the answers themselves are kept
+    r = invoke(["purge"], env)  # no retention configured anywhere
+    assert r.exit_code == 2 and "BATCH_BRIDGE_RETENTION_DAYS" in r.stderr
