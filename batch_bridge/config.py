@@ -30,6 +30,7 @@ ENV_LOCK_TIMEOUT = "BATCH_BRIDGE_LOCK_TIMEOUT"
 ENV_PRICES = "BATCH_BRIDGE_PRICES"
 ENV_RETENTION_DAYS = "BATCH_BRIDGE_RETENTION_DAYS"
 ENV_CONCURRENCY = "BATCH_BRIDGE_CONCURRENCY"
+ENV_MEMORY_LIMIT = "BATCH_BRIDGE_MEMORY_LIMIT"
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Settings:
     concurrency: int = 4  # parallel uploads/downloads
     prices_file: Path | None = None  # user price overrides (JSON), merged over the packaged prices
     retention_days: float | None = None  # archives older than this are removed by `purge`
+    memory_limit: str = "512MB"  # DuckDB's memory for the bridge's work; it spills to disk beyond
 
     @property
     def state_path(self) -> Path:
@@ -149,6 +151,14 @@ def _path(value: str, root: Path) -> Path:
     return p if p.is_absolute() else (root / p)
 
 
+def _memory(value: str) -> str:
+    import re
+
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", value, re.IGNORECASE):
+        raise ConfigError(f"{ENV_MEMORY_LIMIT}={value!r} is not a size; use e.g. 512MB or 2GB")
+    return value.strip()
+
+
 def _float(env: dict[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw in (None, ""):
@@ -219,8 +229,11 @@ def resolve(
         api_key=env.get(ENV_API_KEY) or None,
         base_url=env.get(ENV_BASE_URL) or None,
         poll_interval=poll_interval if poll_interval is not None else _float(env, ENV_POLL_INTERVAL, 30.0),
+        # An interval given on the command line is kept as is; otherwise polls back off to 60 s.
+        max_poll_interval=poll_interval if poll_interval is not None else 60.0,
         lock_timeout=lock_timeout if lock_timeout is not None else _float(env, ENV_LOCK_TIMEOUT, 30.0),
         concurrency=concurrency,
         prices_file=_path(prices, root) if prices else None,
         retention_days=float(retention) if retention else None,
+        memory_limit=_memory(env.get(ENV_MEMORY_LIMIT) or "512MB"),
     )

@@ -104,17 +104,25 @@ def _schema_tokens(schema: dict[str, Any]) -> float:
 def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: PriceBook) -> Estimate:
     n = plan.send_requests
     price = book.lookup(job.model)
+    # Calibrate on the job's most recent answers only: enough to learn its sizes, and a plan over
+    # millions of answered rows stays fast.
     hist = con.execute(
         """
+        WITH recent AS (
+            SELECT request_custom_id, input_hash, attempt, input_tokens, cache_creation_input_tokens,
+                   cache_read_input_tokens, output_tokens
+            FROM bb_state.responses
+            WHERE job = $job AND status IN ('succeeded', 'parse_failed')
+            ORDER BY collected_at DESC LIMIT 20000
+        )
         SELECT count(*), sum(r.input_tokens + coalesce(r.cache_creation_input_tokens, 0)
                              + coalesce(r.cache_read_input_tokens, 0)),
                sum(s.prompt_chars), avg(r.output_tokens)
-        FROM bb_state.responses r
-        JOIN bb_state.sent_requests s ON s.job = r.job AND s.request_custom_id = r.request_custom_id
+        FROM recent r
+        JOIN bb_state.sent_requests s ON s.job = $job AND s.request_custom_id = r.request_custom_id
              AND s.input_hash = r.input_hash AND s.attempt = r.attempt
-        WHERE r.job = ? AND r.status IN ('succeeded', 'parse_failed')
         """,
-        [job.name],
+        {"job": job.name},
     ).fetchone()
     seen, hist_tokens, hist_chars, hist_out = hist
     shared = prefix_tokens(job)

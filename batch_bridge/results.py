@@ -56,7 +56,8 @@ def _projection(con: duckdb.DuckDBPyConnection, job: Job) -> str:
                CASE WHEN h.request_custom_id = h.custom_id THEN h.cost_usd ELSE 0 END AS cost_usd,
                h.request_custom_id <> h.custom_id AS deduplicated,
                h.input_hash <> h.current_hash AS is_stale,
-               h.error_type, h.error_message, h.attempt, h.batch_id, h.request_custom_id, h.input_hash,
+               h.error_type, h.error_message, h.attempt, h.batch_id, h.request_custom_id,
+               lpad(lower(hex(h.input_hash)), 32, '0') AS input_hash,
                h.submitted_at, h.collected_at
     """
 

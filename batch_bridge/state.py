@@ -72,7 +72,7 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
             submission_id VARCHAR NOT NULL,
             job VARCHAR NOT NULL,
             request_custom_id VARCHAR NOT NULL,
-            input_hash VARCHAR NOT NULL,
+            input_hash UHUGEINT NOT NULL,  -- md5_number(): 128 bits, hashed and joined faster than hex text
             attempt INTEGER NOT NULL,
             key_count INTEGER NOT NULL, -- how many keys share this request (dedupe fan-out)
             prompt_chars BIGINT NOT NULL -- for calibrating token estimates against billed usage
@@ -99,14 +99,14 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
             job VARCHAR NOT NULL,
             custom_id VARCHAR NOT NULL,
             key_json VARCHAR NOT NULL,
-            input_hash VARCHAR NOT NULL,
+            input_hash UHUGEINT NOT NULL,  -- md5_number(): 128 bits, hashed and joined faster than hex text
             seen_at TIMESTAMP NOT NULL
         );
         CREATE TABLE responses (      -- one row per result line loaded; full history
             job VARCHAR NOT NULL,
             batch_id VARCHAR NOT NULL,
             request_custom_id VARCHAR NOT NULL,
-            input_hash VARCHAR NOT NULL,
+            input_hash UHUGEINT NOT NULL,  -- md5_number(): 128 bits, hashed and joined faster than hex text
             attempt INTEGER NOT NULL,
             status VARCHAR NOT NULL,  -- succeeded | errored | canceled | expired | parse_failed
             output_text VARCHAR,
@@ -152,6 +152,16 @@ def migrate(con: duckdb.DuckDBPyConnection) -> None:
             raise
 
 
+def _configure(con: duckdb.DuckDBPyConnection, settings: Settings) -> None:
+    """Bound DuckDB's memory (it spills to the bridge's own temp dir beyond it) and let it stream."""
+    tmp = settings.home / "tmp"
+    tmp.mkdir(exist_ok=True)
+    con.execute(f"SET memory_limit = '{settings.memory_limit}'")
+    con.execute(f"SET temp_directory = '{str(tmp).replace(chr(39), chr(39) * 2)}'")
+    # Row order of exports and loads does not matter to us; without it DuckDB streams COPY and INSERT.
+    con.execute("SET preserve_insertion_order = false")
+
+
 def _is_lock_error(e: Exception) -> bool:
     text = str(e)
     return "lock" in text.lower() and ("Conflicting" in text or "Could not set" in text)
@@ -187,6 +197,7 @@ def connect(
             sleep(delay)
             delay = min(delay * 2, 1.0)
     try:
+        _configure(con, settings)
         if not read_only:
             migrate(con)
         yield con

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,7 @@ from . import api, state
 from .config import Settings
 from .errors import ApiAuthError, ApiError, ApiRequestRejected, BudgetExceeded, ConfigError
 from .estimate import Estimate, estimate_job
-from .export import JobPlan, classify, measure, stage, warehouse_attached, write_requests
+from .export import JobPlan, classify, key_json_sql, measure, stage, warehouse_attached, write_requests
 from .jobs import Job
 from .pricing import load_prices
 from .progress import Progress, Silent
@@ -86,9 +87,9 @@ def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: d
     """Record each key's current input (only keys that are new or changed) and the job definition."""
     now = state.utcnow()
     con.execute(
-        """
+        f"""
         INSERT INTO bb_state.key_versions
-        SELECT $job, c.custom_id, c.key_json, c.input_hash, $now
+        SELECT $job, c.custom_id, {key_json_sql(job, 'c')}, c.input_hash, $now
         FROM bb_classified c
         LEFT JOIN (
             SELECT custom_id, arg_max(input_hash, seen_at) AS input_hash
@@ -101,15 +102,13 @@ def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: d
     )
     con.execute("DELETE FROM bb_state.rejections WHERE job = ?", [job.name])
     con.execute(
-        """
+        f"""
         INSERT INTO bb_state.rejections
-        SELECT $job, key_json, disposition, NULL, $now FROM bb_classified
+        SELECT $job, {key_json_sql(job, 'c')}, disposition, NULL, $now FROM bb_classified c
         WHERE disposition NOT IN ('send', 'up_to_date', 'in_flight')
         """,
         {"job": job.name, "now": now},
     )
-    import json
-
     con.execute(
         "INSERT OR REPLACE INTO bb_state.jobs VALUES (?, ?, ?, ?, ?)",
         [job.name, json.dumps(job.to_json()), job.static_hash, json.dumps(list(key_types.items())), now],
@@ -202,10 +201,12 @@ def prepare_submissions(
     report = SubmitReport()
     stamp = state.utcnow().strftime("%Y%m%dT%H%M%SZ")
     with state.connect(settings) as con:
-        # Budgets are checked on a dry plan first, so that a refused job writes nothing at all.
-        plans, estimates = plan_jobs(con, settings, jobs, progress=Silent())
-        for plan in plans:
-            check_budget(plan.job, estimates[plan.job.name], max_cost)
+        # Budgets are checked on a dry plan first, so that a refused job writes nothing at all (and
+        # no job is sent when another is refused). Without any budget there is nothing to check.
+        if max_cost is not None or any(j.budget_usd is not None for j in jobs):
+            plans, estimates = plan_jobs(con, settings, jobs, progress=Silent())
+            for plan in plans:
+                check_budget(plan.job, estimates[plan.job.name], max_cost)
         names: list[str] = []
         plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names, fault))
     report.plans, report.estimates = plans, estimates

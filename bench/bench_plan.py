@@ -7,7 +7,7 @@ full run followed by a change of 1% of the prompts:
     input_hash is the row's current input hash, for 1% (every 100th row) the hash of an older prompt;
   - the matching `sent_requests`, `submissions` (created) and `batches` (collected, 100,000 each) and
     `key_versions` rows.
-Input hashes are computed in SQL exactly as `export.stage` does: md5(job.static_hash || prompt).
+Input hashes are computed in SQL exactly as `export.stage` does: md5_number(job.static_hash || prompt).
 
 Timed: `bridge.plan(settings, jobs)` in-process (jobs loaded beforehand, so no dbt parse): it attaches
 the warehouse, stages, classifies against the history, measures the 1% to send and estimates their
@@ -69,7 +69,7 @@ def main() -> None:
             con.execute(
                 f"""CREATE TEMP TABLE hist AS
                 SELECT row_number() OVER () - 1 AS i, id,
-                       md5({quote_literal(job.static_hash)} || CASE WHEN {changed.replace('i %', '(row_number() OVER () - 1) %')}
+                       md5_number({quote_literal(job.static_hash)} || CASE WHEN {changed.replace('i %', '(row_number() OVER () - 1) %')}
                            THEN prompt || ' (an older wording)' ELSE prompt END) AS input_hash,
                        strlen(prompt) AS prompt_bytes
                 FROM wh.main.stg_items"""
