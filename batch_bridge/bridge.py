@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import anthropic
 
@@ -79,7 +81,14 @@ def plan_to_json(p: JobPlan, e: Estimate | None) -> dict[str, Any]:
 # --- submit / collect -----------------------------------------------------------------------------
 
 
+# Set while `run` is inside its steps: the steps' own publishes are left to run's single one at the end.
+_PUBLISH_DEFERRED: ContextVar[bool] = ContextVar("batch_bridge_publish_deferred", default=False)
+
+
 def _publish_all(settings: Settings, jobs: list[Job]) -> None:
+    """Rewrite each job's results source (and owed history parts); once per command."""
+    if _PUBLISH_DEFERRED.get():
+        return
     with state.connect(settings) as con:
         for j in jobs:
             publish(con, settings, j)
@@ -109,8 +118,12 @@ def collect(
     settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, progress: Progress = Silent(),
     sleep: Callable[[float], None] = time.sleep,
 ) -> collect_mod.CollectReport:
-    report = collect_mod.collect(client, settings, {j.name: j for j in jobs}, progress=progress, sleep=sleep,
-                                 fault=crash_point)
+    """Fetch and load every ended batch, then publish the results source once."""
+    try:
+        report = collect_mod.collect(client, settings, {j.name: j for j in jobs}, progress=progress, sleep=sleep,
+                                     fault=crash_point)
+    finally:  # also after a failed load: what earlier loads committed must reach the results source
+        _publish_all(settings, jobs)
     for job, n in report.loaded.items():
         progress.step(f"{job}: loaded {n:,} results")
     return report
@@ -129,10 +142,25 @@ def wait(
     collect_as_ended: bool = False, progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> WaitReport:
-    """Poll until every open batch has ended (collecting each as it ends if asked), or time out."""
+    """Poll until every open batch has ended (collecting each as it ends if asked), or time out.
+
+    Results loaded on the way are published once, when waiting ends (by `run`, when run calls it)."""
+    report = WaitReport()
+    try:
+        return _wait(settings, jobs, client, report, timeout=timeout, collect_as_ended=collect_as_ended,
+                     progress=progress, sleep=sleep, clock=clock)
+    finally:
+        if report.collected:
+            _publish_all(settings, jobs)
+
+
+def _wait(
+    settings: Settings, jobs: list[Job], client: anthropic.Anthropic, report: WaitReport, *,
+    timeout: float | None, collect_as_ended: bool, progress: Progress, sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> WaitReport:
     names = [j.name for j in jobs]
     by_name = {j.name: j for j in jobs}
-    report = WaitReport()
     start = clock()
     interval = settings.poll_interval
     while True:
@@ -163,12 +191,24 @@ def wait(
         interval = min(interval * 1.5, max(settings.max_poll_interval, settings.poll_interval))
 
 
+@contextmanager
+def _publish_once(settings: Settings, jobs: list[Job]) -> Iterator[None]:
+    """Inside a composite command, defer every step's publish to one at the end (also on errors and
+    timeouts, so that what was loaded reaches the results source)."""
+    deferred = _PUBLISH_DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _PUBLISH_DEFERRED.reset(deferred)
+        _publish_all(settings, jobs)
+
+
 def sync(
     settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, max_cost: float | None = None,
     progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[collect_mod.CollectReport, submit_mod.SubmitReport]:
     """`collect` then `submit`, never waiting: the one command an hourly schedule runs."""
-    with state.exclusive(settings):
+    with state.exclusive(settings), _publish_once(settings, jobs):
         c = collect(settings, jobs, client, progress=progress, sleep=sleep)
         s = submit(settings, jobs, client, max_cost=max_cost, progress=progress, sleep=sleep)
     return c, s
@@ -180,12 +220,11 @@ def run(
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[submit_mod.SubmitReport, WaitReport]:
     """`submit`, then wait and collect each batch as it ends: for pipelines that can wait."""
-    with state.exclusive(settings):
+    with state.exclusive(settings), _publish_once(settings, jobs):
         collect(settings, jobs, client, progress=progress, sleep=sleep)  # anything ended since last time
         s = submit(settings, jobs, client, max_cost=max_cost, progress=progress, sleep=sleep)
         w = wait(settings, jobs, client, timeout=timeout, collect_as_ended=True, progress=progress,
                  sleep=sleep, clock=clock)
-        _publish_all(settings, jobs)
     return s, w
 
 

@@ -123,23 +123,37 @@ def _write(con: duckdb.DuckDBPyConnection, query: str, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, batch_ids: list[str] | None = None) -> Path:
-    """(Re)write the job's current results and rejections, and the history parts of `batch_ids`.
+def _unpublished_batches(con: duckdb.DuckDBPyConnection, job: Job, parts: Path) -> list[str]:
+    """Collected batches of the job without a history part: this command's, and those of a command
+    killed between its load's COMMIT and its publish (so a crash never loses a history part)."""
+    have = {p.stem for p in parts.glob("*.parquet")}
+    rows = con.execute(
+        "SELECT batch_id FROM bb_state.batches WHERE job = ? AND local_state = 'collected' ORDER BY batch_id",
+        [job.name]).fetchall()
+    return [r[0] for r in rows if r[0] not in have]
+
+
+def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Path:
+    """(Re)write the job's current results and rejections, and the history part of every collected
+    batch that has none yet. Called once at the end of each command that loads or submits.
 
     History is append-only: one part per collected batch (`history/<batch_id>.parquet`) plus an empty
     `history/_schema.parquet`, so `read_parquet('.../history/*.parquet')` always resolves and a collect
-    costs time in proportion to what it loaded, not to everything ever collected.
+    costs time in proportion to what it loaded, not to everything ever collected. `current.parquet` is
+    written before the parts, so a part that is missing always means a publish is still owed.
     """
     out = settings.results_dir(job.name)
-    (out / "history").mkdir(parents=True, exist_ok=True)
+    parts = out / "history"
+    parts.mkdir(parents=True, exist_ok=True)
+    todo = _unpublished_batches(con, job, parts)
     _write(con, current_sql(con, job) + " ORDER BY custom_id", out / "current.parquet")
-    _write(con, history_sql(con, job, []) , out / "history" / "_schema.parquet")
-    for b in batch_ids or []:
-        _write(con, history_sql(con, job, [b]) + " ORDER BY custom_id", out / "history" / f"{b}.parquet")
     _write(
         con,
         f"SELECT key_json, reason, detail, seen_at FROM bb_state.rejections WHERE job = {quote_literal(job.name)} "
         "ORDER BY reason, key_json",
         out / "rejected.parquet",
     )
+    _write(con, history_sql(con, job, []), parts / "_schema.parquet")  # the job's columns may have changed
+    for b in todo:
+        _write(con, history_sql(con, job, [b]) + " ORDER BY custom_id", parts / f"{b}.parquet")
     return out / "current.parquet"

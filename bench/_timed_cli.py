@@ -35,7 +35,6 @@ def install() -> None:
     api.retrieve = _stamp("poll", api.retrieve)
     api.download_results = _stamp("download", api.download_results)
     collect.load_downloaded = _stamp("load", collect.load_downloaded)
-    collect.publish = _stamp("publish", collect.publish)
     bridge.publish = _stamp("publish", bridge.publish)
     sleep = _stamp("sleep", time.sleep)
     for fn in (bridge.run, bridge.wait, bridge.submit, bridge.collect, bridge.sync):

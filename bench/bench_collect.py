@@ -6,14 +6,17 @@ emulator's exact format and the bridge's state DB knows the batch, as in product
 
 Timed, side by side, in this one process (min and median of --repeat runs each):
   bridge collect   `bridge.collect`: retrieve + download over HTTP to results/raw/<id>.jsonl +
-                   `load_downloaded` (read_json + extraction + joins + INSERT into the state DB +
-                   COMMIT) + publish of current/history/rejected parquet. Before each run the batch is
-                   put back to `submitted` and its responses and file removed.
-  bridge load      `collect.load_downloaded` on the already downloaded file (same work minus the
-                   HTTP part). Before each run the batch is put back to `downloaded`, responses deleted.
-                   Split into "insert" (until the `results loaded` progress tick) and "publish" (the rest).
+                   `load_downloaded` (one typed read_json + extraction + joins + INSERT into the state
+                   DB + COMMIT) + the command's one publish of current/history/rejected parquet. Before
+                   each run the batch is put back to `submitted` and its responses, file and history
+                   part removed.
+  bridge load      `collect.load_downloaded` on the already downloaded file, then `results.publish`
+                   (what `collect` does minus the HTTP part). Before each run the batch is put back to
+                   `downloaded`, responses and history part deleted. Split into "insert"
+                   (`load_downloaded`: read + extract + INSERT + COMMIT) and "publish".
   (b) duckdb CTAS  a fresh DuckDB file: CREATE TABLE AS SELECT * FROM read_json(file, explicit columns
                    custom_id VARCHAR, result JSON) + close (checkpoint); nothing else.
+  (b') typed CTAS  the same with the bridge's typed STRUCT for `result` (reference, not a target).
   (c) SDK list     `list(client.messages.batches.results(batch_id))` with a fresh client: download + a
                    pydantic object per line; nothing written anywhere.
 
@@ -73,7 +76,7 @@ def main() -> None:
     ap.add_argument("--schema", action="store_true", help="give the job an output_schema (adds JSON validation)")
     args = ap.parse_args()
 
-    from batch_bridge import api, bridge, collect, state
+    from batch_bridge import api, bridge, collect, results, state
 
     print(machine())
     with workdir() as root, emulator(latency=0) as emu:
@@ -90,6 +93,7 @@ def main() -> None:
         print(f"setup: {args.rows:,} rows submitted and ended in {time.perf_counter() - t:.1f} s (not timed below)")
 
         def reset(to: str) -> None:
+            (s.results_dir("items") / "history" / f"{bid}.parquet").unlink(missing_ok=True)
             with state.connect(s) as con:
                 con.execute("DELETE FROM bb_state.responses WHERE batch_id = ?", [bid])
                 if to == "submitted":
@@ -122,10 +126,14 @@ def main() -> None:
             t0 = time.perf_counter()
             loaded = collect.load_downloaded(s, by_name, progress=p)
             t1 = time.perf_counter()
+            with state.connect(s) as con:
+                for j in jobs:
+                    results.publish(con, s, j)
+            t2 = time.perf_counter()
             assert loaded == {"items": args.rows}, loaded
-            load_t.append(t1 - t0)
-            load_ins.append(p.last("results loaded") - t0)
-            load_pub.append(t1 - p.last("results loaded"))
+            load_t.append(t2 - t0)
+            load_ins.append(t1 - t0)
+            load_pub.append(t2 - t1)
 
         ctas_t = []
         for i in range(args.repeat):
@@ -141,6 +149,16 @@ def main() -> None:
             assert n == args.rows, n
             db.unlink()
 
+        typed_t = []
+        for i in range(args.repeat):
+            db = root / f"typed_{i}.duckdb"
+            t0 = time.perf_counter()
+            con = duckdb.connect(str(db))
+            con.execute(f"CREATE TABLE results AS SELECT * FROM {collect._read_sql([str(result_file)])}")
+            con.close()
+            typed_t.append(time.perf_counter() - t0)
+            db.unlink()
+
         sdk_t = []
         for _ in range(args.repeat):
             c = sdk_client(emu.base_url)
@@ -154,10 +172,11 @@ def main() -> None:
     print(f"results file: {args.rows:,} lines, {size / 1e6:.1f} MB; repeat {args.repeat}; "
           f"output_schema: {'yes' if args.schema else 'no'}")
     print(f"  bridge collect (HTTP download + load + publish) {stats(collect_t)}   (download part: median {statistics.median(collect_dl):.2f} s)")
-    print(f"  bridge load_downloaded (load + publish)          {stats(load_t)}")
-    print(f"     of which read_json + extract + INSERT + COMMIT median {statistics.median(load_ins):.2f} s, "
-          f"publish parquet median {statistics.median(load_pub):.2f} s")
+    print(f"  bridge load_downloaded + publish                 {stats(load_t)}")
+    print(f"     load_downloaded alone (read+extract+INSERT+COMMIT) {stats(load_ins)}; "
+          f"publish median {statistics.median(load_pub):.2f} s")
     print(f"  (b) DuckDB read_json CTAS into a file DB         {stats(ctas_t)}")
+    print(f"  (b') the same CTAS, result as the typed STRUCT    {stats(typed_t)}  (reference only)")
     print(f"  (c) SDK list(batches.results(id)) incl. download {stats(sdk_t)}")
     r1 = min(load_t) / min(ctas_t)
     r1i = min(load_ins) / min(ctas_t)

@@ -34,6 +34,8 @@ MODELS = {
     "stg_badmodel": {"job": "badmodel", "key": "id", "prompt_column": "prompt", "model": "claude-nonexistent-9"},
     "stg_text": {"job": "text", "key": "id", "prompt_column": "prompt", "output_schema": SCHEMA},
     "stg_lines": {"job": "lines", "key": "id", "prompt_column": "prompt"},
+    "stg_shape": {"job": "shape", "key": "id", "prompt_column": "prompt"},
+    "stg_blocks": {"job": "blocks", "key": "id", "prompt_column": "prompt"},
     "stg_hostile": {"job": "hostile", "key": HOSTILE_KEY, "prompt_template": "Say {odd col} twice",
                     "output_schema": {"type": "object", "properties": {HOSTILE_PROP: {"type": "string"}},
                                       "required": [HOSTILE_PROP]}},
@@ -47,14 +49,42 @@ STAGING = {
     "stg_badmodel": "SELECT 'r' || i AS id, 'text ' || i AS prompt FROM range(3) t(i)",
     "stg_text": "SELECT 'r' || i AS id, 'PLAIN text ' || i AS prompt FROM range(3) t(i)",
     "stg_lines": "SELECT 'r' || i AS id, 'line text ' || i AS prompt FROM range(6) t(i)",
+    "stg_shape": "SELECT 'r' || i AS id, 'shape text ' || i AS prompt FROM range(6) t(i)",
+    "stg_blocks": "SELECT 'r' || i AS id, 'BLOCKS text ' || i AS prompt FROM range(3) t(i)",
+}
+
+
+# A result as the real API may send it: a dated model id, thinking and server tool blocks (with fields
+# the bridge does not read) before the text, citations, and usage fields the bridge does not know.
+BLOCKS_ANSWER = {
+    "model": "claude-haiku-4-5-20251001",
+    "stop_reason": "end_turn",
+    "content": [
+        {"type": "thinking", "thinking": "Let me look it up.", "signature": "c2ln"},
+        {"type": "redacted_thinking", "data": "ZW5j"},
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "q"}},
+        {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
+         "content": [{"type": "web_search_result", "url": "https://example.com", "title": "t",
+                      "encrypted_content": "x", "page_age": None}]},
+        {"type": "text", "text": "Found it: ",
+         "citations": [{"type": "web_search_result_location", "url": "https://example.com", "cited_text": "c"}]},
+        {"type": "text", "text": "forty-two."},
+    ],
+    "usage": {"input_tokens": 100, "output_tokens": 20, "cache_creation_input_tokens": 0,
+              "cache_read_input_tokens": 0, "cache_creation": {"ephemeral_5m_input_tokens": 0,
+                                                               "ephemeral_1h_input_tokens": 0},
+              "server_tool_use": {"web_search_requests": 1}, "service_tier": "batch"},
 }
 
 
 def plain_text_for_plain_prompts(params, custom_id):
-    """The model answering prose although a JSON schema was asked for (prompts starting PLAIN)."""
+    """The model answering prose although a JSON schema was asked for (prompts starting PLAIN), and
+    unusual content blocks (prompts starting BLOCKS)."""
     text = params["messages"][-1]["content"]
     if isinstance(text, str) and text.startswith("PLAIN"):
         return {"content": [{"type": "text", "text": "Sorry, here is prose, not JSON."}]}
+    if isinstance(text, str) and text.startswith("BLOCKS"):
+        return copy.deepcopy(BLOCKS_ANSWER)
     return default_responder(params, custom_id)
 
 
@@ -170,30 +200,56 @@ def test_model_output_that_is_not_json_is_parse_failed_with_the_text_kept(s):
     assert plan(s, "text")["skipped"]["parse_failed"]["rows"] == 3  # not resent: retry_parse_failed is false
 
 
-def test_results_file_with_a_malformed_line_is_named_loaded_never_and_fetched_again(s):
-    js = jobs(s, "lines")
+def _cut_in_the_middle(line: str) -> str:
+    return line[: len(line) // 2]
+
+
+def _content_not_a_list(line: str) -> str:
+    obj = json.loads(line)
+    obj["result"]["message"]["content"] = "not a list of blocks"
+    return json.dumps(obj)
+
+
+@pytest.mark.parametrize("job, damage, why", [
+    ("lines", _cut_in_the_middle, "not valid JSON"),  # a line cut in the middle
+    ("shape", _content_not_a_list, "not a result of the expected shape"),  # valid JSON, wrong shape
+])
+def test_results_file_with_a_malformed_line_is_named_loaded_never_and_fetched_again(s, job, damage, why):
+    js = jobs(s, job)
     client = api.build_client(s)
     bridge.submit(s, js, client)
     bridge.wait(s, js, client, timeout=30)
-    infos = collect_mod.refresh(client, s, ["lines"])
+    infos = collect_mod.refresh(client, s, [job])
     downloaded, _ = collect_mod.download_ended(client, s, infos)
     path = s.raw_results_dir / f"{downloaded[0]}.jsonl"
     lines = path.read_text().splitlines()
-    lines[2] = lines[2][: len(lines[2]) // 2]  # a line cut in the middle
+    lines[2] = damage(lines[2])
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ResultsError) as e:
-        collect_mod.load_downloaded(s, {"lines": js[0]})
+        collect_mod.load_downloaded(s, {job: js[0]})
     msg = str(e.value)
-    assert str(path) in msg and "line 3" in msg and "not valid JSON" in msg and "downloads it again" in msg
+    assert str(path) in msg and "line 3" in msg and why in msg and "downloads it again" in msg
     with state.connect(s) as con:
-        assert con.execute("SELECT count(*) FROM bb_state.responses WHERE job = 'lines'").fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM bb_state.responses WHERE job = ?", [job]).fetchone()[0] == 0
         assert con.execute("SELECT local_state FROM bb_state.batches WHERE batch_id = ?",
                            [downloaded[0]]).fetchone()[0] == "submitted"
     assert not path.exists()
     report = bridge.collect(s, js, client)
-    assert report.loaded == {"lines": 6}
-    rows = current(s, "lines")
+    assert report.loaded == {job: 6}
+    rows = current(s, job)
     assert len(rows) == 6 and {r["status"] for r in rows} == {"succeeded"}
+
+
+def test_unknown_content_blocks_and_usage_fields_are_ignored_and_dated_models_priced(s):
+    sub, w = run(s, "blocks")
+    assert w.collected == {"blocks": 3}
+    rows = current(s, "blocks")
+    assert len(rows) == 3
+    for r in rows:
+        assert r["status"] == "succeeded" and r["output_text"] == "Found it: forty-two."
+        assert r["model"] == "claude-haiku-4-5-20251001" and r["stop_reason"] == "end_turn"
+        assert (r["input_tokens"], r["output_tokens"]) == (100, 20)
+        assert r["cost_usd"] is not None and r["cost_usd"] > 0  # the dated id priced as claude-haiku-4-5
 
 
 def test_hostile_identifiers_are_quoted_not_executed(s):
