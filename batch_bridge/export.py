@@ -25,6 +25,7 @@ import duckdb
 from .config import Settings
 from .errors import JobDefinitionError, WarehouseError, WarehouseLocked
 from .jobs import Job, quote_ident, quote_literal, template_columns
+from .state import wait_for_lock
 
 # Dispositions of a staged row. "send" goes out; the others are counted, and the "not sendable"
 # ones are recorded in `rejections` with their reason so that nothing is silently dropped.
@@ -81,11 +82,6 @@ class JobPlan:
         return {k: v for k, v in self.dispositions.items() if k in REJECTED_REASONS}
 
 
-def _is_lock_error(e: Exception) -> bool:
-    t = str(e)
-    return "lock" in t.lower() and ("Conflicting" in t or "Could not set" in t)
-
-
 @contextmanager
 def warehouse_attached(
     con: duckdb.DuckDBPyConnection, settings: Settings, catalog: str, *, sleep: Callable[[float], None] = time.sleep
@@ -98,23 +94,16 @@ def warehouse_attached(
         )
     if catalog in {r[0] for r in con.execute("SELECT database_name FROM duckdb_databases()").fetchall()}:
         raise WarehouseError(f"the warehouse catalog name {catalog!r} clashes with the bridge's own files")
-    deadline = time.monotonic() + settings.lock_timeout
-    delay = 0.1
-    while True:
-        try:
-            con.execute(f"ATTACH {quote_literal(str(settings.warehouse))} AS {quote_ident(catalog)} (READ_ONLY)")
-            break
-        except duckdb.IOException as e:
-            if not _is_lock_error(e):
-                raise WarehouseError(f"cannot open the warehouse {settings.warehouse}: {e}") from e
-            if time.monotonic() >= deadline:
-                raise WarehouseLocked(
-                    f"the warehouse {settings.warehouse} is held by another process (is dbt running?)",
-                    hint="the bridge reads the warehouse between dbt runs; run it after `dbt build` "
-                    f"finishes (waited {settings.lock_timeout:g}s, BATCH_BRIDGE_LOCK_TIMEOUT)",
-                ) from e
-            sleep(delay)
-            delay = min(delay * 2, 2.0)
+    wait_for_lock(
+        lambda: con.execute(f"ATTACH {quote_literal(str(settings.warehouse))} AS {quote_ident(catalog)} (READ_ONLY)"),
+        timeout=settings.lock_timeout, sleep=sleep, first_delay=0.1, max_delay=2.0,
+        failed=lambda e: WarehouseError(f"cannot open the warehouse {settings.warehouse}: {e}"),
+        locked=lambda: WarehouseLocked(
+            f"the warehouse {settings.warehouse} is held by another process (is dbt running?)",
+            hint="the bridge reads the warehouse between dbt runs; run it after `dbt build` "
+            f"finishes (waited {settings.lock_timeout:g}s, BATCH_BRIDGE_LOCK_TIMEOUT)",
+        ),
+    )
     try:
         yield
     finally:

@@ -63,21 +63,29 @@ def _projection(con: duckdb.DuckDBPyConnection, job: Job) -> str:
 
 
 def history_sql(con: duckdb.DuckDBPyConnection, job: Job, batch_ids: list[str] | None = None) -> str:
-    """Every (key, answer) pair, or only those of the given batches."""
+    """Every (key, answer) pair, or only those of the given batches.
+
+    For given batches, the keys are narrowed to those that had one of their inputs first, so a
+    part costs time in proportion to its batch, not to every key of the job.
+    """
     job_lit = quote_literal(job.name)
     only = ""
     if batch_ids is not None:
-        only = " AND r.batch_id IN (" + (", ".join(quote_literal(b) for b in batch_ids) or "NULL") + ")"
+        only = " AND batch_id IN (" + (", ".join(quote_literal(b) for b in batch_ids) or "NULL") + ")"
     return _projection(con, job) + f"""
         FROM (
-            SELECT l.custom_id, l.key_json, l.current_hash, r.*
-            FROM (
+            WITH r AS (SELECT * FROM bb_state.responses WHERE job = {job_lit}{only}),
+            v AS (
+                SELECT DISTINCT custom_id, input_hash FROM bb_state.key_versions
+                WHERE job = {job_lit} AND input_hash IN (SELECT input_hash FROM r)
+            ),
+            l AS (
                 SELECT custom_id, arg_max(input_hash, seen_at) AS current_hash, arg_max(key_json, seen_at) AS key_json
-                FROM bb_state.key_versions WHERE job = {job_lit} GROUP BY custom_id
-            ) l
-            JOIN (SELECT DISTINCT custom_id, input_hash FROM bb_state.key_versions WHERE job = {job_lit}) v
-              ON v.custom_id = l.custom_id
-            JOIN bb_state.responses r ON r.job = {job_lit} AND r.input_hash = v.input_hash{only}
+                FROM bb_state.key_versions WHERE job = {job_lit} AND custom_id IN (SELECT custom_id FROM v)
+                GROUP BY custom_id
+            )
+            SELECT l.custom_id, l.key_json, l.current_hash, r.*
+            FROM l JOIN v ON v.custom_id = l.custom_id JOIN r ON r.input_hash = v.input_hash
         ) h
     """
 
@@ -154,6 +162,28 @@ def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Pat
         out / "rejected.parquet",
     )
     _write(con, history_sql(con, job, []), parts / "_schema.parquet")  # the job's columns may have changed
-    for b in todo:
-        _write(con, history_sql(con, job, [b]) + " ORDER BY custom_id", parts / f"{b}.parquet")
+    if todo:
+        _write_parts(con, history_sql(con, job, todo), parts, todo)
     return out / "current.parquet"
+
+
+def _write_parts(con: duckdb.DuckDBPyConnection, query: str, parts: Path, batch_ids: list[str]) -> None:
+    """One COPY partitioned by batch, then each part renamed into place (`<batch_id>.parquet`)."""
+    tmp = parts / ".incoming"
+    if tmp.exists():
+        for f in sorted(tmp.rglob("*"), reverse=True):
+            f.unlink() if f.is_file() else f.rmdir()
+    con.execute(
+        f"COPY ({query}) TO {quote_literal(str(tmp))} "
+        "(FORMAT parquet, PARTITION_BY (batch_id), WRITE_PARTITION_COLUMNS true, OVERWRITE_OR_IGNORE true)"
+    )
+    for b in batch_ids:
+        files = sorted((tmp / f"batch_id={b}").glob("*.parquet")) if (tmp / f"batch_id={b}").exists() else []
+        if len(files) == 1:
+            os.chmod(files[0], 0o600)
+            os.replace(files[0], parts / f"{b}.parquet")
+        else:  # a batch with no (key, answer) pair, or a writer that split it: write it on its own
+            _write(con, f"SELECT * FROM ({query}) WHERE batch_id = {quote_literal(b)}", parts / f"{b}.parquet")
+    for f in sorted(tmp.rglob("*"), reverse=True):
+        f.unlink() if f.is_file() else f.rmdir()
+    tmp.rmdir()

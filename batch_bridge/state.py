@@ -26,12 +26,12 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, TypeVar
 
 import duckdb
 
 from .config import Settings
-from .errors import InvalidStateTransition, StateError, StateLocked
+from .errors import BatchBridgeError, InvalidStateTransition, StateError, StateLocked
 
 SubmissionState = Literal["prepared", "creating", "created", "abandoned"]
 LocalBatchState = Literal["submitted", "downloaded", "collected", "lost"]
@@ -162,9 +162,36 @@ def _configure(con: duckdb.DuckDBPyConnection, settings: Settings) -> None:
     con.execute("SET preserve_insertion_order = false")
 
 
-def _is_lock_error(e: Exception) -> bool:
+T = TypeVar("T")
+
+
+def is_lock_error(e: Exception) -> bool:
+    """DuckDB's answer when another process holds a file (one writer, or readers, at a time)."""
     text = str(e)
     return "lock" in text.lower() and ("Conflicting" in text or "Could not set" in text)
+
+
+def wait_for_lock(
+    action: Callable[[], T], *, timeout: float, locked: Callable[[], BatchBridgeError],
+    failed: Callable[[Exception], BatchBridgeError], sleep: Callable[[float], None] = time.sleep,
+    first_delay: float = 0.05, max_delay: float = 1.0,
+) -> T:
+    """Run a DuckDB open or ATTACH, retrying with backoff while another process holds the file.
+
+    `locked()` is raised once `timeout` seconds have passed; any other IO error is `failed(e)`.
+    """
+    deadline = time.monotonic() + timeout
+    delay = first_delay
+    while True:
+        try:
+            return action()
+        except duckdb.IOException as e:
+            if not is_lock_error(e):
+                raise failed(e) from e
+            if time.monotonic() >= deadline:
+                raise locked() from e
+            sleep(delay)
+            delay = min(delay * 2, max_delay)
 
 
 @contextmanager
@@ -175,27 +202,23 @@ def connect(
     settings.home.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.home, 0o700)
     path = settings.state_path
-    deadline = time.monotonic() + settings.lock_timeout
-    delay = 0.05
-    while True:
-        try:
-            if read_only and path.exists():
-                con = duckdb.connect(str(path), read_only=True)
-            else:
-                con = duckdb.connect(str(path))
-                os.chmod(path, 0o600)
-            break
-        except duckdb.IOException as e:
-            if not _is_lock_error(e):
-                raise StateError(f"cannot open the bridge state {path}: {e}") from e
-            if time.monotonic() >= deadline:
-                raise StateLocked(
-                    f"the bridge state {path} is held by another process",
-                    hint="another batch-bridge command is running; retry when it ends "
-                    f"(waited {settings.lock_timeout:g}s, BATCH_BRIDGE_LOCK_TIMEOUT)",
-                ) from e
-            sleep(delay)
-            delay = min(delay * 2, 1.0)
+
+    def open_state() -> duckdb.DuckDBPyConnection:
+        if read_only and path.exists():
+            return duckdb.connect(str(path), read_only=True)
+        c = duckdb.connect(str(path))
+        os.chmod(path, 0o600)
+        return c
+
+    con = wait_for_lock(
+        open_state, timeout=settings.lock_timeout, sleep=sleep,
+        failed=lambda e: StateError(f"cannot open the bridge state {path}: {e}"),
+        locked=lambda: StateLocked(
+            f"the bridge state {path} is held by another process",
+            hint="another batch-bridge command is running; retry when it ends "
+            f"(waited {settings.lock_timeout:g}s, BATCH_BRIDGE_LOCK_TIMEOUT)",
+        ),
+    )
     try:
         _configure(con, settings)
         if not read_only:
