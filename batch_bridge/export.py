@@ -313,12 +313,18 @@ def _lines_query(job: Job, columns: str) -> str:
 
 
 def cut_chunks(sizes: list[int], max_requests: int, max_body: int) -> list[tuple[int, int, int]]:
-    """Greedy cut of line sizes (in order) into (first, last, body_bytes) ranges within both caps."""
+    """Greedy cut of line sizes (in order) into (first, last, body_bytes) ranges within both caps.
+
+    The k-th batch holds at most `max_requests - k` requests, so batches cut by count all have
+    different sizes: an interrupted create is recognised in `list` by its request count, and distinct
+    counts let every batch of a run be created at once without any chance of adopting the wrong one.
+    """
     out: list[tuple[int, int, int]] = []
     first, body = 0, BODY_OVERHEAD
     for i, size in enumerate(sizes):
         grown = body + size + (1 if i > first else 0)
-        if i > first and (i - first >= max_requests or grown > max_body):
+        cap = max(1, max_requests - len(out))
+        if i > first and (i - first >= cap or grown > max_body):
             out.append((first, i - 1, body))
             first, body = i, BODY_OVERHEAD + size
         else:

@@ -67,7 +67,7 @@ def load_staging(settings: Settings, sql: str, table: str = "stg_items") -> None
 def current(settings: Settings, job: str) -> list[dict[str, Any]]:
     con = duckdb.connect()
     try:
-        rel = con.execute(f"SELECT * FROM read_parquet('{settings.results_dir(job) / 'current.parquet'}')")
+        rel = con.execute(f"SELECT * FROM read_parquet('{settings.results_dir(job) / 'current.parquet'}') ORDER BY custom_id")
         cols = [d[0] for d in rel.description]
         return [dict(zip(cols, r)) for r in rel.fetchall()]
     finally:

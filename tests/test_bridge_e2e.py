@@ -223,7 +223,7 @@ def test_150k_rows_are_split_into_two_batches(project, emulator):
     s = project(sql="SELECT 'r' || i AS id, 'text ' || i AS prompt FROM range(150000) t(i)")
     s = s.with_(concurrency=2)
     p = plan_of(s)
-    assert [b["requests"] for b in p["batches"]] == [100000, 50000]
+    assert [b["requests"] for b in p["batches"]] == [100000, 50000]  # the 2nd holds at most 99,999
     sub, w = run(s)
     assert len(sub.batches) == 2 and w.collected == {"items": 150000}
     con = duckdb.connect()
@@ -265,3 +265,13 @@ def test_request_files_are_archived_and_match_what_was_sent(project):
     assert lines[0]["params"]["output_config"]["format"]["schema"] == SCHEMA
     assert lines[0]["params"]["messages"][-1]["role"] == "user"
     assert (files[0].stat().st_mode & 0o777) == 0o600
+
+
+def test_batches_cut_by_count_have_distinct_sizes():
+    from batch_bridge.export import cut_chunks
+
+    chunks = cut_chunks([10] * 35, max_requests=10, max_body=10**9)
+    sizes = [b - a + 1 for a, b, _ in chunks]
+    assert sizes == [10, 9, 8, 7, 1] and sum(sizes) == 35
+    assert len(set(sizes)) == len(sizes)  # an orphan is recognised by its count: never ambiguous
+    assert all(body <= 10**9 for *_, body in chunks)
