@@ -81,7 +81,7 @@ def plan_to_json(p: JobPlan, e: Estimate | None) -> dict[str, Any]:
 # --- submit / collect -----------------------------------------------------------------------------
 
 
-# Set while `run` is inside its steps: the steps' own publishes are left to run's single one at the end.
+# Set while `sync` or `run` is inside its steps: the steps' own publishes wait for the single one at the end.
 _PUBLISH_DEFERRED: ContextVar[bool] = ContextVar("batch_bridge_publish_deferred", default=False)
 
 
