@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import duckdb
 
@@ -312,7 +312,7 @@ def _lines_query(job: Job, columns: str) -> str:
     """
 
 
-def cut_chunks(sizes: list[int], max_requests: int, max_body: int) -> list[tuple[int, int, int]]:
+def cut_chunks(sizes: Iterable[int], max_requests: int, max_body: int) -> list[tuple[int, int, int]]:
     """Greedy cut of line sizes (in order) into (first, last, body_bytes) ranges within both caps.
 
     The k-th batch holds at most `max_requests - k` requests, so batches cut by count all have
@@ -320,8 +320,9 @@ def cut_chunks(sizes: list[int], max_requests: int, max_body: int) -> list[tuple
     counts let every batch of a run be created at once without any chance of adopting the wrong one.
     """
     out: list[tuple[int, int, int]] = []
-    first, body = 0, BODY_OVERHEAD
+    first, body, last = 0, BODY_OVERHEAD, -1
     for i, size in enumerate(sizes):
+        last = i
         grown = body + size + (1 if i > first else 0)
         cap = max(1, max_requests - len(out))
         if i > first and (i - first >= cap or grown > max_body):
@@ -329,25 +330,52 @@ def cut_chunks(sizes: list[int], max_requests: int, max_body: int) -> list[tuple
             first, body = i, BODY_OVERHEAD + size
         else:
             body = grown
-    if sizes:
-        out.append((first, len(sizes) - 1, body))
+    if last >= 0:
+        out.append((first, last, body))
     return out
 
 
+def _count_ranges(n: int, max_requests: int) -> list[tuple[int, int]]:
+    """The ranges `cut_chunks` makes when only the request count binds, without looking at sizes."""
+    out, first = [], 0
+    while first < n:
+        cap = max(1, max_requests - len(out))
+        out.append((first, min(n, first + cap) - 1))
+        first += cap
+    return out
+
+
+def _streamed_sizes(con: duckdb.DuckDBPyConnection) -> Iterator[int]:
+    cur = con.execute("SELECT nbytes FROM bb_lines ORDER BY rn")
+    while rows := cur.fetchmany(65536):
+        for (n,) in rows:
+            yield n
+
+
 def measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
-    """Exact line sizes of the requests to send, ordered, and the batches they make (`bb_lines`)."""
+    """Exact line sizes of the requests to send, numbered, and the batches they make (`bb_lines`)."""
     con.execute(
         "CREATE OR REPLACE TEMP TABLE bb_lines AS "
-        + _lines_query(job, f"q.request_custom_id, q.input_hash, q.attempt, q.key_count, length({prompt_sql(job, 's')}) AS prompt_chars, strlen({line_sql(job)}) AS nbytes")
-        + " ORDER BY q.request_custom_id"
+        + _lines_query(job, "row_number() OVER (ORDER BY q.request_custom_id) - 1 AS rn, q.request_custom_id, "
+                       f"q.input_hash, q.attempt, q.key_count, length({prompt_sql(job, 's')}) AS prompt_chars, "
+                       f"strlen({line_sql(job)}) AS nbytes")
     )
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE bb_lines AS "
-        "SELECT row_number() OVER (ORDER BY request_custom_id) - 1 AS rn, * FROM bb_lines"
-    )
-    plan.prompt_chars = int(con.execute("SELECT coalesce(sum(prompt_chars), 0) FROM bb_lines").fetchall()[0][0])
-    sizes = con.sql("SELECT nbytes FROM bb_lines ORDER BY rn").to_arrow_table().column(0).to_pylist()
-    ranges = cut_chunks(sizes, job.max_requests_per_batch, job.max_bytes_per_batch)
+    n, biggest, chars = con.execute(
+        "SELECT count(*), coalesce(max(nbytes), 0), coalesce(sum(prompt_chars), 0) FROM bb_lines"
+    ).fetchall()[0]
+    plan.prompt_chars = int(chars)
+    cap, limit = job.max_requests_per_batch, job.max_bytes_per_batch
+    if BODY_OVERHEAD + cap * (biggest + 1) <= limit:
+        # Even a full batch of the largest line fits the byte cap: cut by count, sizes summed in SQL.
+        spans = _count_ranges(int(n), cap)
+        con.execute("CREATE OR REPLACE TEMP TABLE bb_spans (k INTEGER, first BIGINT, last BIGINT)")
+        con.executemany("INSERT INTO bb_spans VALUES (?, ?, ?)", [(k, a, b) for k, (a, b) in enumerate(spans)])
+        sums = dict(con.execute(
+            "SELECT k, sum(nbytes) + count(*) - 1 FROM bb_lines JOIN bb_spans ON rn BETWEEN first AND last GROUP BY k"
+        ).fetchall())
+        ranges = [(a, b, BODY_OVERHEAD + int(sums[k])) for k, (a, b) in enumerate(spans)]
+    else:
+        ranges = cut_chunks(_streamed_sizes(con), cap, limit)
     plan.chunks = [Chunk(i, a, b, b - a + 1, body) for i, (a, b, body) in enumerate(ranges)]
 
 

@@ -275,3 +275,11 @@ def test_batches_cut_by_count_have_distinct_sizes():
     assert sizes == [10, 9, 8, 7, 1] and sum(sizes) == 35
     assert len(set(sizes)) == len(sizes)  # an orphan is recognised by its count: never ambiguous
     assert all(body <= 10**9 for *_, body in chunks)
+
+
+def test_count_only_cut_matches_the_greedy_cut():
+    from batch_bridge.export import _count_ranges, cut_chunks
+
+    for n, cap in ((0, 5), (1, 5), (35, 10), (100, 7), (21, 3)):
+        greedy = [(a, b) for a, b, _ in cut_chunks([100] * n, max_requests=cap, max_body=10**9)]
+        assert _count_ranges(n, cap) == greedy
