@@ -22,3 +22,16 @@ def emulator():
     """An in-process emulator on a free port (latency 0); tests change its faults at will."""
     with run_emulator(EmulatorConfig(latency=0)) as emu:
         yield emu
+
+
+@pytest.fixture
+def emu(emulator):
+    """The emulator tests' name for the same fixture."""
+    return emulator
+
+
+@pytest.fixture
+def client(emu):
+    """The official SDK pointed at the emulator."""
+    with anthropic.Anthropic(api_key="sk-test", base_url=emu.base_url) as c:
+        yield c

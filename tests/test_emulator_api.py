@@ -37,18 +37,6 @@ def wait_ended(client: anthropic.Anthropic, batch_id: str, timeout: float = 10.0
 
 
 @pytest.fixture
-def emu() -> Iterator[Emulator]:
-    with run_emulator(EmulatorConfig()) as running:
-        yield running
-
-
-@pytest.fixture
-def client(emu: Emulator) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(api_key="sk-test", base_url=emu.base_url) as c:
-        yield c
-
-
-@pytest.fixture
 def http(emu: Emulator) -> Iterator[httpx2.Client]:
     with httpx2.Client(base_url=emu.base_url, headers={"x-api-key": "sk-test"}) as c:
         yield c

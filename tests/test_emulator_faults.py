@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import anthropic
 import httpx2
@@ -26,18 +26,6 @@ def wait_ended(client: anthropic.Anthropic, batch_id: str, timeout: float = 10.0
         assert time.monotonic() < deadline, f"batch still {batch.processing_status}"
         time.sleep(0.02)
     return batch
-
-
-@pytest.fixture
-def emu() -> Iterator[Emulator]:
-    with run_emulator(EmulatorConfig()) as running:
-        yield running
-
-
-@pytest.fixture
-def client(emu: Emulator) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(api_key="sk-test", base_url=emu.base_url) as c:
-        yield c
 
 
 def test_sdk_retries_through_two_529s_and_creates_one_batch(emu: Emulator, client: anthropic.Anthropic) -> None:

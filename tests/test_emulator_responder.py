@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import anthropic
 import jsonschema
@@ -57,18 +57,6 @@ def run_batch(client: anthropic.Anthropic, items: list[tuple[str, dict[str, Any]
         assert time.monotonic() < deadline
         time.sleep(0.02)
     return {r.custom_id: r.result for r in client.messages.batches.results(batch.id)}
-
-
-@pytest.fixture
-def emu() -> Iterator[Emulator]:
-    with run_emulator(EmulatorConfig()) as running:
-        yield running
-
-
-@pytest.fixture
-def client(emu: Emulator) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(api_key="sk-test", base_url=emu.base_url) as c:
-        yield c
 
 
 def test_json_schema_output_validates_and_follows_sentiment(client: anthropic.Anthropic) -> None:
