@@ -123,8 +123,8 @@ def jobs_summary(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[s
             },
             "failures_by_type": failures,
             "not_sent": {k: {"rows": v, "why": REJECTED_REASONS.get(k, k)} for k, v in sorted(rejected.items())},
-            "cost_usd": cost if not unknown_cost else None,
-            "cost_usd_known_part": cost,
+            "cost_usd": (cost or 0.0) if not unknown_cost else None,  # unknown only when a price is missing
+            "cost_usd_known_part": cost or 0.0,
             "billed_requests": billed,
             "tokens": {"input": tokens_in or 0, "output": tokens_out or 0,
                        "cache_write": cache_w or 0, "cache_read": cache_r or 0},
