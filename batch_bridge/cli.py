@@ -85,16 +85,21 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def common(fn: Callable) -> Callable:
-    """--project-dir, --profiles-dir, --target, --job: shared by every project command."""
+def project_options(fn: Callable) -> Callable:
+    """--project-dir, --profiles-dir, --target: where the dbt project and its profile are."""
     for opt in reversed([
         click.option("--project-dir", type=click.Path(file_okay=False), help="dbt project directory [DBT_PROJECT_DIR]"),
         click.option("--profiles-dir", type=click.Path(file_okay=False), help="directory of profiles.yml [DBT_PROFILES_DIR]"),
         click.option("--target", help="dbt target [DBT_TARGET; default: the profile's]"),
-        click.option("--job", "jobs", multiple=True, help="only this job (repeatable); default: every job"),
     ]):
         fn = opt(fn)
     return fn
+
+
+def common(fn: Callable) -> Callable:
+    """The project options plus --job: shared by every command that works on jobs."""
+    fn = click.option("--job", "jobs", multiple=True, help="only this job (repeatable); default: every job")(fn)
+    return project_options(fn)
 
 
 def _settings(project_dir: str | None, profiles_dir: str | None, target: str | None, **kw: Any):
@@ -380,9 +385,7 @@ def pipeline(project_dir, profiles_dir, target, jobs, wait_, max_cost, timeout, 
 
 
 @cli.command(context_settings={**CONTEXT_SETTINGS, "ignore_unknown_options": True})
-@click.option("--project-dir", type=click.Path(file_okay=False), help="dbt project directory [DBT_PROJECT_DIR]")
-@click.option("--profiles-dir", type=click.Path(file_okay=False), help="directory of profiles.yml [DBT_PROFILES_DIR]")
-@click.option("--target", help="dbt target")
+@project_options
 @click.argument("dbt_args", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
 def dbt(project_dir, profiles_dir, target, dbt_args):
@@ -405,9 +408,7 @@ def dbt_package_path():
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
-@click.option("--project-dir", type=click.Path(file_okay=False), help="dbt project directory [DBT_PROJECT_DIR]")
-@click.option("--profiles-dir", type=click.Path(file_okay=False), help="directory of profiles.yml [DBT_PROFILES_DIR]")
-@click.option("--target", help="dbt target")
+@project_options
 @click.option("--older-than-days", type=float, help="retention in days [BATCH_BRIDGE_RETENTION_DAYS]")
 @click.option("--dry-run", is_flag=True, help="list what would be removed; remove nothing")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")

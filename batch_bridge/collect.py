@@ -32,7 +32,7 @@ from .config import Settings
 from .errors import ApiError, ResultsError
 from .jobs import Job, quote_literal
 from .outputs import valid_sql
-from .pricing import PriceBook, cost_sql, load_prices, register_prices
+from .pricing import cost_sql, load_prices, register_price_names, register_prices
 from .progress import Progress, Silent
 
 # A 404 for a batch younger than this is the API's propagation delay, not a deleted batch.
@@ -284,22 +284,6 @@ def _extract_sql(job: Job, files: list[str], submission_ids: list[str]) -> str:
     """
 
 
-def _register_price_names(con: duckdb.DuckDBPyConnection, book: PriceBook) -> None:
-    """Temp table `bb_model_price(model, price_model, stem_price_model)` for every name the price book knows.
-
-    `price_model` is `book.lookup(name)`; `stem_price_model` is what a dated id `<name>-YYYYMMDD` the
-    book does not name resolves to. Set up front, so the load needs no pass over the results to find
-    their models first; `_price_model_sql` applies the same rules as `PriceBook.lookup`."""
-    names = set(book.models) | set(book.aliases)
-    rows = []
-    for n in sorted(names):
-        p = book.lookup(n)
-        stem = book.models.get(book.aliases.get(n, n))
-        rows.append((n, p.model if p else None, stem.model if stem else None))
-    con.execute("CREATE OR REPLACE TEMP TABLE bb_model_price (model VARCHAR, price_model VARCHAR, stem_price_model VARCHAR)")
-    con.executemany("INSERT INTO bb_model_price VALUES (?, ?, ?)", rows)  # a few dozen names, not data rows
-
-
 def _first_bad_line(path: str) -> tuple[int, str] | None:
     """(line number, why) of the first line of a result file that is not a JSON object with a custom_id
     and a result of the shape `RESULT_SHAPE` reads."""
@@ -353,7 +337,7 @@ def load_downloaded(
             by_job.setdefault(r[1], []).append(r)
         if by_job:
             register_prices(con, book)
-            _register_price_names(con, book)
+            register_price_names(con, book)
         for job_name, batches in by_job.items():
             job = jobs.get(job_name)
             if job is None:

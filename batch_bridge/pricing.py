@@ -125,13 +125,17 @@ def cost_sql(alias: str = "r", prices: str = "p") -> str:
     )
 
 
-def register_model_map(con: duckdb.DuckDBPyConnection, book: PriceBook, models: list[str]) -> list[str]:
-    """Temp table `bb_model_price(model, price_model)` for the given ids; returns the unknown ones."""
-    con.execute("CREATE OR REPLACE TEMP TABLE bb_model_price (model VARCHAR, price_model VARCHAR)")
-    unknown = []
-    for m in models:
-        p = book.lookup(m)
-        if p is None:
-            unknown.append(m)
-        con.execute("INSERT INTO bb_model_price VALUES (?, ?)", [m, p.model if p else None])
-    return unknown
+def register_price_names(con: duckdb.DuckDBPyConnection, book: PriceBook) -> None:
+    """Temp table `bb_model_price(model, price_model, stem_price_model)` for every name the price book knows.
+
+    `price_model` is `book.lookup(name)`; `stem_price_model` is what a dated id `<name>-YYYYMMDD` the
+    book does not name resolves to. Set up front, so the load needs no pass over the results to find
+    their models first; the load's join applies the same rules as `PriceBook.lookup`."""
+    names = set(book.models) | set(book.aliases)
+    rows = []
+    for n in sorted(names):
+        p = book.lookup(n)
+        stem = book.models.get(book.aliases.get(n, n))
+        rows.append((n, p.model if p else None, stem.model if stem else None))
+    con.execute("CREATE OR REPLACE TEMP TABLE bb_model_price (model VARCHAR, price_model VARCHAR, stem_price_model VARCHAR)")
+    con.executemany("INSERT INTO bb_model_price VALUES (?, ?, ?)", rows)  # a few dozen names, not data rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,13 @@ def load_staging(settings: Settings, sql: str, table: str = "stg_items") -> None
         con.execute(f'CREATE OR REPLACE TABLE main."{table}" AS {sql}')
     finally:
         con.close()
+
+
+def reset_home(settings: Settings) -> None:
+    """Forget the bridge's state and files but keep its dbt parse (shared by a module's tests)."""
+    for p in settings.home.iterdir():
+        if p.name != "dbt_target":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def current(settings: Settings, job: str) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import duckdb
 import pytest
 
 from batch_bridge import api, bridge, state
-from helpers import current, load_staging, settings_for, write_project
+from helpers import current, load_staging, reset_home, settings_for, write_project
 
 ROWS = 25
 CHUNK = 10  # 25 rows -> batches of 10, 10 and 5: two share a request count (the adoption hazard)
@@ -47,9 +46,7 @@ def project_root(tmp_path_factory):
 @pytest.fixture
 def proj(project_root, emulator, monkeypatch):
     s = settings_for(project_root, emulator.base_url)
-    for p in s.home.iterdir():
-        if p.name != "dbt_target":
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    reset_home(s)
     monkeypatch.delenv(bridge.ENV_FAULT, raising=False)
     return s
 

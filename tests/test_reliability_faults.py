@@ -7,13 +7,12 @@ own retries of GET requests really sleep the emulator's short `retry-after`.
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
 
 from batch_bridge import api, bridge, state
-from helpers import current, load_staging, settings_for, write_project
+from helpers import current, load_staging, reset_home, settings_for, write_project
 
 ROWS = 25
 CHUNK = 10
@@ -35,9 +34,7 @@ def project_root(tmp_path_factory):
 @pytest.fixture
 def proj(project_root, emulator, monkeypatch):
     s = settings_for(project_root, emulator.base_url)
-    for p in s.home.iterdir():
-        if p.name != "dbt_target":
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    reset_home(s)
     for var in ("BATCH_BRIDGE_RECONCILE_GRACE", "BATCH_BRIDGE_CREATE_TIMEOUT", bridge.ENV_FAULT):
         monkeypatch.delenv(var, raising=False)
     return s
