@@ -225,13 +225,21 @@ def _shape_error(value: object, shape: object, where: str) -> str | None:
     return None
 
 
+# DuckDB's JSON reader allocates a buffer of max(32 MB, 2 x maximum_object_size) per thread, so a
+# setting above 16 MB costs memory on every load. In newline-delimited mode it is a buffer size, not a
+# limit: DuckDB 2.0 still reads longer lines (checked with a 20 MB line, and by
+# tests/test_bridge_e2e.py::test_result_lines_longer_than_the_read_buffer_are_loaded).
+MAX_RESULT_LINE = 16 * 1024 * 1024
+
+
 def _read_sql(files: list[str]) -> str:
     paths = "[" + ", ".join(quote_literal(f) for f in files) + "]"
     return (
         f"read_json({paths}, format = 'newline_delimited', "
         f"columns = {{custom_id: 'VARCHAR', result: {quote_literal(RESULT_TYPE)}}}, "
-        "filename = true, maximum_object_size = 33554432)"
+        f"filename = true, maximum_object_size = {MAX_RESULT_LINE})"
     )
+
 
 
 def _extract_sql(job: Job, files: list[str], submission_ids: list[str]) -> str:
@@ -321,7 +329,7 @@ def load_downloaded(
     settings: Settings, jobs: dict[str, Job], *, progress: Progress = Silent(),
     fault: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
-    """Load every downloaded batch into `responses`, set-wise, and mark it collected (one transaction per job).
+    """Load every downloaded batch into `responses`, set-wise, and mark it collected (one transaction per batch).
 
     Publishes nothing: the command calls `results.publish` once when it is done loading, which also
     writes the history part of every collected batch that has none yet."""
@@ -338,64 +346,85 @@ def load_downloaded(
         if by_job:
             register_prices(con, book)
             register_price_names(con, book)
-        for job_name, batches in by_job.items():
+        for job_name, job_batches in by_job.items():
             job = jobs.get(job_name)
             if job is None:
                 continue  # the job was removed from the project; its files stay until it returns
-            con.execute("CREATE OR REPLACE TEMP TABLE bb_files (batch_id VARCHAR, submission_id VARCHAR, file VARCHAR)")
-            con.executemany("INSERT INTO bb_files VALUES (?, ?, ?)", [(b[0], b[2], b[3]) for b in batches])
-            ids = ", ".join(quote_literal(b[0]) for b in batches)
-            select = _extract_sql(job, [b[3] for b in batches], sorted({b[2] for b in batches}))
-            now = state.utcnow()
-            con.execute("BEGIN")
-            try:  # read, extracted and inserted in one statement: a bad file inserts nothing
-                n = con.execute(
-                    f"""
-                    INSERT INTO bb_state.responses
-                    SELECT $job, r.batch_id, r.request_custom_id, r.input_hash, r.attempt, r.status,
-                           r.output_text, r.output_json, r.stop_reason, r.model,
-                           r.input_tokens, r.output_tokens, r.cache_creation_input_tokens, r.cache_read_input_tokens,
-                           r.cache_creation_5m, r.cache_creation_1h,
-                           CASE WHEN p.model IS NULL AND r.status IN ('succeeded', 'parse_failed') THEN NULL
-                                ELSE {cost_sql('r', 'p')} END,
-                           r.error_type, r.error_message, r.submitted_at, $now
-                    FROM ({select}) r
-                    LEFT JOIN bb_model_price mp ON mp.model = r.model
-                    LEFT JOIN bb_model_price ms ON mp.model IS NULL AND ms.model = regexp_replace(r.model, '-[0-9]{{8}}$', '')
-                    LEFT JOIN bb_prices p ON p.model = coalesce(mp.price_model, ms.stem_price_model)
-                    """,
-                    {"job": job_name, "now": now},
-                ).fetchone()[0]
-            except duckdb.Error as e:
-                con.execute("ROLLBACK")
-                _reject_bad_file(con, batches)
-                raise ResultsError(f"job {job_name!r}: the result files could not be read: {e}") from e
-            try:
-                expected = sum(b[4] or 0 for b in batches)
-                if n != expected:
-                    raise ResultsError(
-                        f"job {job_name!r}: {n:,} result lines matched sent requests, expected {expected:,}; "
-                        "nothing was loaded"
-                    )
-                unknown = con.execute(
-                    f"SELECT DISTINCT model FROM bb_state.responses WHERE job = ? AND batch_id IN ({ids}) "
-                    "AND model IS NOT NULL AND cost_usd IS NULL AND status IN ('succeeded', 'parse_failed') ORDER BY 1",
-                    [job_name]).fetchall()
-                for (m,) in unknown:
-                    progress.step(f"warning: no price for model {m!r}; its cost is reported as unknown (NULL)")
-                for b in batches:
-                    state.mark_collected(con, b[0])
-                if fault:
-                    fault("during_load")
-                con.execute("COMMIT")
-            except Exception:
-                con.execute("ROLLBACK")
-                raise
-            loaded[job_name] = int(n)
-            progress.tick("results loaded", int(n), expected)
-            if fault:
-                fault("after_load")
+            # One batch per transaction: DuckDB holds an uncommitted INSERT's rows in memory up to its
+            # memory_limit, so loading batch by batch keeps the peak at one batch whatever the job's size.
+            total = sum(b[4] or 0 for b in job_batches)
+            loaded[job_name] = 0
+            with state.single_threaded(con):  # reading files is I/O: see single_threaded
+                for batch in job_batches:
+                    loaded[job_name] += _load_batch(con, job, batch, fault, progress)
+                    progress.tick("results loaded", loaded[job_name], total)
     return loaded
+
+
+def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, now: object) -> int:
+    """BEGIN, then read, extract and INSERT one batch's results in one statement (a bad file inserts
+    nothing)."""
+    batch_id, job_name, submission_id, result_file, _ = batch
+    select = _extract_sql(job, [result_file], [submission_id])
+    con.execute("BEGIN")
+    return con.execute(
+        f"""
+        INSERT INTO bb_state.responses
+        SELECT $job, r.batch_id, r.request_custom_id, r.input_hash, r.attempt, r.status,
+               r.output_text, r.output_json, r.stop_reason, r.model,
+               r.input_tokens, r.output_tokens, r.cache_creation_input_tokens, r.cache_read_input_tokens,
+               r.cache_creation_5m, r.cache_creation_1h,
+               CASE WHEN p.model IS NULL AND r.status IN ('succeeded', 'parse_failed') THEN NULL
+                    ELSE {cost_sql('r', 'p')} END,
+               r.error_type, r.error_message, r.submitted_at, $now
+        FROM ({select}) r
+        LEFT JOIN bb_model_price mp ON mp.model = r.model
+        LEFT JOIN bb_model_price ms ON mp.model IS NULL AND ms.model = regexp_replace(r.model, '-[0-9]{{8}}$', '')
+        LEFT JOIN bb_prices p ON p.model = coalesce(mp.price_model, ms.stem_price_model)
+        """,
+        {"job": job_name, "now": now},
+    ).fetchone()[0]
+
+
+def _load_batch(
+    con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, fault: Callable[[str], None] | None,
+    progress: Progress,
+) -> int:
+    """Read, extract and INSERT one downloaded batch and mark it collected, in one transaction.
+
+    Returns the number of result lines loaded."""
+    batch_id, job_name, submission_id, result_file, result_lines = batch
+    con.execute("CREATE OR REPLACE TEMP TABLE bb_files (batch_id VARCHAR, submission_id VARCHAR, file VARCHAR)")
+    con.execute("INSERT INTO bb_files VALUES (?, ?, ?)", [batch_id, submission_id, result_file])
+    try:
+        n = _insert_responses(con, job, batch, state.utcnow())
+    except duckdb.Error as e:
+        con.execute("ROLLBACK")
+        _reject_bad_file(con, [batch])
+        raise ResultsError(f"job {job_name!r}: the result files could not be read: {e}") from e
+    try:
+        expected = result_lines or 0
+        if n != expected:
+            raise ResultsError(
+                f"job {job_name!r}, batch {batch_id}: {n:,} result lines matched sent requests, "
+                f"expected {expected:,}; nothing of it was loaded"
+            )
+        unknown = con.execute(
+            "SELECT DISTINCT model FROM bb_state.responses WHERE job = ? AND batch_id = ? "
+            "AND model IS NOT NULL AND cost_usd IS NULL AND status IN ('succeeded', 'parse_failed') ORDER BY 1",
+            [job_name, batch_id]).fetchall()
+        for (m,) in unknown:
+            progress.step(f"warning: no price for model {m!r}; its cost is reported as unknown (NULL)")
+        state.mark_collected(con, batch_id)
+        if fault:
+            fault("during_load")
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    if fault:
+        fault("after_load")
+    return int(n)
 
 
 def collect(

@@ -25,7 +25,7 @@ import duckdb
 from .config import Settings
 from .errors import JobDefinitionError, WarehouseError, WarehouseLocked
 from .jobs import Job, quote_ident, quote_literal, template_columns
-from .state import wait_for_lock
+from .state import single_threaded, wait_for_lock
 
 # Dispositions of a staged row. "send" goes out; the others are counted, and the "not sendable"
 # ones are recorded in `rejections` with their reason so that nothing is silently dropped.
@@ -386,6 +386,11 @@ def write_requests(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_
     instead of holding a batch (up to 256 MB of request text) in memory.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    with single_threaded(con):  # writing lines is I/O; each thread would buffer its own share
+        return _write_request_files(con, job, plan, out_dir, names)
+
+
+def _write_request_files(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_dir: Path, names: list[str]) -> list[Path]:
     on = " AND ".join(f"s.{quote_ident(k)} = c.{quote_ident(k)}" for k in job.key)
     paths = []
     for c, name in zip(plan.chunks, names):

@@ -18,6 +18,7 @@ import duckdb
 from .config import Settings
 from .jobs import Job, quote_ident, quote_literal
 from .outputs import field_structures
+from .state import single_threaded
 
 COLUMNS_AFTER_KEYS = (
     "custom_id", "status", "output_text", "output_json", "stop_reason", "model", "input_tokens", "output_tokens",
@@ -125,9 +126,16 @@ def current_sql(con: duckdb.DuckDBPyConnection, job: Job) -> str:
     """
 
 
+# Rows per Parquet row group. The writer holds one group in memory, so DuckDB's default of 122,880 rows
+# of answer text costs tens of MB per file being written; 16,384 keeps that small and still lets
+# readers skip groups by min/max.
+ROW_GROUP_ROWS = 16_384
+PARQUET = f"FORMAT parquet, ROW_GROUP_SIZE {ROW_GROUP_ROWS}"
+
+
 def _write(con: duckdb.DuckDBPyConnection, query: str, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp")
-    con.execute(f"COPY ({query}) TO {quote_literal(str(tmp))} (FORMAT parquet)")
+    con.execute(f"COPY ({query}) TO {quote_literal(str(tmp))} ({PARQUET})")
     os.chmod(tmp, 0o600)
     os.replace(tmp, dest)
 
@@ -151,6 +159,11 @@ def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Pat
     costs time in proportion to what it loaded, not to everything ever collected. `current.parquet` is
     written before the parts, so a part that is missing always means a publish is still owed.
     """
+    with single_threaded(con):  # writing Parquet is I/O; its row-group buffers are per thread
+        return _publish(con, settings, job)
+
+
+def _publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Path:
     out = settings.results_dir(job.name)
     parts = out / "history"
     parts.mkdir(parents=True, exist_ok=True)
@@ -176,7 +189,7 @@ def _write_parts(con: duckdb.DuckDBPyConnection, query: str, parts: Path, batch_
             f.unlink() if f.is_file() else f.rmdir()
     con.execute(
         f"COPY ({query}) TO {quote_literal(str(tmp))} "
-        "(FORMAT parquet, PARTITION_BY (batch_id), WRITE_PARTITION_COLUMNS true, OVERWRITE_OR_IGNORE true)"
+        f"({PARQUET}, PARTITION_BY (batch_id), WRITE_PARTITION_COLUMNS true, OVERWRITE_OR_IGNORE true)"
     )
     for b in batch_ids:
         files = sorted((tmp / f"batch_id={b}").glob("*.parquet")) if (tmp / f"batch_id={b}").exists() else []

@@ -162,6 +162,24 @@ def _configure(con: duckdb.DuckDBPyConnection, settings: Settings) -> None:
     con.execute("SET preserve_insertion_order = false")
 
 
+@contextmanager
+def single_threaded(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Run the enclosed statements on one DuckDB thread, then restore the thread count.
+
+    For the steps that move data rather than compute (reading result files, writing Parquet and
+    request files): their memory is per thread (a JSON read buffer of 32 MB, a Parquet row group, an
+    insert's row group each), they are bound by disk and parsing rather than CPU, and with one thread
+    a large INSERT flushes its row groups to disk as they fill instead of holding them per thread.
+    Planning keeps every core: hashing and joining millions of staged rows is CPU work.
+    """
+    (threads,) = con.execute("SELECT current_setting('threads')").fetchone()
+    con.execute("SET threads = 1")
+    try:
+        yield
+    finally:
+        con.execute(f"SET threads = {int(threads)}")
+
+
 T = TypeVar("T")
 
 

@@ -243,6 +243,32 @@ def test_byte_cap_splits_batches(project):
     assert w.collected == {"items": 200} and len(sub.batches) == len(p["batches"])
 
 
+def test_result_lines_longer_than_the_read_buffer_are_loaded(project, monkeypatch):
+    """Results are read with maximum_object_size = 16 MB (DuckDB's JSON buffers grow with it), which in
+    newline-delimited mode sizes a buffer and does not cap a line: a longer line must still load."""
+    from batch_bridge import collect
+
+    monkeypatch.setattr(collect, "MAX_RESULT_LINE", 200)  # every emulator answer line is longer than this
+    s = project(sql=rows_sql(12))
+    sub, w = run(s)
+    assert w.collected == {"items": 12}
+    out = duckdb.connect().execute(
+        f"SELECT count(*), count(sentiment) FROM read_parquet('{s.results_dir('items') / 'current.parquet'}')"
+    ).fetchone()
+    assert out == (12, 12)
+
+
+def test_batches_load_one_transaction_each_and_results_publish_once(project):
+    """A job of several batches is loaded batch by batch (bounded memory), and all its answers land."""
+    s = project(meta=job_meta(max_bytes_per_batch=20_000), sql=rows_sql(200))
+    sub, w = run(s)
+    assert len(sub.batches) > 1 and w.collected == {"items": 200}
+    rows = duckdb.connect().execute(
+        f"SELECT count(*), count(DISTINCT batch_id) FROM read_parquet('{s.results_dir('items') / 'current.parquet'}')"
+    ).fetchone()
+    assert rows == (200, len(sub.batches))
+
+
 def test_results_join_back_by_key_in_sql(project):
     s = project(sql=rows_sql(30))
     run(s)
