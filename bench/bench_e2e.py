@@ -8,8 +8,8 @@ One emulator subprocess (`--latency 2`: a batch stays in_progress 2 s) serves bo
      in the same fresh BATCH_BRIDGE_HOME so the dbt parse is done and cached; its time is reported
      separately ("dbt parse + plan"), and B is the `run` process alone.
 Both are subprocesses; wall time from spawn to exit, peak RSS of the process and its children summed,
-sampled every 20 ms (psutil). Note: the bridge's poll interval grows x1.5 per poll (1, 1.5, 2.25 s ...);
-the plain script polls every 1 s flat.
+sampled every 20 ms (psutil). An explicit --poll-interval keeps the bridge's polling flat, like the
+plain script's.
 
 Targets: wall(B) <= 1.0x wall(A); peak RSS(B) <= 0.5x peak RSS(A).
 
