@@ -207,27 +207,43 @@ def fingerprint_sql(prompt: str) -> str:
     return f"hash({prompt}, {quote_literal(FINGERPRINT_SHIFT)} || {prompt})"
 
 
+def is_table(con: duckdb.DuckDBPyConnection, job: Job) -> bool:
+    """Whether the staging relation is a table, whose rows can be found again by rowid (a view's cannot)."""
+    rel = job.relation
+    return bool(con.execute(
+        "SELECT count(*) > 0 FROM duckdb_tables() WHERE database_name = ? AND schema_name = ? AND table_name = ?",
+        [rel.database, rel.schema, rel.identifier],
+    ).fetchone()[0])
+
+
+def _match_row(job: Job, by_rowid: bool, staged: str = "c") -> str:
+    """Join condition of the staging relation `s` with one of its staged rows."""
+    if by_rowid:
+        return f"s.rowid = {staged}.bb_rowid"
+    return " AND ".join(f"s.{quote_ident(k)} = {staged}.{quote_ident(k)}" for k in job.key)
+
+
 def _staged_select(job: Job, source: str) -> str:
-    """Rows of `source` (the staging relation, or part of it) with custom_id, input hash, size and
-    emptiness; no prompt text."""
+    """Rows of `source` (the staging relation, or part of it, with a `bb_rowid` column) with custom_id,
+    input hash, size and emptiness; no prompt text."""
     keys = ", ".join(f"s.{quote_ident(k)}" for k in job.key)
     names = ", ".join(quote_ident(k) for k in job.key)
     empty = empty_prompt_sql(job, prompt=prompt_sql(job)) if job.prompt_column else empty_prompt_sql(job)
     return f"""
-        SELECT {names}, custom_id, custom_id IS NULL AS key_null, prompt_empty,
+        SELECT {names}, bb_rowid, custom_id, custom_id IS NULL AS key_null, prompt_empty,
                CASE WHEN NOT prompt_empty THEN md5_number({quote_literal(job.static_hash)} || p) END AS input_hash,
                coalesce(strlen(p), 0) AS prompt_bytes,
                CASE WHEN NOT prompt_empty THEN {fingerprint_sql('p')} END AS fingerprint
         FROM (
-            SELECT {keys}, {prompt_sql(job)} AS p, {custom_id_sql(job)} AS custom_id, {empty} AS prompt_empty
+            SELECT {keys}, s.bb_rowid, {prompt_sql(job)} AS p, {custom_id_sql(job)} AS custom_id, {empty} AS prompt_empty
             FROM {source} AS s
         )
     """
 
 
 def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
-    """Pass 1: `bb_keys` (custom_id, key columns, hit) for every row, `bb_dups`, and `bb_staged` for
-    the rows that are not hits. Returns the key column types.
+    """Pass 1: `bb_keys` (custom_id, rowid or key columns, hit) for every row, `bb_dups`, and
+    `bb_staged` for the rows that are not hits. Returns the key column types.
 
     A hit is a row whose key, prompt fingerprint and prompt length equal those recorded in
     `key_inputs` for an input that already has a succeeded answer: it is up to date, and its prompt
@@ -241,24 +257,27 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
     known = {"job": job.name, "static_hash": job.static_hash, "hash_version": HASH_VERSION}
     usable = "job = $job AND answered AND static_hash = $static_hash AND hash_version = $hash_version"
     has_fingerprints = con.execute(f"SELECT count(*) > 0 FROM bb_state.key_inputs WHERE {usable}", known).fetchone()[0]
+    # A table's rows are found again by rowid (DuckDB then reads just those); a view's by key values.
+    by_rowid = is_table(con, job)
+    rowid = "s.rowid" if by_rowid else "NULL::BIGINT"
     if not has_fingerprints:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE bb_keys AS SELECT NULL::VARCHAR AS custom_id, {names}, false AS hit "
-                    f"FROM {rel} LIMIT 0")
-        con.execute("CREATE OR REPLACE TEMP TABLE bb_staged AS " + _staged_select(job, rel))
+        con.execute("CREATE OR REPLACE TEMP TABLE bb_keys (custom_id VARCHAR, hit BOOLEAN)")
+        con.execute("CREATE OR REPLACE TEMP TABLE bb_staged AS "
+                    + _staged_select(job, f"(SELECT {rowid} AS bb_rowid, s.* FROM {rel} AS s)"))
         con.execute(
             "CREATE OR REPLACE TEMP TABLE bb_dups AS "
             "SELECT custom_id FROM bb_staged WHERE NOT key_null GROUP BY custom_id HAVING count(*) > 1"
         )
         return {k: columns[k] for k in job.key}
-    # The prompt text is read for its fingerprint but not kept.
+    found_by = "s.rowid AS bb_rowid" if by_rowid else ", ".join(f"s.{quote_ident(k)}" for k in job.key)
+    # Only the custom_id, what finds the row again, and a flag are kept; the prompt text is not.
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE bb_keys AS
-        SELECT s.custom_id, {', '.join(f's.{quote_ident(k)}' for k in job.key)}, k.custom_id IS NOT NULL AS hit
+        SELECT s.* EXCLUDE (prompt_bytes, fingerprint), k.custom_id IS NOT NULL AS hit
         FROM (
-            SELECT *, strlen(p) AS prompt_bytes, {fingerprint_sql('p')} AS fingerprint
-            FROM (SELECT {', '.join(f's.{quote_ident(k)}' for k in job.key)}, {custom_id_sql(job)} AS custom_id,
-                         {prompt_sql(job)} AS p FROM {rel} AS s)
+            SELECT * EXCLUDE (p), strlen(p) AS prompt_bytes, {fingerprint_sql('p')} AS fingerprint
+            FROM (SELECT {found_by}, {custom_id_sql(job)} AS custom_id, {prompt_sql(job)} AS p FROM {rel} AS s)
         ) s
         LEFT JOIN (SELECT custom_id, fingerprint, prompt_bytes FROM bb_state.key_inputs WHERE {usable}) k
           ON k.custom_id = s.custom_id AND k.fingerprint = s.fingerprint AND k.prompt_bytes = s.prompt_bytes
@@ -269,17 +288,18 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
         "CREATE OR REPLACE TEMP TABLE bb_dups AS "
         "SELECT custom_id FROM bb_keys WHERE custom_id IS NOT NULL GROUP BY custom_id HAVING count(*) > 1"
     )
-    # Every row that is not a hit of a unique key: new or changed inputs and duplicate keys (found
-    # again by their key values, which DuckDB turns into a filter on the scan), and NULL keys.
-    on = " AND ".join(f"s.{quote_ident(k)} = m.{quote_ident(k)}" for k in job.key)
-    any_null = " OR ".join(f"s.{quote_ident(k)} IS NULL" for k in job.key)
-    source = f"""(
-        SELECT s.* FROM {rel} AS s SEMI JOIN (
-            SELECT {names} FROM bb_keys WHERE NOT hit OR custom_id IN (SELECT custom_id FROM bb_dups)
-        ) m ON {on}
-        UNION ALL
-        SELECT s.* FROM {rel} AS s WHERE {any_null}
-    )"""
+    # Every row that is not a hit of a unique key: new or changed inputs, NULL and duplicate keys.
+    todo = "SELECT {} FROM bb_keys WHERE NOT hit OR custom_id IN (SELECT custom_id FROM bb_dups)"
+    if by_rowid:
+        source = (f"(SELECT s.rowid AS bb_rowid, s.* FROM {rel} AS s "
+                  f"SEMI JOIN ({todo.format('bb_rowid')}) m ON {_match_row(job, True, 'm')})")
+    else:  # NULL keys match no key value: they are read separately
+        any_null = " OR ".join(f"s.{quote_ident(k)} IS NULL" for k in job.key)
+        source = f"""(
+            SELECT NULL::BIGINT AS bb_rowid, s.* FROM {rel} AS s SEMI JOIN ({todo.format(names)}) m ON {_match_row(job, False, 'm')}
+            UNION ALL
+            SELECT NULL::BIGINT AS bb_rowid, s.* FROM {rel} AS s WHERE {any_null}
+        )"""
     con.execute("CREATE OR REPLACE TEMP TABLE bb_staged AS " + _staged_select(job, source))
     return {k: columns[k] for k in job.key}
 
@@ -360,9 +380,9 @@ def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id")
     )
 
 
-def _lines_query(job: Job, columns: str) -> str:
+def _lines_query(job: Job, columns: str, by_rowid: bool) -> str:
     """Rows of `bb_send` joined back to the staging relation for their prompt text."""
-    on = " AND ".join(f"s.{quote_ident(k)} = c.{quote_ident(k)}" for k in job.key)
+    on = _match_row(job, by_rowid)
     return f"""
         SELECT {columns}
         FROM bb_send q
@@ -417,7 +437,7 @@ def measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
         "CREATE OR REPLACE TEMP TABLE bb_lines AS "
         + _lines_query(job, "row_number() OVER (ORDER BY q.request_custom_id) - 1 AS rn, q.request_custom_id, "
                        f"q.input_hash, q.attempt, q.key_count, length({prompt_sql(job, 's')}) AS prompt_chars, "
-                       f"strlen({line_sql(job)}) AS nbytes")
+                       f"strlen({line_sql(job)}) AS nbytes", is_table(con, job))
     )
     n, biggest, chars = con.execute(
         "SELECT count(*), coalesce(max(nbytes), 0), coalesce(sum(prompt_chars), 0) FROM bb_lines"
@@ -445,7 +465,7 @@ def write_requests(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_
     instead of holding a batch (up to 256 MB of request text) in memory.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    on = " AND ".join(f"s.{quote_ident(k)} = c.{quote_ident(k)}" for k in job.key)
+    on = _match_row(job, is_table(con, job))
     paths = []
     for c, name in zip(plan.chunks, names):
         tmp = out_dir / f".{name}.jsonl.tmp"
