@@ -4,10 +4,11 @@ Three steps, none of which holds prompt text for every row in memory:
 1. `stage`: read the staging relation (warehouse ATTACHed read-only). A first scan takes each row's
    custom_id and a cheap 64-bit fingerprint of its prompt, and looks the pair up in `key_inputs`:
    a key whose prompt is unchanged since its input was answered is up to date without hashing its
-   prompt again. A second scan builds the narrow temp table `bb_staged` only for the other rows
-   (changed or new keys, NULL or duplicate keys): key columns, custom_id, input_hash (md5_number of
-   the static request part and the prompt), prompt size and emptiness. No prompt text, and no key
-   JSON (built later, only for rows whose key is stored).
+   prompt again. A second read (by rowid for a table, so DuckDB reads just those rows) builds the
+   narrow temp table `bb_staged` only for the other rows (changed or new keys, NULL or duplicate
+   keys): key columns, custom_id, input_hash (md5_number of the static request part and the
+   prompt), prompt size and emptiness. No prompt text, and no key JSON (built later, only for rows
+   whose key is stored).
 2. `classify`: join those rows with `input_outcomes` (what the answers so far say of each input) and
    the submissions in flight to give each row one disposition (send, up_to_date, in_flight, or a
    reason for not sending it).
@@ -231,11 +232,11 @@ def _staged_select(job: Job, source: str) -> str:
     empty = empty_prompt_sql(job, prompt=prompt_sql(job)) if job.prompt_column else empty_prompt_sql(job)
     return f"""
         SELECT {names}, bb_rowid, custom_id, custom_id IS NULL AS key_null, prompt_empty,
-               CASE WHEN NOT prompt_empty THEN md5_number({quote_literal(job.static_hash)} || p) END AS input_hash,
-               coalesce(strlen(p), 0) AS prompt_bytes,
-               CASE WHEN NOT prompt_empty THEN {fingerprint_sql('p')} END AS fingerprint
+               CASE WHEN NOT prompt_empty THEN md5_number({quote_literal(job.static_hash)} || bb_prompt) END AS input_hash,
+               coalesce(strlen(bb_prompt), 0) AS prompt_bytes,
+               CASE WHEN NOT prompt_empty THEN {fingerprint_sql('bb_prompt')} END AS fingerprint
         FROM (
-            SELECT {keys}, s.bb_rowid, {prompt_sql(job)} AS p, {custom_id_sql(job)} AS custom_id, {empty} AS prompt_empty
+            SELECT {keys}, s.bb_rowid, {prompt_sql(job)} AS bb_prompt, {custom_id_sql(job)} AS custom_id, {empty} AS prompt_empty
             FROM {source} AS s
         )
     """
@@ -276,8 +277,8 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
         CREATE OR REPLACE TEMP TABLE bb_keys AS
         SELECT s.* EXCLUDE (prompt_bytes, fingerprint), k.custom_id IS NOT NULL AS hit
         FROM (
-            SELECT * EXCLUDE (p), strlen(p) AS prompt_bytes, {fingerprint_sql('p')} AS fingerprint
-            FROM (SELECT {found_by}, {custom_id_sql(job)} AS custom_id, {prompt_sql(job)} AS p FROM {rel} AS s)
+            SELECT * EXCLUDE (bb_prompt), strlen(bb_prompt) AS prompt_bytes, {fingerprint_sql('bb_prompt')} AS fingerprint
+            FROM (SELECT {found_by}, {custom_id_sql(job)} AS custom_id, {prompt_sql(job)} AS bb_prompt FROM {rel} AS s)
         ) s
         LEFT JOIN (SELECT custom_id, fingerprint, prompt_bytes FROM bb_state.key_inputs WHERE {usable}) k
           ON k.custom_id = s.custom_id AND k.fingerprint = s.fingerprint AND k.prompt_bytes = s.prompt_bytes
