@@ -275,13 +275,14 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE bb_keys AS
-        SELECT s.* EXCLUDE (prompt_bytes, fingerprint), k.custom_id IS NOT NULL AS hit
+        SELECT s.* EXCLUDE (prompt_bytes, fingerprint),
+               EXISTS (SELECT 1 FROM bb_state.key_inputs k
+                       WHERE k.job = $job AND k.answered AND k.static_hash = $static_hash AND k.hash_version = $hash_version
+                         AND k.custom_id = s.custom_id AND k.fingerprint = s.fingerprint AND k.prompt_bytes = s.prompt_bytes) AS hit
         FROM (
             SELECT * EXCLUDE (bb_prompt), strlen(bb_prompt) AS prompt_bytes, {fingerprint_sql('bb_prompt')} AS fingerprint
             FROM (SELECT {found_by}, {custom_id_sql(job)} AS custom_id, {prompt_sql(job)} AS bb_prompt FROM {rel} AS s)
         ) s
-        LEFT JOIN (SELECT custom_id, fingerprint, prompt_bytes FROM bb_state.key_inputs WHERE {usable}) k
-          ON k.custom_id = s.custom_id AND k.fingerprint = s.fingerprint AND k.prompt_bytes = s.prompt_bytes
         """,
         known,
     )
