@@ -256,7 +256,8 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
     rel = job.relation.sql()
     names = ", ".join(quote_ident(k) for k in job.key)
     known = {"job": job.name, "static_hash": job.static_hash, "hash_version": HASH_VERSION}
-    usable = "job = $job AND answered AND static_hash = $static_hash AND hash_version = $hash_version"
+    usable = ("job = $job AND answered AND static_hash = $static_hash AND hash_version = $hash_version "
+              "AND fingerprint IS NOT NULL")
     has_fingerprints = con.execute(f"SELECT count(*) > 0 FROM bb_state.key_inputs WHERE {usable}", known).fetchone()[0]
     # A table's rows are found again by rowid (DuckDB then reads just those); a view's by key values.
     by_rowid = is_table(con, job)
