@@ -331,6 +331,9 @@ def load_downloaded(
 ) -> dict[str, int]:
     """Load every downloaded batch into `responses`, set-wise, and mark it collected (one transaction per batch).
 
+    The same transaction folds the new responses into `input_outcomes` (and `key_inputs.answered`),
+    the per-input summary that `plan` reads instead of the whole history.
+
     Publishes nothing: the command calls `results.publish` once when it is done loading, which also
     writes the history part of every collected batch that has none yet."""
     loaded: dict[str, int] = {}
@@ -415,6 +418,7 @@ def _load_batch(
             [job_name, batch_id]).fetchall()
         for (m,) in unknown:
             progress.step(f"warning: no price for model {m!r}; its cost is reported as unknown (NULL)")
+        state.record_outcomes(con, job_name, [batch_id])
         state.mark_collected(con, batch_id)
         if fault:
             fault("during_load")

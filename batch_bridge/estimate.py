@@ -34,6 +34,7 @@ TOOL_OVERHEAD_TOKENS = 10
 STRING_CHARS = 40
 ITEM_STRING_CHARS = 12
 TYPICAL_ITEMS = 2
+RECENT_ANSWERS = 20000  # how many of the job's latest answers calibrate its estimates
 
 
 @dataclass
@@ -105,15 +106,22 @@ def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: 
     n = plan.send_requests
     price = book.lookup(job.model)
     # Calibrate on the job's most recent answers only: enough to learn its sizes, and a plan over
-    # millions of answered rows stays fast.
+    # millions of answered rows stays fast. They are looked for in the latest collected batches that
+    # hold that many answers, not sorted out of the whole history.
     hist = con.execute(
         """
-        WITH recent AS (
+        WITH latest AS (
+            SELECT batch_id, sum(coalesce(succeeded, result_lines, 0)) OVER (
+                       ORDER BY collected_at DESC, batch_id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before
+            FROM bb_state.batches WHERE job = $job AND local_state = 'collected'
+        ),
+        recent AS (
             SELECT request_custom_id, input_hash, attempt, input_tokens, cache_creation_input_tokens,
                    cache_read_input_tokens, output_tokens
             FROM bb_state.responses
             WHERE job = $job AND status IN ('succeeded', 'parse_failed')
-            ORDER BY collected_at DESC LIMIT 20000
+              AND batch_id IN (SELECT batch_id FROM latest WHERE coalesce(before, 0) < $recent)
+            ORDER BY collected_at DESC LIMIT $recent
         )
         SELECT count(*), sum(r.input_tokens + coalesce(r.cache_creation_input_tokens, 0)
                              + coalesce(r.cache_read_input_tokens, 0)),
@@ -122,7 +130,7 @@ def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: 
         JOIN bb_state.sent_requests s ON s.job = $job AND s.request_custom_id = r.request_custom_id
              AND s.input_hash = r.input_hash AND s.attempt = r.attempt
         """,
-        {"job": job.name},
+        {"job": job.name, "recent": RECENT_ANSWERS},
     ).fetchone()
     seen, hist_tokens, hist_chars, hist_out = hist
     shared = prefix_tokens(job)

@@ -1,11 +1,17 @@
 """Staging rows -> what to send: custom_ids, input hashes, dispositions and request files, all set-wise.
 
-Three passes, none of which holds prompt text for every row in memory:
-1. `stage`: read the staging relation once (warehouse ATTACHed read-only) into a narrow temp table:
-   key columns, custom_id, input_hash (md5_number of the static request part and the prompt), prompt
-   size and emptiness. No prompt text, and no key JSON (built later, only for rows whose key is stored).
-2. `classify`: join that with the bridge's own history to give each row one disposition
-   (send, up_to_date, in_flight, or a reason for not sending it).
+Three steps, none of which holds prompt text for every row in memory:
+1. `stage`: read the staging relation (warehouse ATTACHed read-only). A first scan takes each row's
+   custom_id and a cheap 64-bit fingerprint of its prompt, and looks the pair up in `key_inputs`:
+   a key whose prompt is unchanged since its input was answered is up to date without hashing its
+   prompt again. A second read (by rowid for a table, so DuckDB reads just those rows) builds the
+   narrow temp table `bb_staged` only for the other rows (changed or new keys, NULL or duplicate
+   keys): key columns, custom_id, input_hash (md5_number of the static request part and the
+   prompt), prompt size and emptiness. No prompt text, and no key JSON (built later, only for rows
+   whose key is stored).
+2. `classify`: join those rows with `input_outcomes` (what the answers so far say of each input) and
+   the submissions in flight to give each row one disposition (send, up_to_date, in_flight, or a
+   reason for not sending it).
 3. `write_requests`: only for rows to send, rebuild each request line in SQL
    (`prefix || to_json(prompt) || suffix`), cut the lines into batches that respect both caps, and
    let DuckDB write every batch file in one COPY.
@@ -25,7 +31,7 @@ import duckdb
 from .config import Settings
 from .errors import JobDefinitionError, WarehouseError, WarehouseLocked
 from .jobs import Job, quote_ident, quote_literal, template_columns
-from .state import single_threaded, wait_for_lock
+from .state import RETRYABLE_ERRORS, single_threaded, wait_for_lock
 
 # Dispositions of a staged row. "send" goes out; the others are counted, and the "not sendable"
 # ones are recorded in `rejections` with their reason so that nothing is silently dropped.
@@ -41,10 +47,12 @@ REJECTED_REASONS = {
     "attempts_exhausted": "retryable failures reached max_attempts for this input",
     "parse_failed": "the answer did not match the output schema (retry_parse_failed is false)",
 }
-RETRYABLE_ERRORS = ("overloaded_error", "api_error", "rate_limit_error", "timeout_error")
 CUSTOM_ID_PATTERN = "[a-zA-Z0-9_-]{1,64}"
 ENCODED_PREFIX = "bbk-"
 BODY_OVERHEAD = len(b'{"requests":[') + len(b"]}")
+# DuckDB's hash() may change between versions; fingerprints taken by another version are not used.
+HASH_VERSION = duckdb.__version__
+FINGERPRINT_SHIFT = "bbfp"  # 4 bytes: the second hash sees every byte at another offset in its 8-byte block
 
 
 @dataclass
@@ -193,89 +201,163 @@ def key_json_sql(job: Job, alias: str = "c") -> str:
     return f"CAST(json_array({', '.join(f'{alias}.{quote_ident(k)}' for k in job.key)}) AS VARCHAR)"
 
 
-def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
-    """Pass 1: the narrow snapshot `bb_staged` of the job's staging relation. Returns key column types.
+def fingerprint_sql(prompt: str) -> str:
+    """A 64-bit fingerprint of the prompt text, ~15x cheaper than its md5: DuckDB's hash() of the text
+    XOR its hash() shifted by four bytes. Used only together with the key and the byte length, to
+    recognise a key's unchanged prompt (docs/DESIGN.md, "Unchanged prompts are not hashed again")."""
+    return f"hash({prompt}, {quote_literal(FINGERPRINT_SHIFT)} || {prompt})"
 
-    One scan of the relation; the prompt text is hashed and measured, never kept.
+
+def is_table(con: duckdb.DuckDBPyConnection, job: Job) -> bool:
+    """Whether the staging relation is a table, whose rows can be found again by rowid (a view's cannot)."""
+    rel = job.relation
+    return bool(con.execute(
+        "SELECT count(*) > 0 FROM duckdb_tables() WHERE database_name = ? AND schema_name = ? AND table_name = ?",
+        [rel.database, rel.schema, rel.identifier],
+    ).fetchone()[0])
+
+
+def _match_row(job: Job, by_rowid: bool, staged: str = "c") -> str:
+    """Join condition of the staging relation `s` with one of its staged rows."""
+    if by_rowid:
+        return f"s.rowid = {staged}.bb_rowid"
+    return " AND ".join(f"s.{quote_ident(k)} = {staged}.{quote_ident(k)}" for k in job.key)
+
+
+def _staged_select(job: Job, source: str) -> str:
+    """Rows of `source` (the staging relation, or part of it, with a `bb_rowid` column) with custom_id,
+    input hash, size and emptiness; no prompt text."""
+    keys = ", ".join(f"s.{quote_ident(k)}" for k in job.key)
+    names = ", ".join(quote_ident(k) for k in job.key)
+    empty = empty_prompt_sql(job, prompt=prompt_sql(job)) if job.prompt_column else empty_prompt_sql(job)
+    return f"""
+        SELECT {names}, bb_rowid, custom_id, custom_id IS NULL AS key_null, prompt_empty,
+               CASE WHEN NOT prompt_empty THEN md5_number({quote_literal(job.static_hash)} || bb_prompt) END AS input_hash,
+               coalesce(strlen(bb_prompt), 0) AS prompt_bytes,
+               CASE WHEN NOT prompt_empty THEN {fingerprint_sql('bb_prompt')} END AS fingerprint
+        FROM (
+            SELECT {keys}, s.bb_rowid, {prompt_sql(job)} AS bb_prompt, {custom_id_sql(job)} AS custom_id, {empty} AS prompt_empty
+            FROM {source} AS s
+        )
+    """
+
+
+def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
+    """Pass 1: `bb_keys` (custom_id, rowid or key columns, hit) for every row, `bb_dups`, and
+    `bb_staged` for the rows that are not hits. Returns the key column types.
+
+    A hit is a row whose key, prompt fingerprint and prompt length equal those recorded in
+    `key_inputs` for an input that already has a succeeded answer: it is up to date, and its prompt
+    is not md5-hashed. When the job has no usable fingerprints (first plan, changed job definition,
+    another DuckDB version), every row is staged in one scan, as before fingerprints existed.
     """
     columns = relation_columns(con, job)
     _check_columns(job, columns)
-    keys = ", ".join(f"s.{quote_ident(k)}" for k in job.key)
+    rel = job.relation.sql()
     names = ", ".join(quote_ident(k) for k in job.key)
+    known = {"job": job.name, "static_hash": job.static_hash, "hash_version": HASH_VERSION}
+    usable = ("job = $job AND answered AND static_hash = $static_hash AND hash_version = $hash_version "
+              "AND fingerprint IS NOT NULL")
+    has_fingerprints = con.execute(f"SELECT count(*) > 0 FROM bb_state.key_inputs WHERE {usable}", known).fetchone()[0]
+    # A table's rows are found again by rowid (DuckDB then reads just those); a view's by key values.
+    by_rowid = is_table(con, job)
+    rowid = "s.rowid" if by_rowid else "NULL::BIGINT"
+    if not has_fingerprints:
+        con.execute("CREATE OR REPLACE TEMP TABLE bb_keys (custom_id VARCHAR, hit BOOLEAN)")
+        con.execute("CREATE OR REPLACE TEMP TABLE bb_staged AS "
+                    + _staged_select(job, f"(SELECT {rowid} AS bb_rowid, s.* FROM {rel} AS s)"))
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE bb_dups AS "
+            "SELECT custom_id FROM bb_staged WHERE NOT key_null GROUP BY custom_id HAVING count(*) > 1"
+        )
+        return {k: columns[k] for k in job.key}
+    found_by = "s.rowid AS bb_rowid" if by_rowid else ", ".join(f"s.{quote_ident(k)}" for k in job.key)
+    # Only the custom_id, what finds the row again, and a flag are kept; the prompt text is not.
     con.execute(
         f"""
-        CREATE OR REPLACE TEMP TABLE bb_staged AS
-        SELECT {names}, custom_id, key_null, prompt_empty,
-               CASE WHEN NOT prompt_empty THEN md5_number({quote_literal(job.static_hash)} || p) END AS input_hash,
-               coalesce(strlen(p), 0) AS prompt_bytes
+        CREATE OR REPLACE TEMP TABLE bb_keys AS
+        SELECT s.* EXCLUDE (prompt_bytes, fingerprint),
+               EXISTS (SELECT 1 FROM bb_state.key_inputs k
+                       WHERE k.job = $job AND k.answered AND k.static_hash = $static_hash AND k.hash_version = $hash_version
+                         AND k.custom_id = s.custom_id AND k.fingerprint = s.fingerprint AND k.prompt_bytes = s.prompt_bytes) AS hit
         FROM (
-            SELECT {keys},
-                   {prompt_sql(job)} AS p,
-                   {custom_id_sql(job)} AS custom_id,
-                   {' OR '.join(f's.{quote_ident(k)} IS NULL' for k in job.key)} AS key_null,
-                   {empty_prompt_sql(job, prompt=prompt_sql(job)) if job.prompt_column else empty_prompt_sql(job)} AS prompt_empty
-            FROM {job.relation.sql()} AS s
-        )
-        """
+            SELECT * EXCLUDE (bb_prompt), strlen(bb_prompt) AS prompt_bytes, {fingerprint_sql('bb_prompt')} AS fingerprint
+            FROM (SELECT {found_by}, {custom_id_sql(job)} AS custom_id, {prompt_sql(job)} AS bb_prompt FROM {rel} AS s)
+        ) s
+        """,
+        known,
     )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE bb_dups AS "
+        "SELECT custom_id FROM bb_keys WHERE custom_id IS NOT NULL GROUP BY custom_id HAVING count(*) > 1"
+    )
+    # Every row that is not a hit of a unique key: new or changed inputs, NULL and duplicate keys.
+    todo = "SELECT {} FROM bb_keys WHERE NOT hit OR custom_id IN (SELECT custom_id FROM bb_dups)"
+    if by_rowid:
+        source = (f"(SELECT s.rowid AS bb_rowid, s.* FROM {rel} AS s "
+                  f"SEMI JOIN ({todo.format('bb_rowid')}) m ON {_match_row(job, True, 'm')})")
+    else:  # NULL keys match no key value: they are read separately
+        any_null = " OR ".join(f"s.{quote_ident(k)} IS NULL" for k in job.key)
+        source = f"""(
+            SELECT NULL::BIGINT AS bb_rowid, s.* FROM {rel} AS s SEMI JOIN ({todo.format(names)}) m ON {_match_row(job, False, 'm')}
+            UNION ALL
+            SELECT NULL::BIGINT AS bb_rowid, s.* FROM {rel} AS s WHERE {any_null}
+        )"""
+    con.execute("CREATE OR REPLACE TEMP TABLE bb_staged AS " + _staged_select(job, source))
     return {k: columns[k] for k in job.key}
 
 
 def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
-    """Pass 2: one disposition per staged row, in `bb_classified`; counts into `plan`."""
+    """Pass 2: one disposition per staged row, in `bb_classified`; counts (hits included) into `plan`."""
     prefix, suffix = job.params_split()
     # A request line is {"custom_id":<id>,"params":<prefix><json prompt><suffix>}; JSON escaping can only
     # grow the prompt, so a prompt whose raw bytes already exceed the cap can never fit.
     fixed = len('{"custom_id":"","params":}'.encode()) + len(prefix.encode()) + len(suffix.encode()) + 2 + 64
     limit = job.max_bytes_per_batch - BODY_OVERHEAD - fixed
-    retryable = (
-        "r.status IN ('expired', 'canceled') OR (r.status = 'errored' AND coalesce(r.error_type, 'api_error') IN "
-        f"({', '.join(quote_literal(e) for e in RETRYABLE_ERRORS)}))"
-        + (" OR r.status = 'parse_failed'" if job.retry_parse_failed else "")
-    )
+    # Failures that count against max_attempts; parse failures count only when they are retried.
+    failures = "coalesce(o.retryable, 0)" + (" + coalesce(o.parse_failed, 0)" if job.retry_parse_failed else "")
+    unparsable = "false" if job.retry_parse_failed else "coalesce(o.parse_failed, 0) > 0"
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE bb_classified AS
-        WITH outcomes AS (
-            SELECT input_hash,
-                   bool_or(status = 'succeeded') AS ok,
-                   count(*) FILTER (WHERE {retryable}) AS failures,
-                   bool_or(status = 'errored' AND NOT ({retryable})) AS invalid,
-                   bool_or(status = 'parse_failed' AND NOT ({retryable})) AS unparsable
-            FROM bb_state.responses r WHERE job = $job GROUP BY input_hash
-        ),
-        flying AS (
+        WITH flying AS (
             SELECT DISTINCT sr.input_hash
             FROM bb_state.sent_requests sr
             JOIN bb_state.submissions su USING (submission_id)
             LEFT JOIN bb_state.batches b ON b.batch_id = su.batch_id
             WHERE sr.job = $job AND (su.state IN ('prepared', 'creating')
                   OR (su.state = 'created' AND coalesce(b.local_state, 'submitted') IN ('submitted', 'downloaded')))
-        ),
-        dups AS (SELECT custom_id FROM bb_staged WHERE NOT key_null GROUP BY custom_id HAVING count(*) > 1)
+        )
         SELECT s.*,
-               coalesce(o.failures, 0) AS failures,
+               {failures} AS failures,
                CASE
                  WHEN s.key_null THEN 'null_key'
                  WHEN d.custom_id IS NOT NULL THEN 'duplicate_key'
                  WHEN s.prompt_empty THEN 'empty_prompt'
-                 WHEN o.ok THEN '{UP_TO_DATE}'
+                 WHEN o.succeeded THEN '{UP_TO_DATE}'
                  WHEN f.input_hash IS NOT NULL THEN '{IN_FLIGHT}'
                  WHEN o.invalid THEN 'invalid_request'
-                 WHEN o.unparsable THEN 'parse_failed'
-                 WHEN coalesce(o.failures, 0) >= $max_attempts THEN 'attempts_exhausted'
+                 WHEN {unparsable} THEN 'parse_failed'
+                 WHEN {failures} >= $max_attempts THEN 'attempts_exhausted'
                  WHEN s.prompt_bytes > $limit THEN 'too_large'
                  ELSE '{SEND}'
                END AS disposition
         FROM bb_staged s
-        LEFT JOIN dups d ON d.custom_id = s.custom_id
-        LEFT JOIN outcomes o ON o.input_hash = s.input_hash
+        LEFT JOIN bb_dups d ON d.custom_id = s.custom_id
+        LEFT JOIN (SELECT * FROM bb_state.input_outcomes WHERE job = $job) o ON o.input_hash = s.input_hash
         LEFT JOIN flying f ON f.input_hash = s.input_hash
         """,
         {"job": job.name, "max_attempts": job.max_attempts, "limit": limit},
     )
     rows = con.execute("SELECT disposition, count(*) FROM bb_classified GROUP BY ALL").fetchall()
     plan.dispositions = {d: n for d, n in rows}
+    # Hits are up to date, unless their key is duplicated (those rows were staged and classified).
+    hits = con.execute(
+        "SELECT count(*) FILTER (WHERE hit) - (SELECT count(*) FROM bb_keys k JOIN bb_dups d USING (custom_id) WHERE k.hit) "
+        "FROM bb_keys"
+    ).fetchone()[0]
+    if hits:
+        plan.dispositions[UP_TO_DATE] = plan.dispositions.get(UP_TO_DATE, 0) + int(hits)
     plan.staged = sum(plan.dispositions.values())
     plan.send_keys = plan.dispositions.get(SEND, 0)
     con.execute(
@@ -301,9 +383,9 @@ def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id")
     )
 
 
-def _lines_query(job: Job, columns: str) -> str:
+def _lines_query(job: Job, columns: str, by_rowid: bool) -> str:
     """Rows of `bb_send` joined back to the staging relation for their prompt text."""
-    on = " AND ".join(f"s.{quote_ident(k)} = c.{quote_ident(k)}" for k in job.key)
+    on = _match_row(job, by_rowid)
     return f"""
         SELECT {columns}
         FROM bb_send q
@@ -358,7 +440,7 @@ def measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
         "CREATE OR REPLACE TEMP TABLE bb_lines AS "
         + _lines_query(job, "row_number() OVER (ORDER BY q.request_custom_id) - 1 AS rn, q.request_custom_id, "
                        f"q.input_hash, q.attempt, q.key_count, length({prompt_sql(job, 's')}) AS prompt_chars, "
-                       f"strlen({line_sql(job)}) AS nbytes")
+                       f"strlen({line_sql(job)}) AS nbytes", is_table(con, job))
     )
     n, biggest, chars = con.execute(
         "SELECT count(*), coalesce(max(nbytes), 0), coalesce(sum(prompt_chars), 0) FROM bb_lines"
@@ -386,12 +468,14 @@ def write_requests(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_
     instead of holding a batch (up to 256 MB of request text) in memory.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    on = _match_row(job, is_table(con, job))
     with single_threaded(con):  # writing lines is I/O; each thread would buffer its own share
-        return _write_request_files(con, job, plan, out_dir, names)
+        return _write_request_files(con, job, plan, out_dir, names, on)
 
 
-def _write_request_files(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_dir: Path, names: list[str]) -> list[Path]:
-    on = " AND ".join(f"s.{quote_ident(k)} = c.{quote_ident(k)}" for k in job.key)
+def _write_request_files(
+    con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_dir: Path, names: list[str], on: str
+) -> list[Path]:
     paths = []
     for c, name in zip(plan.chunks, names):
         tmp = out_dir / f".{name}.jsonl.tmp"

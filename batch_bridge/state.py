@@ -132,7 +132,74 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [m001_initial]
+# Errors after which the same input may be sent again (counted against max_attempts); any other
+# `errored` result (invalid_request_error, ...) says the input itself is refused.
+RETRYABLE_ERRORS = ("overloaded_error", "api_error", "rate_limit_error", "timeout_error")
+
+
+def outcomes_select(where: str) -> str:
+    """`input_outcomes` rows (job, input_hash, succeeded, retryable, parse_failed, invalid) of the
+    `responses` rows matching `where`. Changing what counts as retryable needs a migration that
+    rebuilds `input_outcomes` with it."""
+    errors = ", ".join("'" + e + "'" for e in RETRYABLE_ERRORS)
+    retryable = f"(status IN ('expired', 'canceled') OR (status = 'errored' AND coalesce(error_type, 'api_error') IN ({errors})))"
+    return f"""
+        SELECT job, input_hash,
+               bool_or(status = 'succeeded') AS succeeded,
+               count(*) FILTER (WHERE {retryable}) AS retryable,
+               count(*) FILTER (WHERE status = 'parse_failed') AS parse_failed,
+               bool_or(status = 'errored' AND NOT {retryable}) AS invalid
+        FROM bb_state.responses WHERE {where} GROUP BY job, input_hash
+    """
+
+
+def m002_input_outcomes(con: duckdb.DuckDBPyConnection) -> None:
+    """What the answers so far say of each distinct input, so that `plan` joins one row per input
+    instead of aggregating the whole `responses` history every time."""
+    con.execute(
+        """
+        CREATE TABLE input_outcomes (  -- one row per (job, input_hash) with responses; kept at load
+            job VARCHAR NOT NULL,
+            input_hash UHUGEINT NOT NULL,
+            succeeded BOOLEAN NOT NULL,   -- some answer succeeded (and matched the output schema)
+            retryable BIGINT NOT NULL,    -- expired, canceled, or errored with a retryable error type
+            parse_failed BIGINT NOT NULL, -- answers that did not match the output schema
+            invalid BOOLEAN NOT NULL      -- errored with a non-retryable error (the input is refused)
+        )
+        """
+    )
+    con.execute("INSERT INTO input_outcomes " + outcomes_select("true"))
+
+
+def m003_key_inputs(con: duckdb.DuckDBPyConnection) -> None:
+    """Each key's current input (the latest `key_versions` row) with a fingerprint of its prompt text,
+    so that `plan` hashes (md5) only the prompts that changed. Old files get no fingerprints: their
+    first plan hashes every prompt, and their next submit records the fingerprints."""
+    con.execute(
+        """
+        CREATE TABLE key_inputs (  -- one row per (job, custom_id); written with key_versions
+            job VARCHAR NOT NULL,
+            custom_id VARCHAR NOT NULL,
+            input_hash UHUGEINT NOT NULL,  -- = the key's latest key_versions.input_hash
+            answered BOOLEAN NOT NULL,     -- = input_outcomes.succeeded of that input_hash
+            static_hash VARCHAR,           -- the job definition the fingerprint was taken under
+            hash_version VARCHAR,          -- the DuckDB version whose hash() made it
+            prompt_bytes BIGINT,
+            fingerprint UBIGINT            -- hash(prompt, 'bbfp' || prompt): see docs/DESIGN.md
+        )
+        """
+    )
+    con.execute(
+        """
+        INSERT INTO key_inputs
+        SELECT k.job, k.custom_id, k.input_hash, coalesce(o.succeeded, false), NULL, NULL, NULL, NULL
+        FROM (SELECT job, custom_id, arg_max(input_hash, seen_at) AS input_hash FROM key_versions GROUP BY job, custom_id) k
+        LEFT JOIN input_outcomes o ON o.job = k.job AND o.input_hash = k.input_hash
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [m001_initial, m002_input_outcomes, m003_key_inputs]
 
 
 def migrate(con: duckdb.DuckDBPyConnection) -> None:
@@ -335,3 +402,32 @@ def discard_download(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) ->
 def mark_lost(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) -> None:
     """Results can no longer be had (deleted, archived): its rows become pending again."""
     _move(con, "batches", "batch_id", batch_id, "local_state", ("submitted", "downloaded"), "lost", {"note": why})
+
+
+def record_outcomes(con: duckdb.DuckDBPyConnection, job: str, batch_ids: list[str]) -> None:
+    """Fold the responses just loaded from `batch_ids` into `input_outcomes`, and mark the keys whose
+    current input now has an answer. Run inside the load's transaction, so both stay exactly what
+    `responses` says."""
+    ids = ", ".join("'" + b.replace("'", "''") + "'" for b in batch_ids)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE bb_new_outcomes AS "
+        + outcomes_select(f"job = $job AND batch_id IN ({ids})"),
+        {"job": job},
+    )
+    con.execute(
+        """
+        MERGE INTO bb_state.input_outcomes t
+        USING bb_new_outcomes n ON t.job = n.job AND t.input_hash = n.input_hash
+        WHEN MATCHED THEN UPDATE SET succeeded = t.succeeded OR n.succeeded, retryable = t.retryable + n.retryable,
+                                     parse_failed = t.parse_failed + n.parse_failed, invalid = t.invalid OR n.invalid
+        WHEN NOT MATCHED THEN INSERT VALUES (n.job, n.input_hash, n.succeeded, n.retryable, n.parse_failed, n.invalid)
+        """
+    )
+    con.execute(
+        """
+        UPDATE bb_state.key_inputs SET answered = true
+        WHERE job = $job AND NOT answered AND input_hash IN (SELECT input_hash FROM bb_new_outcomes WHERE succeeded)
+        """,
+        {"job": job},
+    )
+    con.execute("DROP TABLE bb_new_outcomes")

@@ -36,7 +36,7 @@ from . import api, state
 from .config import Settings
 from .errors import ApiAuthError, ApiError, ApiRequestRejected, BudgetExceeded, ConfigError
 from .estimate import Estimate, estimate_job
-from .export import JobPlan, classify, key_json_sql, measure, stage, warehouse_attached, write_requests
+from .export import HASH_VERSION, JobPlan, classify, key_json_sql, measure, stage, warehouse_attached, write_requests
 from .jobs import Job
 from .pricing import load_prices
 from .progress import Progress, Silent
@@ -84,21 +84,38 @@ class SubmitReport:
 
 
 def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: dict[str, str]) -> None:
-    """Record each key's current input (only keys that are new or changed) and the job definition."""
+    """Record each key's current input (only keys that are new or changed) and the job definition.
+
+    Only rows of `bb_classified` can be new or changed: the others are hits of `key_inputs`, unchanged
+    by definition. `key_inputs` (the latest input of each key, with its prompt fingerprint) is written
+    in the same transaction as `key_versions`, so the two never disagree."""
     now = state.utcnow()
+    stored = "c.disposition NOT IN ('null_key', 'duplicate_key', 'empty_prompt')"
     con.execute(
         f"""
         INSERT INTO bb_state.key_versions
         SELECT $job, c.custom_id, {key_json_sql(job, 'c')}, c.input_hash, $now
         FROM bb_classified c
-        LEFT JOIN (
-            SELECT custom_id, arg_max(input_hash, seen_at) AS input_hash
-            FROM bb_state.key_versions WHERE job = $job GROUP BY custom_id
-        ) k ON k.custom_id = c.custom_id
-        WHERE c.disposition NOT IN ('null_key', 'duplicate_key', 'empty_prompt')
-          AND (k.input_hash IS NULL OR k.input_hash <> c.input_hash)
+        LEFT JOIN (SELECT custom_id, input_hash FROM bb_state.key_inputs WHERE job = $job) k ON k.custom_id = c.custom_id
+        WHERE {stored} AND (k.input_hash IS NULL OR k.input_hash <> c.input_hash)
         """,
         {"job": job.name, "now": now},
+    )
+    con.execute(
+        f"""
+        MERGE INTO bb_state.key_inputs t
+        USING (SELECT custom_id, input_hash, disposition = 'up_to_date' AS answered, prompt_bytes, fingerprint
+               FROM bb_classified c WHERE {stored}) n
+        ON t.job = $job AND t.custom_id = n.custom_id
+        WHEN MATCHED AND (t.input_hash <> n.input_hash OR t.answered <> n.answered
+                          OR t.fingerprint IS DISTINCT FROM n.fingerprint OR t.prompt_bytes IS DISTINCT FROM n.prompt_bytes
+                          OR t.static_hash IS DISTINCT FROM $static_hash OR t.hash_version IS DISTINCT FROM $hash_version)
+          THEN UPDATE SET input_hash = n.input_hash, answered = n.answered, static_hash = $static_hash,
+                          hash_version = $hash_version, prompt_bytes = n.prompt_bytes, fingerprint = n.fingerprint
+        WHEN NOT MATCHED THEN INSERT VALUES ($job, n.custom_id, n.input_hash, n.answered, $static_hash, $hash_version,
+                                             n.prompt_bytes, n.fingerprint)
+        """,
+        {"job": job.name, "static_hash": job.static_hash, "hash_version": HASH_VERSION},
     )
     con.execute("DELETE FROM bb_state.rejections WHERE job = ?", [job.name])
     con.execute(

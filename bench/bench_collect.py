@@ -96,6 +96,7 @@ def main() -> None:
             (s.results_dir("items") / "history" / f"{bid}.parquet").unlink(missing_ok=True)
             with state.connect(s) as con:
                 con.execute("DELETE FROM bb_state.responses WHERE batch_id = ?", [bid])
+                con.execute("DELETE FROM bb_state.input_outcomes WHERE job = 'items'")  # kept from responses at load
                 if to == "submitted":
                     f = con.execute("SELECT result_file FROM bb_state.batches WHERE batch_id = ?", [bid]).fetchone()[0]
                     if f:

@@ -6,8 +6,13 @@ full run followed by a change of 1% of the prompts:
   - one `responses` row (succeeded, a short output_text) per staged row; for 99% of the rows its
     input_hash is the row's current input hash, for 1% (every 100th row) the hash of an older prompt;
   - the matching `sent_requests`, `submissions` (created) and `batches` (collected, 100,000 each) and
-    `key_versions` rows.
+    `key_versions` rows;
+  - what collect and submit keep beside them: `input_outcomes` (one row per answered input) and
+    `key_inputs` (each key's input with the fingerprint of the prompt that was answered).
 Input hashes are computed in SQL exactly as `export.stage` does: md5_number(job.static_hash || prompt).
+
+Also timed once: the same plan with the fingerprints removed, as after upgrading an old state file
+(every prompt is md5-hashed again until the next submit records them).
 
 Timed: `bridge.plan(settings, jobs)` in-process (jobs loaded beforehand, so no dbt parse): it attaches
 the warehouse, stages, classifies against the history, measures the 1% to send and estimates their
@@ -38,6 +43,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from batch_bridge import bridge, state, submit
+    from batch_bridge.export import HASH_VERSION, fingerprint_sql
     from batch_bridge.jobs import quote_literal
 
     timings: dict[str, list[float]] = defaultdict(list)
@@ -66,13 +72,13 @@ def main() -> None:
         changed = f"(i % {every} = 0)" if every else "false"
         with state.connect(s) as con:
             con.execute(f"ATTACH {quote_literal(str(s.warehouse))} AS wh (READ_ONLY)")
+            # `sent`: the prompt the history answered (an older wording for the changed rows).
             con.execute(
                 f"""CREATE TEMP TABLE hist AS
-                SELECT row_number() OVER () - 1 AS i, id,
-                       md5_number({quote_literal(job.static_hash)} || CASE WHEN {changed.replace('i %', '(row_number() OVER () - 1) %')}
-                           THEN prompt || ' (an older wording)' ELSE prompt END) AS input_hash,
-                       strlen(prompt) AS prompt_bytes
-                FROM wh.main.stg_items"""
+                SELECT i, id, md5_number({quote_literal(job.static_hash)} || sent) AS input_hash,
+                       strlen(prompt) AS prompt_bytes, strlen(sent) AS sent_bytes, {fingerprint_sql('sent')} AS fingerprint
+                FROM (SELECT *, CASE WHEN {changed} THEN prompt || ' (an older wording)' ELSE prompt END AS sent
+                      FROM (SELECT row_number() OVER () - 1 AS i, id, prompt FROM wh.main.stg_items))"""
             )
             con.execute("DETACH wh")
             con.execute("BEGIN")
@@ -108,6 +114,12 @@ def main() -> None:
                 "input_hash, 1, 'succeeded', 'The reviewer is mostly satisfied: late delivery, good value. #' || i, NULL, "
                 "'end_turn', 'claude-haiku-4-5', 80, 25, 0, 0, 0, 0, 0.00011, NULL, NULL, now(), now() FROM hist"
             )
+            # What `collect` (input_outcomes) and `submit` (key_inputs) maintain beside that history.
+            con.execute("INSERT INTO bb_state.input_outcomes " + state.outcomes_select("job = 'items'"))
+            con.execute(
+                "INSERT INTO bb_state.key_inputs SELECT 'items', id, input_hash, true, ?, ?, sent_bytes, fingerprint FROM hist",
+                [job.static_hash, HASH_VERSION],
+            )
             con.execute("COMMIT")
             con.execute("CHECKPOINT")
         t_state = time.perf_counter() - t
@@ -130,6 +142,12 @@ def main() -> None:
 
         with_hist, p = run(s, f"plan with history ({args.changed:.0%} changed)")
         assert p.send_keys == (args.rows + every - 1) // every if every else 0, p.send_keys
+        # A state file migrated from before fingerprints: no key has one until the next submit.
+        with state.connect(s) as con:
+            con.execute("UPDATE bb_state.key_inputs SET static_hash = NULL, fingerprint = NULL")
+        repeat, args.repeat = args.repeat, 1
+        run(s, "plan with history, no fingerprints yet (first plan after upgrading)")
+        args.repeat = repeat
         no_hist, p2 = run(s.with_(home=root / "empty_home"), "plan with no history (reference)")
         assert p2.send_keys == args.rows
 

@@ -1,0 +1,168 @@
+"""The bridge's own state: migrations of old files, and the summaries kept beside `responses` and
+`key_versions` (`input_outcomes`, `key_inputs`) staying exactly what those tables say."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from batch_bridge import api, bridge, state
+from batch_bridge.purge import purge
+from helpers import current, load_staging, settings_for, write_project
+
+
+def job_meta(**over):
+    meta = {"job": "items", "key": "id", "model": "claude-haiku-4-5", "max_tokens": 100,
+            "prompt_column": "prompt", "max_attempts": 5}
+    meta.update(over)
+    return meta
+
+
+def rows_sql(n: int, template: str = "'review ' || lpad(i::VARCHAR, 9, '0') || ' is great, really great!'") -> str:
+    return f"SELECT 'r' || lpad(i::VARCHAR, 6, '0') AS id, {template} AS prompt FROM range({n}) t(i)"
+
+
+@pytest.fixture
+def project(tmp_path, emulator):
+    def make(sql: str, **meta):
+        write_project(tmp_path, job_meta(**meta))
+        s = settings_for(tmp_path, emulator.base_url)
+        load_staging(s, sql)
+        return s
+
+    return make
+
+
+def run(s):
+    return bridge.run(s, bridge.load_jobs(s), api.build_client(s))
+
+
+def plan(s) -> dict:
+    jobs = bridge.load_jobs(s)
+    plans, est = bridge.plan(s, jobs)
+    return bridge.plan_to_json(plans[0], est[plans[0].job.name])
+
+
+def fetch(s, sql: str) -> list[tuple]:
+    with state.connect(s) as con:
+        return sorted(con.execute(sql).fetchall(), key=repr)
+
+
+def assert_summaries_match_history(s) -> None:
+    """`input_outcomes` is the aggregate of `responses`; `key_inputs` is each key's latest
+    `key_versions` input, `answered` exactly when that input has a succeeded answer."""
+    assert fetch(s, "SELECT * FROM bb_state.input_outcomes") == fetch(s, state.outcomes_select("true"))
+    assert fetch(s, "SELECT job, custom_id, input_hash FROM bb_state.key_inputs") == fetch(
+        s, "SELECT job, custom_id, arg_max(input_hash, seen_at) FROM bb_state.key_versions GROUP BY ALL")
+    assert fetch(s, "SELECT count(*) FROM bb_state.key_inputs k LEFT JOIN bb_state.input_outcomes o "
+                    "USING (job, input_hash) WHERE k.answered <> coalesce(o.succeeded, false)") == [(0,)]
+
+
+def test_outcomes_stay_equal_to_the_responses_through_failures_retries_and_purge(project, emulator):
+    s = project(rows_sql(60))
+    emulator.set_faults(errored_fraction=0.3, errored_types=("overloaded_error", "invalid_request_error"),
+                        expired_fraction=0.2)
+    run(s)
+    assert_summaries_match_history(s)
+    before = plan(s)
+    assert before["rows_to_send"] > 0 and before["skipped"].get("invalid_request")
+    run(s)  # the retryable ones again, some failing again
+    assert_summaries_match_history(s)
+    emulator.clear_faults()
+    run(s)
+    assert_summaries_match_history(s)
+    p = plan(s)
+    assert p["rows_to_send"] == 0 and p["up_to_date_rows"] + p["skipped"]["invalid_request"]["rows"] == 60
+    purge(s, older_than_days=0)
+    assert_summaries_match_history(s)
+    assert plan(s) == p
+
+
+def test_an_old_state_file_is_migrated_and_plans_the_same(project):
+    s = project(rows_sql(40))
+    run(s)
+    # Take the file back to what the first release wrote: only m001's tables.
+    with state.connect(s) as con:
+        con.execute("DROP TABLE bb_state.input_outcomes")
+        con.execute("DROP TABLE bb_state.key_inputs")
+        con.execute("DELETE FROM bb_state._migrations WHERE name <> 'm001_initial'")
+    load_staging(s, rows_sql(40, "CASE WHEN i = 3 THEN 'review 3 changed' "
+                                 "ELSE 'review ' || lpad(i::VARCHAR, 9, '0') || ' is great, really great!' END"))
+    p = plan(s)  # opening the file migrates it
+    assert (p["rows_to_send"], p["up_to_date_rows"]) == (1, 39)
+    assert fetch(s, "SELECT name FROM bb_state._migrations") == [
+        ("m001_initial",), ("m002_input_outcomes",), ("m003_key_inputs",)]
+    assert_summaries_match_history(s)
+    assert fetch(s, "SELECT count(fingerprint) FROM bb_state.key_inputs") == [(0,)]  # until the next submit
+    run(s)
+    assert_summaries_match_history(s)
+    assert fetch(s, "SELECT count(fingerprint) FROM bb_state.key_inputs") == [(40,)]
+    assert plan(s)["up_to_date_rows"] == 40
+
+
+def test_prompts_changed_without_changing_their_length_are_all_detected(project):
+    # Same length, and changed only at bytes 7 and 15: DuckDB's hash() alone keeps changes confined to
+    # the last byte of 8-byte blocks in 8 bits, so about 1 in 256 of these would collide with it.
+    n = 2000
+    s = project(rows_sql(n))
+    run(s)
+    assert plan(s)["up_to_date_rows"] == n
+    changed = ("overlay(overlay('review ' || lpad(i::VARCHAR, 9, '0') || ' is great, really great!' "
+               "PLACING chr(65 + (i % 26)::INT) FROM 8 FOR 1) PLACING chr(97 + (i // 26 % 26)::INT) FROM 16 FOR 1)")
+    load_staging(s, rows_sql(n, changed))
+    con = duckdb.connect(str(s.warehouse))
+    assert con.execute("SELECT count(DISTINCT strlen(prompt)) FROM stg_items").fetchone() == (1,)
+    con.close()
+    p = plan(s)
+    assert (p["rows_to_send"], p["up_to_date_rows"]) == (n, 0)
+
+
+def test_fingerprints_of_another_duckdb_version_or_job_definition_are_not_used(project):
+    s = project(rows_sql(30))
+    run(s)
+    p = plan(s)
+    assert p["up_to_date_rows"] == 30
+    with state.connect(s) as con:
+        con.execute("UPDATE bb_state.key_inputs SET hash_version = 'v0.0.1'")
+    assert plan(s) == p  # every prompt hashed again (md5): the same answer
+    load_staging(s, rows_sql(30, "'review ' || i || ' changed'"))
+    with state.connect(s) as con:  # fingerprints would say "unchanged" for these new prompts ...
+        con.execute(
+            "UPDATE bb_state.key_inputs k SET hash_version = ?, fingerprint = hash(p, 'bbfp' || p), prompt_bytes = strlen(p) "
+            "FROM (SELECT 'r' || lpad(i::VARCHAR, 6, '0') AS id, 'review ' || i || ' changed' AS p FROM range(30) t(i)) n "
+            "WHERE k.custom_id = n.id", [duckdb.__version__])
+        con.execute("UPDATE bb_state.key_inputs SET static_hash = 'another job definition'")
+    assert plan(s)["rows_to_send"] == 30  # ... but they were taken under another job definition
+
+
+def test_duplicate_keys_among_unchanged_rows_are_still_rejected(project):
+    s = project(rows_sql(10))
+    run(s)
+    load_staging(s, rows_sql(10) + " UNION ALL SELECT 'r000004', 'review 000000004 is great, really great!'")
+    p = plan(s)
+    assert p["skipped"] == {"duplicate_key": {"rows": 2, "why": p["skipped"]["duplicate_key"]["why"]}}
+    assert (p["rows_to_send"], p["up_to_date_rows"]) == (0, 9)
+    run(s)
+    assert {r["id"] for r in current(s, "items")} == {f"r{i:06d}" for i in range(10)}
+
+
+def test_a_view_as_staging_model_plans_the_same_as_a_table(tmp_path, emulator):
+    """A view has no rowid: its staged rows are found again by key values (NULL keys separately)."""
+    sql = ("SELECT * FROM (VALUES ('a', 'one'), (NULL, 'no key'), ('d', 'dup 1'), ('d', 'dup 2'), "
+           "('e', '   '), ('g', 'good'), ('h', 'fine')) v(id, prompt)")
+    write_project(tmp_path, job_meta(), sql=sql, materialized="view")
+    s = settings_for(tmp_path, emulator.base_url)
+    from batch_bridge import dbt_runner
+
+    dbt_runner.invoke(s, ["build"])
+    run(s)
+    assert {r["id"] for r in current(s, "items")} == {"a", "g", "h"}
+    p = plan(s)
+    assert (p["rows_to_send"], p["up_to_date_rows"]) == (0, 3)
+    assert {k: v["rows"] for k, v in p["skipped"].items()} == {"null_key": 1, "duplicate_key": 2, "empty_prompt": 1}
+    write_project(tmp_path, job_meta(), sql=sql.replace("'good'", "'goad'"), materialized="view")
+    dbt_runner.invoke(s, ["build"])
+    p = plan(s)
+    assert (p["rows_to_send"], p["up_to_date_rows"]) == (1, 2)
+    run(s)
+    assert_summaries_match_history(s)
