@@ -58,6 +58,15 @@ class Emulator:
     def rss(self) -> int:
         return self.ps.memory_info().rss
 
+    def cpu_split(self) -> dict[str, float]:
+        """The emulator's own CPU seconds by stage (`GET /_emulator/stats`): create_parse, processing,
+        process_total; an older emulator without them gives {}."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.base_url}/_emulator/stats", timeout=30) as r:
+            return json.load(r).get("cpu_seconds", {})
+
 
 @contextmanager
 def emulator(latency: float = 2.0, *extra: str) -> Iterator[Emulator]:

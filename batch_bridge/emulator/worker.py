@@ -96,7 +96,8 @@ class Worker(threading.Thread):
                     now = self.clock.now()
                     mode, due = self._next_step(batch)
                     if now >= due:
-                        self._process(batch, mode)
+                        with self.stats.cpu("processing"):
+                            self._process(batch, mode)
                         wait = 0.0
                     else:
                         wait = min(wait, self.clock.real_seconds(due - now))
