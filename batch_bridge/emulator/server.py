@@ -35,7 +35,8 @@ from .faults import FaultState, error_type_for, message_for
 from .ids import new_batch_id, new_request_id
 from .stats import Stats
 from .store import InvalidStateTransition, Store, rfc3339
-from .validate import EnvelopeError, persist_requests
+from .intake import persist_requests
+from .validate import EnvelopeError
 from .worker import Worker
 
 log = logging.getLogger("batch_bridge.emulator")

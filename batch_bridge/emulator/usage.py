@@ -18,10 +18,11 @@ this emulator's lifetime is read from cache; longer ones are written (per ttl, 5
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from .jsonl import dumps_sorted as _compact
 
 REQUEST_OVERHEAD = 3
 MESSAGE_OVERHEAD = 4
@@ -30,7 +31,6 @@ SCHEMA_OVERHEAD = 20
 IMAGE_TOKENS = 1600
 PDF_TOKENS = 2000
 
-_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode
 
 
 def text_tokens(text: str) -> int:
@@ -157,6 +157,10 @@ class PromptCache:
         if top is not None and segs and (not breakpoints or breakpoints[-1] != len(segs) - 1):
             breakpoints.append(len(segs) - 1)
         if not breakpoints:
+            return InputUsage(input_tokens=total)
+        if REQUEST_OVERHEAD + sum(s.tokens for s in segs[: breakpoints[-1] + 1]) < min_tokens:
+            # Even the longest prefix is below the minimum: nothing can be cached, so skip the
+            # hashing (the common case of a short shared system prompt).
             return InputUsage(input_tokens=total)
 
         h = hashlib.blake2b(str(params.get("model", "")).encode(), digest_size=16)

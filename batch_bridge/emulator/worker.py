@@ -12,7 +12,6 @@ while memory stays constant: requests are read one JSONL line at a time.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import threading
@@ -20,6 +19,8 @@ import zlib
 from typing import Any, Literal
 
 from . import ids, models
+from .jsonl import dumps as _dumps
+from .jsonl import loads_line
 from .clock import Clock
 from .config import EmulatorConfig
 from .faults import FaultState
@@ -33,7 +34,6 @@ log = logging.getLogger("batch_bridge.emulator")
 
 BUCKETS = 16
 _CHECK_EVERY = 256  # requests between looks at the clock / a cancel while processing
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 Mode = Literal["process", "cancel", "expire"]
 
 
@@ -131,7 +131,7 @@ class Worker(threading.Thread):
         try:
             with open(self.store.requests_path(batch.id), "rb") as requests:
                 for n, raw in enumerate(requests):
-                    item = json.loads(raw)
+                    item = loads_line(raw)
                     cid: str = item["custom_id"]
                     if mode == "process" and rest is None and n % _CHECK_EVERY == 0:
                         # Requests not yet sent to the "model" when a cancel or the expiry
