@@ -92,6 +92,10 @@ class EmulatorConfig:
     # Results are streamed in chunks of this many bytes.
     results_chunk_bytes: int = 1024 * 1024
     log_level: str = "warning"
+    # Process batches in a child process, so the per-request work never holds the server's GIL
+    # (the CLI default); off in-process, where a thread starts instantly and a responder
+    # may be any callable.
+    worker_process: bool = False
     faults: Faults = field(default_factory=Faults)
 
 

@@ -2,7 +2,8 @@
 and the emulator's own CPU time, so a benchmark can tell whether the emulator is its bottleneck.
 
 CPU time is measured per thread (`time.thread_time`) around the two heavy stages, create
-parsing and batch processing; whatever the process spent besides those is HTTP and the rest.
+parsing and batch processing (or reported by the processing process, which runs the latter
+when `worker_process` is on); whatever the server process spent besides those is HTTP and the rest.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ class Stats:
             with self._lock:
                 self._cpu[stage] += spent
 
+    def add_cpu(self, stage: str, seconds: float) -> None:
+        """CPU time spent elsewhere (the processing process) on `stage`."""
+        with self._lock:
+            self._cpu[stage] += seconds
+
     def reset(self) -> None:
         with self._lock:
             self._counters.clear()
@@ -69,8 +75,9 @@ class Stats:
                 "http_requests": sum(self._endpoints.values()),
                 "requests_by_endpoint": dict(self._endpoints),
                 "faults_fired": dict(self._faults),
-                # CPU seconds of the two heavy stages since the last reset, and of the whole process
-                # since it started (never reset; in-process it includes the host's own threads).
+                # CPU seconds of the two heavy stages since the last reset, and of the server process
+                # since it started (never reset; in-process it includes the host's own threads; it
+                # does not include the processing process).
                 "cpu_seconds": {
                     "create_parse": round(self._cpu["create_parse"], 3),
                     "processing": round(self._cpu["processing"], 3),
