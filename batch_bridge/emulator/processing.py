@@ -40,7 +40,7 @@ from .faults import request_outcome
 from .jsonl import dumps as _dumps
 from .jsonl import loads_line
 from .responder import Responder, ResponderError, finish_message, load_responder
-from .usage import PromptCache
+from .usage import CacheNeeded, NoPromptCache, PromptCache
 from .validate import check_params
 
 log = logging.getLogger("batch_bridge.emulator")
@@ -62,6 +62,9 @@ class Job:
     faults: Faults  # a snapshot taken when processing starts
     cancel_complete_fraction: float
     cache_min_tokens: int | None
+    # Processed apart from the prompt cache, in parallel with other batches: stops with
+    # CacheNeeded at the first request the cache could apply to (see Worker._dispatch).
+    cache_free: bool = False
 
 
 @dataclass
@@ -180,6 +183,9 @@ def _fault_message(error_type: str) -> str:
 class ProcessingChild:
     """A child Python process that runs `process_batch` for the worker thread, one batch at a time.
 
+    With several children, the first one owns the prompt cache; the others only take batches
+    no cache can apply to (`Job.cache_free`).
+
     A plain `python -c` subprocess rather than a multiprocessing spawn: spawn re-imports the
     host's `__main__`, so a script without an `if __name__ == "__main__"` guard would start
     its emulator again inside the child. Messages are pickles over a socketpair
@@ -226,6 +232,8 @@ class ProcessingChild:
                     self._send(("interrupt", why))
                     forwarded = True
         answer = self._conn.recv()
+        if answer == ("cache_needed",):
+            raise CacheNeeded()
         if isinstance(answer, tuple):
             raise RuntimeError(f"processing of {job.batch_id} failed in the processing process:\n{answer[1]}")
         return answer  # type: ignore[no-any-return]
@@ -288,8 +296,12 @@ def child_main(fd: int) -> None:
         elif message[0] == "process":  # a late "interrupt" of a finished batch is ignored
             interruption.clear()
             start = time.process_time()
+            job: Job = message[1]
             try:
-                outcome = process_batch(message[1], responder, cache, interrupted)
+                outcome = process_batch(job, responder, NoPromptCache() if job.cache_free else cache, interrupted)
+            except CacheNeeded:
+                conn.send(("cache_needed",))
+                continue
             except Exception:
                 conn.send(("error", traceback.format_exc()))
                 continue

@@ -77,7 +77,7 @@ def build(config: EmulatorConfig) -> Emulator:
     stats = Stats()
     cache = PromptCache()
     faults = FaultState(config)
-    if config.worker_process and callable(config.responder):
+    if config.worker_processes and callable(config.responder):
         _check_picklable(config.responder)
     worker = Worker(store, clock, config, load_responder(config.responder), cache, stats)
     app = EmulatorApp(config, store, clock, worker, faults, stats)
@@ -93,9 +93,9 @@ def _check_picklable(responder: Any) -> None:
             problem = f"it cannot be pickled ({exc})"
     if problem is not None:
         raise ValueError(
-            f"worker_process=True runs the responder in a child process, which imports it by name; "
+            f"worker_processes > 0 runs the responder in child processes, which import it by name; "
             f"{responder!r} will not do: {problem}. Pass 'package.module:function' or a function of an "
-            "importable module, or set worker_process=False."
+            "importable module, or set worker_processes=0."
         )
 
 

@@ -2,8 +2,8 @@
 and the emulator's own CPU time, so a benchmark can tell whether the emulator is its bottleneck.
 
 CPU time is measured per thread (`time.thread_time`) around the two heavy stages, create
-parsing and batch processing (or reported by the processing process, which runs the latter
-when `worker_process` is on); whatever the server process spent besides those is HTTP and the rest.
+parsing and batch processing (or reported by the processing processes, which run the latter
+when `worker_processes` > 0); whatever the server process spent besides those is HTTP and the rest.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Stats:
                 "faults_fired": dict(self._faults),
                 # CPU seconds of the two heavy stages since the last reset, and of the server process
                 # since it started (never reset; in-process it includes the host's own threads; it
-                # does not include the processing process).
+                # does not include the processing processes).
                 "cpu_seconds": {
                     "create_parse": round(self._cpu["create_parse"], 3),
                     "processing": round(self._cpu["processing"], 3),

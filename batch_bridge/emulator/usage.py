@@ -162,7 +162,12 @@ class PromptCache:
             # Even the longest prefix is below the minimum: nothing can be cached, so skip the
             # hashing (the common case of a short shared system prompt).
             return InputUsage(input_tokens=total)
+        return self._cached(params, segs, breakpoints, top, total, min_tokens)
 
+    def _cached(
+        self, params: Mapping[str, Any], segs: list[Segment], breakpoints: list[int], top: str | None, total: int,
+        min_tokens: int,
+    ) -> InputUsage:
         h = hashlib.blake2b(str(params.get("model", "")).encode(), digest_size=16)
         prefixes: list[tuple[int, bytes, str]] = []  # (prefix tokens, digest, ttl)
         running = REQUEST_OVERHEAD
@@ -196,3 +201,15 @@ class PromptCache:
                 self._seen.add(digest)
         usage.input_tokens = total - usage.cache_read - usage.cache_creation_5m - usage.cache_creation_1h
         return usage
+
+
+class CacheNeeded(Exception):
+    """A prompt whose usage depends on the prompt cache, met by a `NoPromptCache`."""
+
+
+class NoPromptCache(PromptCache):
+    """For a batch processed apart from the cache (in parallel with others): prompts no cache
+    can apply to are counted as usual, and the first one it could apply to raises CacheNeeded."""
+
+    def _cached(self, *args: Any) -> InputUsage:
+        raise CacheNeeded()
