@@ -22,10 +22,12 @@ Target: peak RSS of the large run does not grow with the job (ratio large/small 
 from __future__ import annotations
 
 import argparse
+import os
 
 from _common import BRIDGE_CLI, PY, REPO, cli_env, emulator, machine, make_project, run_measured, workdir
 from _timed_cli import active, exclusive, parse
 
+CORES = os.cpu_count() or 1
 ORDER = ("other", "manifest", "plan", "write_requests", "upload", "poll", "sleep", "download", "load", "publish")
 
 
@@ -72,7 +74,8 @@ def main() -> None:
             rest = r["emu_cpu"] - parse - proc
             print(f"    emulator CPU by stage: create parsing {parse:.1f} s ({parse / r['wall']:.0%} of wall), "
                   f"batch processing {proc:.1f} s ({proc / r['wall']:.0%}), HTTP and the rest {rest:.1f} s "
-                  f"({rest / r['wall']:.0%}); {r['n'] / max(proc, 1e-9):,.0f} requests/s per CPU second processing")
+                  f"({rest / r['wall']:.0%}); {r['n'] / max(proc, 1e-9):,.0f} requests/s per CPU second processing; "
+                  f"the emulator used {r['emu_cpu'] / (CORES * r['wall']):.0%} of the machine ({CORES} cores x wall)")
         for name in ORDER:
             if name in r["shares"]:
                 s = r["shares"][name]
