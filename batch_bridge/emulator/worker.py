@@ -28,7 +28,8 @@ from typing import Union
 
 from .clock import Clock
 from .config import EmulatorConfig
-from .processing import Interruption, Job, Mode, Outcome, ProcessingChild, process_batch
+from .child import ProcessingChild
+from .processing import Interruption, Job, Mode, Outcome, process_batch
 from .responder import Responder
 from .stats import Stats
 from .store import Batch, Store
