@@ -97,3 +97,37 @@ def test_envelope_errors_name_the_same_request_on_both_paths(emu: Emulator, http
         response = http.post("/v1/messages/batches", content=body.encode())
         assert response.status_code == 400
         assert response.json()["error"]["message"].startswith("requests.1.params.stream: streaming is not supported")
+
+
+def pieces(body: bytes, n: int) -> Iterator[bytes]:
+    step = max(1, len(body) // n)
+    for i in range(0, len(body), step):
+        yield body[i : i + step]
+
+
+def test_a_body_arriving_in_small_pieces_is_parsed_behind_the_upload(http: httpx2.Client) -> None:
+    reqs = [request(f"r{i}", f"text {i} " * 20) for i in range(300)]
+    body = json.dumps({"requests": reqs}, separators=(",", ":")).encode()
+    created = http.post("/v1/messages/batches", content=pieces(body, 500))  # chunked, ~100 bytes each
+    assert created.status_code == 200 and created.json()["request_counts"]["processing"] == 300
+
+    bad = reqs[:1] + [{"custom_id": "bad id!", "params": {}}] + reqs[2:]
+    rejected = http.post("/v1/messages/batches", content=pieces(json.dumps({"requests": bad}).encode(), 500))
+    assert rejected.status_code == 400
+    assert rejected.json()["error"]["message"].startswith("requests.1.custom_id: String should match pattern")
+
+
+def test_a_client_that_leaves_mid_upload_creates_nothing(emu: Emulator, http: httpx2.Client) -> None:
+    body = json.dumps({"requests": [request(f"r{i}") for i in range(200)]}).encode()
+
+    def half_then_gone() -> Iterator[bytes]:
+        yield body[: len(body) // 2]
+        raise ConnectionAbortedError("client gave up")
+
+    with pytest.raises(Exception):
+        http.post("/v1/messages/batches", content=half_then_gone())
+    deadline = time.monotonic() + 10
+    while list(emu.store.uploads_dir.iterdir()) or list(emu.store.batches_dir.iterdir()):
+        assert time.monotonic() < deadline, "a half-uploaded create left files behind"
+        time.sleep(0.02)
+    assert emu.counters()["batches_created"] == 0 and emu.store.count() == 0
