@@ -9,20 +9,14 @@ top-level key, a syntax error, invalid UTF-8, `NaN`, a request over 16 MiB. Givi
 starting again with ijson (C backend, event by event), so unusual and invalid bodies get
 exactly the answers and error messages they always got, and memory stays bounded by one
 chunk plus one request either way, never by the body size.
-
-The fast parser reads the body while it is still arriving (`Upload`: the server appends to the
-file, the parser reads behind it), so a create is answered about when its last byte is in
-instead of one parse later. ijson only ever reads a complete body.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -59,88 +53,24 @@ def _finite_float(text: str) -> float:
 _raw_decode = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite_float).raw_decode
 
 
-class Abandoned(Exception):
-    """The upload will not complete (too large, or the client left): stop parsing it."""
+def persist_requests(body_path: Path, out_path: Path, max_requests: int) -> int:
+    """Validate the envelope of an uploaded create body and write it as JSONL; return the count.
 
-
-class Upload(io.RawIOBase):
-    """A create body on disk that may still be arriving: reads wait for bytes not yet written.
-
-    The server calls `grew(size)` after each flushed chunk and then `finish()`, or `abandon()`;
-    one parser thread reads.
+    Raises EnvelopeError; on error `out_path` is not left behind.
     """
-
-    def __init__(self, path: Path, complete: bool = False) -> None:
-        super().__init__()
-        self.path = path
-        self._file = open(path, "rb", buffering=0)
-        self._cond = threading.Condition()
-        self._size = path.stat().st_size if complete else 0
-        self._done = complete
-        self._abandoned = False
-
-    def readable(self) -> bool:
-        return True
-
-    def grew(self, size: int) -> None:
-        with self._cond:
-            self._size = size
-            self._cond.notify_all()
-
-    def finish(self) -> None:
-        with self._cond:
-            self._done = True
-            self._cond.notify_all()
-
-    def abandon(self) -> None:
-        with self._cond:
-            self._abandoned = True
-            self._cond.notify_all()
-
-    def wait_complete(self) -> None:
-        """Block until the whole body is on disk; Abandoned if it never will be."""
-        with self._cond:
-            while not (self._done or self._abandoned):
-                self._cond.wait()
-            if self._abandoned:
-                raise Abandoned()
-
-    def readinto(self, buffer: Any) -> int:
-        with self._cond:
-            while not (self._done or self._abandoned) and self._file.tell() >= self._size:
-                self._cond.wait()
-            if self._abandoned:
-                raise Abandoned()
-            limit = len(buffer) if self._done else min(len(buffer), self._size - self._file.tell())
-        return self._file.readinto(memoryview(buffer)[:limit])  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-def persist_requests(body: Path | Upload, out_path: Path, max_requests: int) -> int:
-    """Validate the envelope of a create body and write it as JSONL; return the count.
-
-    `body` is a complete file, or an `Upload` still arriving. Raises EnvelopeError (or
-    Abandoned); on error `out_path` is not left behind.
-    """
-    upload = body if isinstance(body, Upload) else Upload(body, complete=True)
     tmp = out_path.with_suffix(".tmp")
     try:
         try:
-            count = _fast(upload, tmp, max_requests)
+            count = _fast(body_path, tmp, max_requests)
         except _NotFast:
-            upload.wait_complete()
-            count = _with_ijson(upload.path, tmp, max_requests)
+            count = _with_ijson(body_path, tmp, max_requests)
         if count > max_requests:
             raise EnvelopeError(f"requests: List should have at most {max_requests} items after validation, not {count}")
         if count == 0:
-            raise EnvelopeError(_describe_missing_requests(upload.path))
+            raise EnvelopeError(_describe_missing_requests(body_path))
         os.replace(tmp, out_path)
         return count
     finally:
-        upload.close()
         tmp.unlink(missing_ok=True)
 
 
@@ -148,12 +78,11 @@ def _open_out(path: Path) -> TextIO:
     return open(path, "w", encoding="utf-8", newline="\n", buffering=1 << 20)
 
 
-def _fast(upload: Upload, tmp: Path, max_requests: int) -> int:
+def _fast(body_path: Path, tmp: Path, max_requests: int) -> int:
     first_seen: dict[str, int] = {}
     count = 0
-    reader = io.BufferedReader(upload, 1 << 20)
     try:
-        with io.TextIOWrapper(reader, encoding="utf-8", newline="") as f, _open_out(tmp) as out:
+        with open(body_path, encoding="utf-8", newline="") as f, _open_out(tmp) as out:
             buf = f.read(CHUNK_CHARS)
             head = _HEAD.match(buf)
             if head is None or buf.startswith("]", head.end()):

@@ -35,7 +35,7 @@ from .faults import FaultState, error_type_for, message_for
 from .ids import new_batch_id, new_request_id
 from .stats import Stats
 from .store import InvalidStateTransition, Store, rfc3339
-from .intake import Abandoned, Upload, persist_requests
+from .intake import persist_requests
 from .validate import EnvelopeError
 from .worker import Worker
 
@@ -228,54 +228,32 @@ class EmulatorApp:
             upload.unlink(missing_ok=True)
 
     async def _create(self, request: Request, cap: int, declared: str | None, upload: Any) -> Response:
-        """Stream the body to `upload` (never all in memory) while a thread validates and persists
-        it behind the writes; then register the batch."""
-        # Drain (and drop) an oversized body instead of closing early: a client still
-        # writing would see a broken pipe and retry instead of reading the 413.
-        too_large = declared is not None and declared.isdigit() and int(declared) > cap
+        """Stream the body to `upload` (never all in memory), validate and persist it, register the batch."""
+        size = 0
+        with open(upload, "wb") as f:
+            # Drain (and drop) an oversized body instead of closing early: a client still
+            # writing would see a broken pipe and retry instead of reading the 413.
+            too_large = declared is not None and declared.isdigit() and int(declared) > cap
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    too_large = True
+                if not too_large:
+                    f.write(chunk)
+        if too_large:
+            self.stats.incr("creates_rejected")
+            return error_response(
+                413, "request_too_large", f"Request exceeds the maximum allowed number of bytes ({cap})."
+            )
         batch_id = new_batch_id()
         directory = self.store.batch_dir(batch_id)
         directory.mkdir()
-        size = 0
-        with open(upload, "wb") as f:
-            feed = Upload(upload)
-            parsing = asyncio.get_running_loop().run_in_executor(
-                None, self._persist, feed, self.store.requests_path(batch_id)
-            )
-            try:
-                if too_large:
-                    feed.abandon()
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > cap and not too_large:
-                        too_large = True
-                        feed.abandon()
-                    if not too_large:
-                        f.write(chunk)
-                        f.flush()  # the parser reads the file behind us
-                        feed.grew(size)
-                feed.finish()
-            except BaseException:  # the client left (ClientDisconnect) or we are shutting down
-                feed.abandon()
-                await asyncio.wait([parsing])
-                shutil.rmtree(directory, ignore_errors=True)
-                raise
-        problem: EnvelopeError | None = None
         try:
-            count = await parsing
+            count = await anyio.to_thread.run_sync(self._persist, upload, self.store.requests_path(batch_id))
         except EnvelopeError as exc:
-            problem = exc
-        except Abandoned:
-            pass  # only a too-large body is abandoned here
-        if too_large or problem is not None:
             shutil.rmtree(directory, ignore_errors=True)
             self.stats.incr("creates_rejected")
-            if too_large:
-                return error_response(
-                    413, "request_too_large", f"Request exceeds the maximum allowed number of bytes ({cap})."
-                )
-            assert problem is not None
-            return error_response(problem.status, problem.error_type, problem.message)
+            return error_response(exc.status, exc.error_type, exc.message)
         now = self.clock.now()
         batch = self.store.add(batch_id, now, count, now + self.config.latency, time.time())
         self.stats.incr("batches_created")
@@ -288,7 +266,7 @@ class EmulatorApp:
             await asyncio.sleep(delay)
         return ok(batch.to_api(self.clock.now(), self._base_url(request)))
 
-    def _persist(self, upload: Upload, requests_path: Any) -> int:
+    def _persist(self, upload: Any, requests_path: Any) -> int:
         with self.stats.cpu("create_parse"):
             return persist_requests(upload, requests_path, self.config.max_requests_per_batch)
 
