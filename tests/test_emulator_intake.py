@@ -105,7 +105,7 @@ def pieces(body: bytes, n: int) -> Iterator[bytes]:
         yield body[i : i + step]
 
 
-def test_a_body_arriving_in_small_pieces_is_parsed_behind_the_upload(http: httpx2.Client) -> None:
+def test_a_body_arriving_in_small_pieces(http: httpx2.Client) -> None:
     reqs = [request(f"r{i}", f"text {i} " * 20) for i in range(300)]
     body = json.dumps({"requests": reqs}, separators=(",", ":")).encode()
     created = http.post("/v1/messages/batches", content=pieces(body, 500))  # chunked, ~100 bytes each
