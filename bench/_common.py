@@ -51,12 +51,39 @@ class Emulator:
         self.base_url = base_url
         self.ps = psutil.Process(proc.pid)
 
+    def _family(self) -> list[psutil.Process]:
+        # The server and its processing process (`--worker-process`, the CLI default).
+        return [self.ps, *self.ps.children(recursive=True)]
+
     def cpu_seconds(self) -> float:
-        t = self.ps.cpu_times()
-        return t.user + t.system
+        """CPU seconds of the emulator: the server process and its live children."""
+        total = 0.0
+        for p in self._family():
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system
+        return total
 
     def rss(self) -> int:
-        return self.ps.memory_info().rss
+        """RSS of the server process plus its processing process."""
+        total = 0
+        for p in self._family():
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def cpu_split(self) -> dict[str, float]:
+        """The emulator's own CPU seconds by stage (`GET /_emulator/stats`): create_parse, processing,
+        process_total; an older emulator without them gives {}."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.base_url}/_emulator/stats", timeout=30) as r:
+            return json.load(r).get("cpu_seconds", {})
 
 
 @contextmanager

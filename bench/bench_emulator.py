@@ -1,7 +1,8 @@
 """Benchmark: one 100,000-request (~200 MB) batch through the emulator, run as a subprocess.
 
-Prints wall time for create, processing and download, and the emulator's peak RSS next to
-the body size: the point is that the emulator streams (RSS stays far below the body size).
+Prints wall time for create, processing and download, the emulator's CPU seconds by stage, and
+its peak RSS (server plus processing process) next to the body size: the point is that the
+emulator streams (RSS stays far below the body size).
 
     .venv/bin/python bench/bench_emulator.py [--requests 100000] [--text-bytes 2000]
 """
@@ -80,11 +81,19 @@ class PeakRss(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        # The server and its processing process (a child with `--worker-process`, the default).
         while not self.stopping.is_set():
             try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
             except psutil.Error:
                 return
+            self.peak = max(self.peak, total)
             time.sleep(0.01)
 
 
@@ -139,6 +148,7 @@ def main() -> None:
             t3 = time.perf_counter()
             lines = sum(1 for _ in client.messages.batches.results(batch_id))
             t_sdk = time.perf_counter() - t3
+            cpu = httpx2.get(f"{url}/_emulator/stats").json().get("cpu_seconds", {})
     finally:
         sampler.stopping.set()
         sampler.join()
@@ -154,6 +164,9 @@ def main() -> None:
     print(f"processing (to ended)    {t_process:6.2f} s  ({args.requests / t_process:,.0f} requests/s)")
     print(f"download, raw httpx2     {t_raw:6.2f} s  ({raw_bytes / mb:,.1f} MB, {raw_bytes / mb / t_raw:,.0f} MB/s)")
     print(f"download, SDK results()  {t_sdk:6.2f} s  ({lines / t_sdk:,.0f} lines/s; SDK reads 64-byte chunks)")
+    if cpu:
+        print(f"emulator CPU, parsing    {cpu['create_parse']:6.2f} s  ({cpu['create_parse'] / args.requests * 1e6:.1f} µs/request)")
+        print(f"emulator CPU, processing {cpu['processing']:6.2f} s  ({cpu['processing'] / args.requests * 1e6:.1f} µs/request)")
     print(f"emulator RSS idle        {idle_rss / mb:,.1f} MB")
     print(f"emulator RSS peak        {sampler.peak / mb:,.1f} MB")
     print(f"peak RSS / body size     {sampler.peak / size:.3f}")

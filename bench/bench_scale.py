@@ -10,7 +10,8 @@ with phase stamps). Measured per run:
     plan (stage/classify/measure, twice in submit), write_requests (export COPY), upload (create
     POSTs), poll (retrieve calls), sleep (waiting between polls), download, load (read_json + INSERT),
     publish (parquet files), other (imports, state DB opens, the initial collect, ...);
-  - the emulator's CPU seconds during the run (psutil cpu_times of its process) / wall.
+  - the emulator's CPU seconds during the run (psutil cpu_times of its process) / wall, split into create
+    parsing, batch processing and the rest (HTTP) from the emulator's own `cpu_seconds` stats.
 The emulator runs with `--latency 1` so waiting is short and the bridge's own work dominates.
 
 Target: peak RSS of the large run does not grow with the job (ratio large/small close to 1).
@@ -21,10 +22,12 @@ Target: peak RSS of the large run does not grow with the job (ratio large/small 
 from __future__ import annotations
 
 import argparse
+import os
 
 from _common import BRIDGE_CLI, PY, REPO, cli_env, emulator, machine, make_project, run_measured, workdir
 from _timed_cli import active, exclusive, parse
 
+CORES = os.cpu_count() or 1
 ORDER = ("other", "manifest", "plan", "write_requests", "upload", "poll", "sleep", "download", "load", "publish")
 
 
@@ -34,9 +37,10 @@ def one(n: int, args: argparse.Namespace) -> dict:
         extra = {"BATCH_BRIDGE_MEMORY_LIMIT": args.memory_limit} if args.memory_limit else {}
         env = cli_env(root, emu.base_url, **extra)
         p = run_measured([BRIDGE_CLI, "plan"], env)
-        cpu0 = emu.cpu_seconds()
+        cpu0, split0 = emu.cpu_seconds(), emu.cpu_split()
         r = run_measured([PY, str(REPO / "bench" / "_timed_cli.py"), "run", "--poll-interval", str(args.poll_interval)], env)
-        cpu = emu.cpu_seconds() - cpu0
+        cpu, split1 = emu.cpu_seconds() - cpu0, emu.cpu_split()
+        split = {k: split1[k] - split0.get(k, 0.0) for k in split1}
         emu_rss = emu.rss()
     phases, lines = parse(r["stderr"])
     phases = [(name, a - r["t0"], b - r["t0"]) for name, a, b in phases]
@@ -47,7 +51,7 @@ def one(n: int, args: argparse.Namespace) -> dict:
         peaks[name] = max(peaks.get(name, 0), rss)
     batches = next((line for _, line in lines if line.startswith("submitted ")), "")
     return {"n": n, "wall": r["wall"], "rss": r["peak_rss"], "shares": shares, "peaks": peaks, "plan_wall": p["wall"],
-            "emu_cpu": cpu, "emu_rss": emu_rss, "batches": batches.split(":")[0], "lines": lines}
+            "emu_cpu": cpu, "emu_split": split, "emu_rss": emu_rss, "batches": batches.split(":")[0], "lines": lines}
 
 
 def main() -> None:
@@ -69,6 +73,13 @@ def main() -> None:
         print(f"{r['n']:,} rows ({r['batches']}): run wall {r['wall']:.1f} s, peak RSS {r['rss'] / 1e6:.1f} MB; "
               f"emulator CPU {r['emu_cpu']:.1f} s = {r['emu_cpu'] / r['wall']:.0%} of wall "
               f"(emulator RSS at end {r['emu_rss'] / 1e6:.0f} MB); `batch-bridge plan` before it {r['plan_wall']:.1f} s")
+        if r["emu_split"]:
+            parse, proc = r["emu_split"]["create_parse"], r["emu_split"]["processing"]
+            rest = r["emu_cpu"] - parse - proc
+            print(f"    emulator CPU by stage: create parsing {parse:.1f} s ({parse / r['wall']:.0%} of wall), "
+                  f"batch processing {proc:.1f} s ({proc / r['wall']:.0%}), HTTP and the rest {rest:.1f} s "
+                  f"({rest / r['wall']:.0%}); {r['n'] / max(proc, 1e-9):,.0f} requests/s per CPU second processing; "
+                  f"the emulator used {r['emu_cpu'] / (CORES * r['wall']):.0%} of the machine ({CORES} cores x wall)")
         for name in ORDER:
             if name in r["shares"]:
                 s = r["shares"][name]

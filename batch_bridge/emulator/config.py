@@ -92,6 +92,10 @@ class EmulatorConfig:
     # Results are streamed in chunks of this many bytes.
     results_chunk_bytes: int = 1024 * 1024
     log_level: str = "warning"
+    # Child processes that process batches, off the server's GIL (the CLI default is 2);
+    # 0 = the worker thread does it (in-process default: starts instantly, and a responder
+    # may be any callable). See worker.py for how results stay reproducible.
+    worker_processes: int = 0
     faults: Faults = field(default_factory=Faults)
 
 

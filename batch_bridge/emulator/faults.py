@@ -116,10 +116,14 @@ class FaultState:
 
     def request_outcome(self, custom_id: str) -> str | None:
         """'expired', an errored error type, or None: a pure function of (seed, custom_id)."""
-        f = self.faults
-        if f.expired_fraction > 0 and fraction(f.seed, "expired", custom_id) < f.expired_fraction:
-            return "expired"
-        if f.errored_fraction > 0 and fraction(f.seed, "errored", custom_id) < f.errored_fraction:
-            types = f.errored_types or ("overloaded_error",)
-            return types[int(fraction(f.seed, "errored-type", custom_id) * len(types))]
-        return None
+        return request_outcome(self.faults, custom_id)
+
+
+def request_outcome(f: Faults, custom_id: str) -> str | None:
+    """'expired', an errored error type, or None for one request under the fault knobs `f`."""
+    if f.expired_fraction > 0 and fraction(f.seed, "expired", custom_id) < f.expired_fraction:
+        return "expired"
+    if f.errored_fraction > 0 and fraction(f.seed, "errored", custom_id) < f.errored_fraction:
+        types = f.errored_types or ("overloaded_error",)
+        return types[int(fraction(f.seed, "errored-type", custom_id) * len(types))]
+    return None

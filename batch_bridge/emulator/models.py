@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ _FAMILIES: dict[str, int] = {
 _SUFFIX = re.compile(r"-(\d{8}|latest)$")
 
 
+@lru_cache(maxsize=1024)  # called twice per request; a batch names one or a few models
 def lookup(model: str) -> ModelInfo | None:
     """ModelInfo for an alias or dated id, or None when the model is unknown."""
     family = _SUFFIX.sub("", model)

@@ -22,15 +22,14 @@ summary-like sentence built from the prompt.
 from __future__ import annotations
 
 import importlib
-import json
 from typing import Any, Callable, Mapping
 
 from . import ids, usage
+from .jsonl import dumps as _dumps
 from .schema_gen import Context, PlanCache, make_context, sentence
 
 Responder = Callable[[Mapping[str, Any], str], dict[str, Any]]
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _plans = PlanCache()
 
 

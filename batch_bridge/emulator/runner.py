@@ -6,6 +6,7 @@ ourselves so port 0 gives a free port with no race); `serve` is the blocking CLI
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import signal
 import socket
@@ -57,6 +58,10 @@ class Emulator:
         update_config(self.config, changes)
         self.worker.wake()
 
+    def clear_cache(self) -> None:
+        """Forget the prompt cache (in the worker thread or the processing process)."""
+        self.worker.clear_cache()
+
     def counters(self) -> dict[str, Any]:
         """The same dict `GET /_emulator/stats` returns."""
         return {**self.stats.snapshot(), "batches": self.store.count()}
@@ -72,9 +77,26 @@ def build(config: EmulatorConfig) -> Emulator:
     stats = Stats()
     cache = PromptCache()
     faults = FaultState(config)
-    worker = Worker(store, clock, config, faults, load_responder(config.responder), cache, stats)
+    if config.worker_processes and callable(config.responder):
+        _check_picklable(config.responder)
+    worker = Worker(store, clock, config, load_responder(config.responder), cache, stats)
     app = EmulatorApp(config, store, clock, worker, faults, stats)
     return Emulator(config, root, store, clock, stats, cache, worker, app, _temp_root=temp)
+
+
+def _check_picklable(responder: Any) -> None:
+    problem = "it is defined in __main__" if getattr(responder, "__module__", None) == "__main__" else None
+    if problem is None:
+        try:
+            pickle.dumps(responder)
+        except Exception as exc:
+            problem = f"it cannot be pickled ({exc})"
+    if problem is not None:
+        raise ValueError(
+            f"worker_processes > 0 runs the responder in child processes, which import it by name; "
+            f"{responder!r} will not do: {problem}. Pass 'package.module:function' or a function of an "
+            "importable module, or set worker_processes=0."
+        )
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -14,14 +14,14 @@ common string formats, anyOf/oneOf/allOf, local $ref ($defs/definitions). Not su
 
 from __future__ import annotations
 
-import heapq
-import json
 import math
 import re
 import zlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from .jsonl import dumps_sorted
 
 Gen = Callable[["Context"], Any]
 
@@ -39,7 +39,10 @@ _NEUTRAL_LABELS = frozenset("neutral mixed none other unknown medium moderate".s
 _SENTENCE_NAMES = ("summary", "reason", "explanation", "rationale", "description", "comment", "justification", "text")
 _SCORE_NAMES = ("score", "rating", "stars", "sentiment", "satisfaction")
 # Punctuation and digits become spaces, then str.split: 3x faster than a regex over 2 KB.
-_NON_WORD = str.maketrans({c: " " for c in "!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~0123456789\t\r\n"})
+_NON_WORD_CHARS = "!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~0123456789\t\r\n"
+_NON_WORD = str.maketrans({c: " " for c in _NON_WORD_CHARS})
+# The same mapping as a byte table: ASCII text (the usual prompt) is translated as bytes, ~5x faster.
+_NON_WORD_BYTES = bytes(32 if chr(b) in _NON_WORD_CHARS else b for b in range(256))
 _STOPWORDS = frozenset(
     "the a an and or but of to in on at for with is are was were be been it this that as by from i you we they "
     "he she my our your their its not have has had do does did so if then than there here very just".split()
@@ -54,10 +57,18 @@ class Context:
     seed: int
     polarity: int  # >0 positive keywords dominate, <0 negative, 0 neither
     counts: Counter[str]  # word -> occurrences, in order of first occurrence
+    ranked: list[str] | None = None  # topic candidates, most frequent first (computed on first use)
+
+
+def _words(text: str) -> list[str]:
+    low = text.lower()
+    if low.isascii():
+        return low.encode("ascii").translate(_NON_WORD_BYTES).decode("ascii").split()
+    return low.translate(_NON_WORD).split()
 
 
 def make_context(text: str) -> Context:
-    counts = Counter(text.lower().translate(_NON_WORD).split())  # counted in C: this runs once per request
+    counts = Counter(_words(text))  # counted in C: this runs once per request
     pos = sum(counts[w] for w in _POSITIVE_WORDS.intersection(counts))
     neg = sum(counts[w] for w in _NEGATIVE_WORDS.intersection(counts))
     return Context(text=text, seed=zlib.crc32(text.encode()), polarity=(pos > neg) - (neg > pos), counts=counts)
@@ -65,8 +76,13 @@ def make_context(text: str) -> Context:
 
 def topic_words(ctx: Context, n: int = 3) -> list[str]:
     """The n most frequent non-stopwords of the text (ties: first occurrence), for summaries."""
-    candidates = [w for w in ctx.counts if len(w) > 2 and w not in _STOPWORDS]
-    return heapq.nlargest(n, candidates, key=ctx.counts.__getitem__)
+    if ctx.ranked is None:
+        # A stable sort in C: the same order as heapq.nlargest (which documents itself as this
+        # sort), computed once per request although a schema may ask for topics many times.
+        counts = ctx.counts
+        candidates = [w for w in counts if len(w) > 2 and w not in _STOPWORDS]
+        ctx.ranked = sorted(candidates, key=counts.__getitem__, reverse=True)
+    return ctx.ranked[:n]
 
 
 def sentence(ctx: Context) -> str:
@@ -294,7 +310,7 @@ class PlanCache:
         self._size = size
 
     def plan(self, schema: dict[str, Any]) -> Gen:
-        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        key = dumps_sorted(schema)
         plan = self._plans.get(key)
         if plan is None:
             plan = _compile(schema, schema, "", 0, 0x5EED)

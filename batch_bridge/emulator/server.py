@@ -35,7 +35,8 @@ from .faults import FaultState, error_type_for, message_for
 from .ids import new_batch_id, new_request_id
 from .stats import Stats
 from .store import InvalidStateTransition, Store, rfc3339
-from .validate import EnvelopeError, persist_requests
+from .intake import persist_requests
+from .validate import EnvelopeError
 from .worker import Worker
 
 log = logging.getLogger("batch_bridge.emulator")
@@ -248,9 +249,7 @@ class EmulatorApp:
         directory = self.store.batch_dir(batch_id)
         directory.mkdir()
         try:
-            count = await anyio.to_thread.run_sync(
-                persist_requests, upload, self.store.requests_path(batch_id), self.config.max_requests_per_batch
-            )
+            count = await anyio.to_thread.run_sync(self._persist, upload, self.store.requests_path(batch_id))
         except EnvelopeError as exc:
             shutil.rmtree(directory, ignore_errors=True)
             self.stats.incr("creates_rejected")
@@ -266,6 +265,10 @@ class EmulatorApp:
             self.stats.fault("slow_create")
             await asyncio.sleep(delay)
         return ok(batch.to_api(self.clock.now(), self._base_url(request)))
+
+    def _persist(self, upload: Any, requests_path: Any) -> int:
+        with self.stats.cpu("create_parse"):
+            return persist_requests(upload, requests_path, self.config.max_requests_per_batch)
 
     async def list(self, request: Request) -> Response:
         q = request.query_params

@@ -1,10 +1,18 @@
-"""Counters a test reads to prove what happened on the wire (e.g. "3 create POSTs, 1 batch")."""
+"""Counters a test reads to prove what happened on the wire (e.g. "3 create POSTs, 1 batch"),
+and the emulator's own CPU time, so a benchmark can tell whether the emulator is its bottleneck.
+
+CPU time is measured per thread (`time.thread_time`) around the two heavy stages, create
+parsing and batch processing (or reported by the processing processes, which run the latter
+when `worker_processes` > 0); whatever the server process spent besides those is HTTP and the rest.
+"""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 
 class Stats:
@@ -15,6 +23,7 @@ class Stats:
         self._counters: Counter[str] = Counter()
         self._endpoints: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
+        self._cpu: Counter[str] = Counter()
 
     def incr(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -28,11 +37,28 @@ class Stats:
         with self._lock:
             self._faults[name] += n
 
+    @contextmanager
+    def cpu(self, stage: str) -> Iterator[None]:
+        """Add the calling thread's CPU time inside the block to `cpu_seconds[stage]`."""
+        start = time.thread_time()
+        try:
+            yield
+        finally:
+            spent = time.thread_time() - start
+            with self._lock:
+                self._cpu[stage] += spent
+
+    def add_cpu(self, stage: str, seconds: float) -> None:
+        """CPU time spent elsewhere (the processing process) on `stage`."""
+        with self._lock:
+            self._cpu[stage] += seconds
+
     def reset(self) -> None:
         with self._lock:
             self._counters.clear()
             self._endpoints.clear()
             self._faults.clear()
+            self._cpu.clear()
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -49,4 +75,12 @@ class Stats:
                 "http_requests": sum(self._endpoints.values()),
                 "requests_by_endpoint": dict(self._endpoints),
                 "faults_fired": dict(self._faults),
+                # CPU seconds of the two heavy stages since the last reset, and of the server process
+                # since it started (never reset; in-process it includes the host's own threads; it
+                # does not include the processing processes).
+                "cpu_seconds": {
+                    "create_parse": round(self._cpu["create_parse"], 3),
+                    "processing": round(self._cpu["processing"], 3),
+                    "process_total": round(time.process_time(), 3),
+                },
             }

@@ -18,10 +18,11 @@ this emulator's lifetime is read from cache; longer ones are written (per ttl, 5
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from .jsonl import dumps_sorted as _compact
 
 REQUEST_OVERHEAD = 3
 MESSAGE_OVERHEAD = 4
@@ -30,7 +31,6 @@ SCHEMA_OVERHEAD = 20
 IMAGE_TOKENS = 1600
 PDF_TOKENS = 2000
 
-_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode
 
 
 def text_tokens(text: str) -> int:
@@ -158,7 +158,16 @@ class PromptCache:
             breakpoints.append(len(segs) - 1)
         if not breakpoints:
             return InputUsage(input_tokens=total)
+        if REQUEST_OVERHEAD + sum(s.tokens for s in segs[: breakpoints[-1] + 1]) < min_tokens:
+            # Even the longest prefix is below the minimum: nothing can be cached, so skip the
+            # hashing (the common case of a short shared system prompt).
+            return InputUsage(input_tokens=total)
+        return self._cached(params, segs, breakpoints, top, total, min_tokens)
 
+    def _cached(
+        self, params: Mapping[str, Any], segs: list[Segment], breakpoints: list[int], top: str | None, total: int,
+        min_tokens: int,
+    ) -> InputUsage:
         h = hashlib.blake2b(str(params.get("model", "")).encode(), digest_size=16)
         prefixes: list[tuple[int, bytes, str]] = []  # (prefix tokens, digest, ttl)
         running = REQUEST_OVERHEAD
@@ -192,3 +201,15 @@ class PromptCache:
                 self._seen.add(digest)
         usage.input_tokens = total - usage.cache_read - usage.cache_creation_5m - usage.cache_creation_1h
         return usage
+
+
+class CacheNeeded(Exception):
+    """A prompt whose usage depends on the prompt cache, met by a `NoPromptCache`."""
+
+
+class NoPromptCache(PromptCache):
+    """For a batch processed apart from the cache (in parallel with others): prompts no cache
+    can apply to are counted as usual, and the first one it could apply to raises CacheNeeded."""
+
+    def _cached(self, *args: Any) -> InputUsage:
+        raise CacheNeeded()

@@ -1,7 +1,7 @@
 """Validation in the two places the real API does it.
 
-* Envelope (synchronous, whole create rejected with 400): `persist_requests` parses the
-  uploaded body item by item with ijson (C backend) and writes one JSONL line per request,
+* Envelope (synchronous, whole create rejected with 400): `check_item`, called by
+  `intake.persist_requests` on each request while the uploaded body is parsed item by item,
   so a 256 MB body never becomes one Python object. Messages use the pydantic-style path
   the API uses: `requests.3.custom_id: String should match pattern '^[a-zA-Z0-9_-]{1,64}$'`.
 * Params (asynchronous, per request): `check_params` returns the message of an
@@ -10,13 +10,8 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from pathlib import Path
 from typing import Any, Mapping
-
-import ijson
 
 from . import models
 
@@ -36,7 +31,8 @@ class EnvelopeError(Exception):
         self.error_type = error_type
 
 
-def _check_item(i: int, item: Any, first_seen: dict[str, int]) -> None:
+def check_item(i: int, item: Any, first_seen: dict[str, int]) -> None:
+    """Raise EnvelopeError when request `i` of a create is invalid; records its custom_id in `first_seen`."""
     where = f"requests.{i}"
     if not isinstance(item, dict):
         raise EnvelopeError(f"{where}: Input should be a valid dictionary")
@@ -77,54 +73,6 @@ def _check_item(i: int, item: Any, first_seen: dict[str, int]) -> None:
     max_tokens = params.get("max_tokens")
     if isinstance(max_tokens, (int, float)) and not isinstance(max_tokens, bool) and max_tokens < 1:
         raise EnvelopeError(f"{where}.params.max_tokens: Input should be greater than or equal to 1")
-
-
-def _describe_missing_requests(body_path: Path) -> str:
-    """Why `requests.item` yielded nothing: missing, not a list, or empty (a cheap early-exit scan)."""
-    with open(body_path, "rb") as f:
-        events = ijson.parse(f)
-        first = next(events, None)
-        if first is None or first[1] != "start_map":
-            return "body: Input should be a valid dictionary"
-        for prefix, event, value in events:
-            if prefix == "" and event == "map_key" and value == "requests":
-                _, kind, _ = next(events)
-                if kind != "start_array":
-                    return "requests: Input should be a valid list"
-                return "requests: List should have at least 1 item after validation, not 0"
-    return "requests: Field required"
-
-
-def persist_requests(body_path: Path, out_path: Path, max_requests: int) -> int:
-    """Validate the envelope of an uploaded create body and write it as JSONL; return the count.
-
-    Raises EnvelopeError; on error `out_path` is not left behind.
-    """
-    tmp = out_path.with_suffix(".tmp")
-    first_seen: dict[str, int] = {}
-    count = 0
-    dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-    try:
-        with open(body_path, "rb") as f, open(tmp, "w", encoding="utf-8", newline="\n", buffering=1 << 20) as out:
-            try:
-                for item in ijson.items(f, "requests.item", use_float=True):
-                    if count >= max_requests:
-                        count += 1
-                        continue  # keep counting so the message can say how many there were
-                    _check_item(count, item, first_seen)
-                    out.write(dumps({"custom_id": item["custom_id"], "params": item["params"]}))
-                    out.write("\n")
-                    count += 1
-            except ijson.JSONError as exc:
-                raise EnvelopeError(f"The request body is not valid JSON: {exc}") from None
-        if count > max_requests:
-            raise EnvelopeError(f"requests: List should have at most {max_requests} items after validation, not {count}")
-        if count == 0:
-            raise EnvelopeError(_describe_missing_requests(body_path))
-        os.replace(tmp, out_path)
-        return count
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --- per-request params (asynchronous in the real API) ------------------------------------

@@ -1,57 +1,43 @@
-"""The background thread that turns due batches into results files and ends them.
+"""The background thread that ends due batches: it decides when and where, `processing.py` does the work.
 
-One thread, on purpose: the prompt cache and the fault counters see requests in a stable
-order, so results are reproducible, and the HTTP event loop stays free. A batch is
-processed when it is due (`created_at + latency` on the emulated clock), when its cancel has
-settled (`cancel_initiated_at + cancel_latency`), or when it expires (24 h).
+A batch is processed when it is due (`created_at + latency` on the emulated clock), when its
+cancel has settled (`cancel_initiated_at + cancel_latency`), or when it expires (24 h).
 
-Results are written to BUCKETS files chosen by a hash of `custom_id` and then concatenated,
-so the results file is deliberately not in request order (the API makes no order promise),
-while memory stays constant: requests are read one JSONL line at a time.
+Results must be reproducible, and the only state one request leaves for the next is the prompt
+cache (fault draws are a pure function of seed and custom_id). So:
+
+* `worker_processes = 0`: this thread processes the batches one after the other.
+* `worker_processes = N`: N child processes (`ProcessingChild`, one "lane" thread each) do the
+  work, off the server's GIL. Lane 0's child owns the prompt cache and takes the lowest due
+  batch once no lower batch is still in flight, with the cache, exactly as the sequential
+  order would. Every other dispatch is speculative: a batch processed apart from the cache
+  (`Job.cache_free`), which stops at its first request the cache could apply to and is then
+  left for lane 0. A batch no cache applies to (the usual bridge job: a short shared system
+  prompt) neither reads nor writes the cache, so where and when it runs changes nothing, and
+  the results are identical to processing everything in order.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
-import shutil
+import queue
 import threading
-import zlib
-from typing import Any, Literal
+import time
+from typing import Union
 
-from . import ids, models
 from .clock import Clock
 from .config import EmulatorConfig
-from .faults import FaultState
-from .responder import Responder, ResponderError, finish_message
+from .child import ProcessingChild
+from .processing import Interruption, Job, Mode, Outcome, process_batch
+from .responder import Responder
 from .stats import Stats
 from .store import Batch, Store
-from .usage import PromptCache
-from .validate import check_params
+from .usage import CacheNeeded, PromptCache
 
 log = logging.getLogger("batch_bridge.emulator")
-
-BUCKETS = 16
-_CHECK_EVERY = 256  # requests between looks at the clock / a cancel while processing
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-Mode = Literal["process", "cancel", "expire"]
-
-
-def errored_line(custom_id: str, error_type: str, message: str) -> str:
-    return _dumps(
-        {
-            "custom_id": custom_id,
-            "result": {
-                "type": "errored",
-                "error": {"type": "error", "error": {"type": error_type, "message": message}, "request_id": None},
-            },
-        }
-    )
-
-
-def _simple_line(custom_id: str, result_type: str) -> str:
-    # custom_id matches ^[a-zA-Z0-9_-]+$, so no escaping is needed.
-    return f'{{"custom_id":"{custom_id}","result":{{"type":"{result_type}"}}}}'
+RETRY_SECONDS = 0.5  # a batch whose processing failed is tried again after this long
+_Result = Union[Outcome, Exception]
 
 
 class Worker(threading.Thread):
@@ -62,7 +48,6 @@ class Worker(threading.Thread):
         store: Store,
         clock: Clock,
         config: EmulatorConfig,
-        faults: FaultState,
         responder: Responder,
         cache: PromptCache,
         stats: Stats,
@@ -71,12 +56,15 @@ class Worker(threading.Thread):
         self.store = store
         self.clock = clock
         self.config = config
-        self.faults = faults
         self.responder = responder
-        self.cache = cache
+        self.cache = cache  # used when processing runs in this thread
         self.stats = stats
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._lanes = [_Lane(k, self) for k in range(config.worker_processes)]
+        self._finished: queue.SimpleQueue[tuple[_Lane, Batch, Job, _Result]] = queue.SimpleQueue()
+        self._cache_needed: set[str] = set()  # batches a speculative run found to need the cache
+        self._retry_at: dict[str, float] = {}
 
     def wake(self) -> None:
         self._wake.set()
@@ -85,26 +73,87 @@ class Worker(threading.Thread):
         self._stopping.set()
         self._wake.set()
         self.join(timeout=30)
+        for lane in self._lanes:
+            lane.stop()
+
+    def clear_cache(self) -> None:
+        """Forget every cached prompt prefix (wherever processing runs)."""
+        self.cache.clear()
+        if self._lanes:
+            self._lanes[0].clear_cache()
 
     def run(self) -> None:
+        for lane in self._lanes:
+            lane.start()
         while not self._stopping.is_set():
-            wait = 0.5
             try:
-                for batch in self.store.unfinished():
-                    if self._stopping.is_set():
-                        return
-                    now = self.clock.now()
-                    mode, due = self._next_step(batch)
-                    if now >= due:
-                        self._process(batch, mode)
-                        wait = 0.0
-                    else:
-                        wait = min(wait, self.clock.real_seconds(due - now))
+                wait = self._step()
             except Exception:  # keep serving; a broken batch must not stop the others
+                if self._stopping.is_set():
+                    return
                 log.exception("emulator worker failed; retrying")
-                wait = 0.5
+                wait = RETRY_SECONDS
             self._wake.wait(timeout=max(wait, 0.001))
             self._wake.clear()
+
+    # --- scheduling -------------------------------------------------------------------------
+
+    def _step(self) -> float:
+        """Record finished batches, start due ones; return how long to sleep at most."""
+        while True:
+            try:
+                lane, batch, job, result = self._finished.get_nowait()
+            except queue.Empty:
+                break
+            lane.batch = None
+            self._record(batch, job, result)
+        due, wait = self._due()
+        if not self._lanes:
+            if due:  # one batch per step: the next one's mode is looked at again afterwards
+                batch, mode = due[0]
+                self._record(batch, *self._in_thread(batch, mode))
+                return 0.0
+            return wait
+        self._dispatch(due)
+        return wait
+
+    def _due(self) -> tuple[list[tuple[Batch, Mode]], float]:
+        """Unfinished batches that are due and not in flight, in creation order; the wait until the next."""
+        now, real_now = self.clock.now(), time.monotonic()
+        in_flight = {lane.batch.id for lane in self._lanes if lane.batch is not None}
+        due: list[tuple[Batch, Mode]] = []
+        wait = 0.5
+        for batch in self.store.unfinished():
+            if batch.id in in_flight:
+                continue
+            retry = self._retry_at.get(batch.id, 0.0)
+            if retry > real_now:
+                wait = min(wait, retry - real_now)
+                continue
+            mode, due_at = self._next_step(batch)
+            if now >= due_at:
+                due.append((batch, mode))
+            else:
+                wait = min(wait, self.clock.real_seconds(due_at - now))
+        return due, wait
+
+    def _dispatch(self, due: list[tuple[Batch, Mode]]) -> None:
+        lowest_in_flight = min((lane.batch.seq for lane in self._lanes if lane.batch is not None), default=None)
+        for lane in self._lanes:
+            if lane.batch is not None or not due:
+                continue
+            first, mode = due[0]
+            if lane.index == 0 and (lowest_in_flight is None or first.seq < lowest_in_flight):
+                # Nothing earlier is undecided: this batch meets the cache as in sequential order.
+                lane.assign(first, self._job(first, mode, cache_free=False))
+                due.pop(0)
+                continue
+            pick = next((k for k, (b, _) in enumerate(due) if b.id not in self._cache_needed), None)
+            if pick is None:
+                continue
+            batch, mode = due.pop(pick)
+            lane.assign(batch, self._job(batch, mode, cache_free=True))
+            lowest_in_flight = batch.seq if lowest_in_flight is None else min(lowest_in_flight, batch.seq)
 
     def _next_step(self, batch: Batch) -> tuple[Mode, float]:
         if batch.processing_status == "canceling" and batch.cancel_initiated_at is not None:
@@ -114,88 +163,103 @@ class Worker(threading.Thread):
             return "expire", batch.expires_at
         return "process", batch.due_at
 
-    def _process(self, batch: Batch, mode: Mode) -> None:
-        """Write the batch's results file and end it."""
-        directory = self.store.batch_dir(batch.id)
-        work = directory / "work"
-        work.mkdir(exist_ok=True)
-        buckets = [
-            open(work / f"{k:02d}.jsonl", "w", encoding="utf-8", newline="\n", buffering=1 << 18)
-            for k in range(BUCKETS)
-        ]
-        counts = {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
-        complete_fraction = self.config.cancel_complete_fraction
-        seed = self.config.faults.seed
-        rest: Literal["canceled", "expired"] | None = {"process": None, "cancel": None, "expire": "expired"}[mode]
+    def interruption(self, batch: Batch) -> Interruption | None:
+        """Whether the rest of a batch being processed ends canceled or expired instead."""
+        if batch.cancel_initiated_at is not None:
+            return "canceled"
+        if self.clock.now() >= batch.expires_at:
+            return "expired"
+        return None
+
+    # --- one batch --------------------------------------------------------------------------
+
+    def _job(self, batch: Batch, mode: Mode, cache_free: bool) -> Job:
+        return Job(
+            batch_id=batch.id,
+            requests_path=self.store.requests_path(batch.id),
+            results_path=self.store.results_path(batch.id),
+            mode=mode,
+            faults=copy.deepcopy(self.config.faults),
+            cancel_complete_fraction=self.config.cancel_complete_fraction,
+            cache_min_tokens=self.config.cache_min_tokens,
+            cache_free=cache_free,
+        )
+
+    def _in_thread(self, batch: Batch, mode: Mode) -> tuple[Job, _Result]:
+        job = self._job(batch, mode, cache_free=False)
+        start = time.thread_time()
         try:
-            with open(self.store.requests_path(batch.id), "rb") as requests:
-                for n, raw in enumerate(requests):
-                    item = json.loads(raw)
-                    cid: str = item["custom_id"]
-                    if mode == "process" and rest is None and n % _CHECK_EVERY == 0:
-                        # Requests not yet sent to the "model" when a cancel or the expiry
-                        # arrives end canceled / expired; the ones already done stay done.
-                        if batch.cancel_initiated_at is not None:
-                            rest = "canceled"
-                        elif self.clock.now() >= batch.expires_at:
-                            rest = "expired"
-                    if rest is not None:
-                        kind, line = rest, _simple_line(cid, rest)
-                    elif mode == "cancel" and ids.fraction(seed, "cancel", cid) >= complete_fraction:
-                        kind, line = "canceled", _simple_line(cid, "canceled")
-                    else:
-                        kind, line = self._answer(cid, item["params"], raw)
-                    counts[kind] += 1
-                    out = buckets[zlib.crc32(cid.encode()) % BUCKETS]
-                    out.write(line)
-                    out.write("\n")
-        finally:
-            for f in buckets:
-                f.close()
-        results = self.store.results_path(batch.id)
-        tmp = results.with_suffix(".tmp")
-        with open(tmp, "wb") as out:
-            for k in range(BUCKETS):
-                with open(work / f"{k:02d}.jsonl", "rb") as part:
-                    shutil.copyfileobj(part, out, 1 << 20)
-        tmp.replace(results)
-        shutil.rmtree(work, ignore_errors=True)
-        ended_at = min(self.clock.now(), batch.expires_at)
-        self.store.end(batch, ended_at, counts)
+            outcome = process_batch(job, self.responder, self.cache, lambda: self.interruption(batch))
+        except Exception as exc:
+            return job, exc
+        outcome.cpu_seconds = time.thread_time() - start
+        return job, outcome
+
+    def _record(self, batch: Batch, job: Job, result: _Result) -> None:
+        """End the batch with its outcome; or note why it has to be processed again."""
+        if isinstance(result, CacheNeeded):
+            self._cache_needed.add(batch.id)
+            return
+        if isinstance(result, Exception):
+            if not self._stopping.is_set():
+                log.error("emulator worker failed on batch %s; retrying: %s", batch.id, result, exc_info=result)
+            self._retry_at[batch.id] = time.monotonic() + RETRY_SECONDS
+            return
+        self._cache_needed.discard(batch.id)
+        self._retry_at.pop(batch.id, None)
+        self.stats.add_cpu("processing", result.cpu_seconds)
+        self.store.end(batch, min(self.clock.now(), batch.expires_at), result.counts)
         self.stats.incr("batches_ended")
         self.stats.incr("requests_processed", batch.request_count)
         for kind in ("errored", "expired", "canceled"):
-            if counts[kind]:
-                self.stats.incr(f"results_{kind}", counts[kind])
-
-    def _answer(self, cid: str, params: Any, raw: bytes) -> tuple[str, str]:
-        problem = check_params(params)
-        if problem is not None:
-            return "errored", errored_line(cid, "invalid_request_error", problem)
-        injected = self.faults.request_outcome(cid)
-        if injected == "expired":
-            self.stats.fault("expired")
-            return "expired", _simple_line(cid, "expired")
-        if injected is not None:
-            self.stats.fault("errored")
-            return "errored", errored_line(cid, injected, _fault_message(injected))
-        try:
-            answer = self.responder(params, cid)
-        except ResponderError as exc:
-            return "errored", errored_line(cid, exc.error_type, exc.message)
-        except Exception as exc:  # a plug-in bug becomes an api_error for that request only
-            return "errored", errored_line(cid, "api_error", f"responder raised {type(exc).__name__}: {exc}")
-        if answer.get("type") == "error":
-            err = answer.get("error") or {}
-            return "errored", errored_line(cid, err.get("type", "api_error"), err.get("message", ""))
-        info = models.lookup(params["model"])
-        min_tokens = self.config.cache_min_tokens
-        if min_tokens is None:
-            min_tokens = info.cache_min_tokens if info else 1024
-        input_usage = self.cache.account(params, min_tokens)
-        message = finish_message(answer, params, input_usage, ids.stable_id("msg", raw))
-        return "succeeded", _dumps({"custom_id": cid, "result": {"type": "succeeded", "message": message}})
+            if result.counts[kind]:
+                self.stats.incr(f"results_{kind}", result.counts[kind])
+        for name, n in result.faults.items():
+            self.stats.fault(name, n)
 
 
-def _fault_message(error_type: str) -> str:
-    return "Overloaded" if error_type == "overloaded_error" else "Internal server error"
+class _Lane(threading.Thread):
+    """One processing child and the thread that waits for it, one batch at a time."""
+
+    def __init__(self, index: int, worker: Worker) -> None:
+        super().__init__(name=f"emulator-lane-{index}", daemon=True)
+        self.index = index
+        self.worker = worker
+        self.batch: Batch | None = None  # in flight; set and cleared by the worker thread only
+        self._jobs: queue.SimpleQueue[tuple[Batch, Job] | None] = queue.SimpleQueue()
+        self._child: ProcessingChild | None = None
+        self._child_lock = threading.Lock()
+
+    def assign(self, batch: Batch, job: Job) -> None:
+        self.batch = batch
+        self._jobs.put((batch, job))
+
+    def clear_cache(self) -> None:
+        with self._child_lock:
+            if self._child is not None:
+                self._child.clear_cache()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self.join(timeout=10)
+        with self._child_lock:
+            if self._child is not None:
+                self._child.stop()
+
+    def run(self) -> None:
+        worker = self.worker
+        while (item := self._jobs.get()) is not None:
+            batch, job = item
+            result: _Result
+            try:
+                with self._child_lock:
+                    if self._child is None or not self._child.alive():
+                        # A child that died (e.g. a plug-in responder crashed the interpreter) is
+                        # replaced; lane 0's prompt cache is then lost, as on a restart.
+                        self._child = ProcessingChild(worker.config.responder)
+                    child = self._child
+                result = child.run(job, lambda: worker.interruption(batch), worker._stopping)
+            except Exception as exc:
+                result = exc
+            worker._finished.put((self, batch, job, result))
+            worker.wake()
