@@ -402,7 +402,7 @@ def _load_batch(
     try:
         n = _insert_responses(con, job, batch, state.utcnow())
     except duckdb.Error as e:
-        con.execute("ROLLBACK")
+        state.rollback(con)
         _reject_bad_file(con, [batch])
         raise ResultsError(f"job {job_name!r}: the result files could not be read: {e}") from e
     try:
@@ -424,7 +424,7 @@ def _load_batch(
             fault("during_load")
         con.execute("COMMIT")
     except Exception:
-        con.execute("ROLLBACK")
+        state.rollback(con)
         raise
     if fault:
         fault("after_load")

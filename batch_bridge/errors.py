@@ -95,6 +95,10 @@ class ApiRequestRejected(ApiError):
     transient = False
 
 
+class OutOfMemory(BatchBridgeError):
+    """DuckDB needed more than BATCH_BRIDGE_MEMORY_LIMIT for work it cannot spill to disk."""
+
+
 class ResultsError(BatchBridgeError):
     transient = True
 

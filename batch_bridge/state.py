@@ -202,6 +202,15 @@ def m003_key_inputs(con: duckdb.DuckDBPyConnection) -> None:
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [m001_initial, m002_input_outcomes, m003_key_inputs]
 
 
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """ROLLBACK after a failed statement. DuckDB may already have ended the transaction (an
+    out-of-memory error does); a second error here must not hide the first, which the caller re-raises."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.TransactionException:
+        pass
+
+
 def migrate(con: duckdb.DuckDBPyConnection) -> None:
     """Apply every migration not yet applied; runs on every open, so old and new files match."""
     con.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP)")
@@ -215,7 +224,7 @@ def migrate(con: duckdb.DuckDBPyConnection) -> None:
             con.execute("INSERT INTO _migrations VALUES (?, ?)", [m.__name__, utcnow()])
             con.execute("COMMIT")
         except Exception:
-            con.execute("ROLLBACK")
+            rollback(con)
             raise
 
 

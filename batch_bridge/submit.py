@@ -204,7 +204,7 @@ def _prepare(settings: Settings, run_stamp: str, out: list[str],
                 fault("before_prepare_commit")
             con.execute("COMMIT")
         except Exception:
-            con.execute("ROLLBACK")
+            state.rollback(con)
             raise
 
     return prepare

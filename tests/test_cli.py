@@ -172,3 +172,14 @@ def test_purge_command_removes_finished_archives_only(proj):
     assert len(current(s, "items")) == 20  # the answers themselves are kept
     r = invoke(["purge"], env)  # no retention configured anywhere
     assert r.exit_code == 2 and "BATCH_BRIDGE_RETENTION_DAYS" in r.stderr
+
+
+def test_duckdb_out_of_memory_is_a_clear_error_naming_the_setting(proj):
+    s, env = proj
+    r = CliRunner().invoke(cli, ["plan"], env={**env, "BATCH_BRIDGE_MEMORY_LIMIT": "1MB"})
+    assert r.exit_code == 1, r.output
+    assert "BATCH_BRIDGE_MEMORY_LIMIT=1MB" in r.output and "hint: raise BATCH_BRIDGE_MEMORY_LIMIT" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert "Traceback" not in r.output and r.output.count("\n") <= 3, r.output  # one error line and a hint
+    ok = CliRunner().invoke(cli, ["plan", "--json"], env=env)  # and the default limit plans the same project
+    assert ok.exit_code == 0, ok.output
