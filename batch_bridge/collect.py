@@ -232,18 +232,16 @@ def _shape_error(value: object, shape: object, where: str) -> str | None:
 MAX_RESULT_LINE = 16 * 1024 * 1024
 
 
-def _read_sql(files: list[str]) -> str:
-    paths = "[" + ", ".join(quote_literal(f) for f in files) + "]"
+def _read_sql(path: str) -> str:
     return (
-        f"read_json({paths}, format = 'newline_delimited', "
+        f"read_json({quote_literal(path)}, format = 'newline_delimited', "
         f"columns = {{custom_id: 'VARCHAR', result: {quote_literal(RESULT_TYPE)}}}, "
-        f"filename = true, maximum_object_size = {MAX_RESULT_LINE})"
+        f"maximum_object_size = {MAX_RESULT_LINE})"
     )
 
 
-
-def _extract_sql(job: Job, files: list[str], submission_ids: list[str]) -> str:
-    """A SELECT of `responses` columns (less job, cost and collected_at) from the raw result files."""
+def _extract_sql(job: Job, path: str, batch_id: str, submission_id: str) -> str:
+    """A SELECT of `responses` columns (less job, cost and collected_at) from one batch's result file."""
     if job.output_tool is not None:
         output_text = ("CAST(list_filter(m.content, lambda b: b.type = 'tool_use')[1].input AS VARCHAR)")
     else:
@@ -256,12 +254,12 @@ def _extract_sql(job: Job, files: list[str], submission_ids: list[str]) -> str:
     else:
         output_json = "NULL::JSON"
         status = "x.type"
-    subs = ", ".join(quote_literal(s) for s in submission_ids) or "NULL"
+    sub = quote_literal(submission_id)
     return f"""
         WITH raw AS (
-            SELECT f.batch_id, f.submission_id, r.custom_id, r.result.type AS type, r.result.message AS m,
-                   r.result.error.error AS e
-            FROM {_read_sql(files)} r JOIN bb_files f ON f.file = r.filename
+            SELECT {quote_literal(batch_id)} AS batch_id, r.custom_id, r.result.type AS type,
+                   r.result.message AS m, r.result.error.error AS e
+            FROM {_read_sql(path)} r
             WHERE r.custom_id IS NOT NULL
         ),
         x0 AS (
@@ -285,10 +283,10 @@ def _extract_sql(job: Job, files: list[str], submission_ids: list[str]) -> str:
                x.e.message AS error_message,
                su.create_started_at AS submitted_at
         FROM x
-        JOIN (SELECT submission_id, request_custom_id, input_hash, attempt FROM bb_state.sent_requests
-              WHERE submission_id IN ({subs})) sr
-          ON sr.submission_id = x.submission_id AND sr.request_custom_id = x.custom_id
-        JOIN bb_state.submissions su ON su.submission_id = x.submission_id
+        JOIN (SELECT request_custom_id, input_hash, attempt FROM bb_state.sent_requests
+              WHERE submission_id = {sub}) sr
+          ON sr.request_custom_id = x.custom_id
+        JOIN bb_state.submissions su ON su.submission_id = {sub}
     """
 
 
@@ -368,7 +366,7 @@ def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, no
     """BEGIN, then read, extract and INSERT one batch's results in one statement (a bad file inserts
     nothing)."""
     batch_id, job_name, submission_id, result_file, _ = batch
-    select = _extract_sql(job, [result_file], [submission_id])
+    select = _extract_sql(job, result_file, batch_id, submission_id)
     con.execute("BEGIN")
     return con.execute(
         f"""
@@ -396,9 +394,7 @@ def _load_batch(
     """Read, extract and INSERT one downloaded batch and mark it collected, in one transaction.
 
     Returns the number of result lines loaded."""
-    batch_id, job_name, submission_id, result_file, result_lines = batch
-    con.execute("CREATE OR REPLACE TEMP TABLE bb_files (batch_id VARCHAR, submission_id VARCHAR, file VARCHAR)")
-    con.execute("INSERT INTO bb_files VALUES (?, ?, ?)", [batch_id, submission_id, result_file])
+    batch_id, job_name, _, result_file, result_lines = batch
     try:
         n = _insert_responses(con, job, batch, state.utcnow())
     except duckdb.Error as e:

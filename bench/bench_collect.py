@@ -155,7 +155,7 @@ def main() -> None:
             db = root / f"typed_{i}.duckdb"
             t0 = time.perf_counter()
             con = duckdb.connect(str(db))
-            con.execute(f"CREATE TABLE results AS SELECT * FROM {collect._read_sql([str(result_file)])}")
+            con.execute(f"CREATE TABLE results AS SELECT * FROM {collect._read_sql(str(result_file))}")
             con.close()
             typed_t.append(time.perf_counter() - t0)
             db.unlink()

@@ -14,13 +14,13 @@ import json
 import random
 import subprocess
 import sys
-import threading
 import time
 from typing import Iterator
 
 import anthropic
 import httpx2
-import psutil
+
+from _common import PeakRSS
 
 WORDS = (
     "the quick brown fox jumps over lazy dog great terrible service product order delivery refund "
@@ -73,30 +73,6 @@ def body_chunks(n: int, text_bytes: int) -> Iterator[bytes]:
     yield b"]}"
 
 
-class PeakRss(threading.Thread):
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        # The server and its processing process (a child with `--worker-process`, the default).
-        while not self.stopping.is_set():
-            try:
-                procs = [self.proc, *self.proc.children(recursive=True)]
-                total = 0
-                for p in procs:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                return
-            self.peak = max(self.peak, total)
-            time.sleep(0.01)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=100_000)
@@ -114,8 +90,7 @@ def main() -> None:
     )
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
-    sampler = PeakRss(proc.pid)
-    sampler.start()
+    sampler = PeakRSS(proc.pid, interval=0.01).__enter__()  # the server and its processing children
     time.sleep(0.3)
     idle_rss = sampler.peak
     try:
@@ -150,8 +125,7 @@ def main() -> None:
             t_sdk = time.perf_counter() - t3
             cpu = httpx2.get(f"{url}/_emulator/stats").json().get("cpu_seconds", {})
     finally:
-        sampler.stopping.set()
-        sampler.join()
+        sampler.__exit__(None, None, None)
         proc.terminate()
         proc.wait(timeout=30)
         proc.stdout.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,12 @@ def current(settings: Settings, job: str) -> list[dict[str, Any]]:
 
 def dumps(x: Any) -> str:
     return json.dumps(x, default=str, indent=1)
+
+
+def wait_ended(client: Any, batch_id: str, timeout: float = 30.0) -> Any:
+    """Poll the emulator through the SDK until the batch has ended; fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while (batch := client.messages.batches.retrieve(batch_id)).processing_status != "ended":
+        assert time.monotonic() < deadline, f"batch still {batch.processing_status}"
+        time.sleep(0.02)
+    return batch

@@ -15,6 +15,7 @@ import pytest
 
 from batch_bridge.emulator import EmulatorConfig, run_emulator
 from batch_bridge.emulator.runner import Emulator
+from helpers import wait_ended
 
 BATCH_ID = re.compile(r"^msgbatch_01[1-9A-HJ-NP-Za-km-z]{22}$")
 RFC3339_MICRO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -24,16 +25,6 @@ def request(cid: str, text: str = "hello there", **params: Any) -> dict[str, Any
     body = {"model": "claude-haiku-4-5", "max_tokens": 200, "messages": [{"role": "user", "content": text}]}
     body.update(params)
     return {"custom_id": cid, "params": body}
-
-
-def wait_ended(client: anthropic.Anthropic, batch_id: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        batch = client.messages.batches.retrieve(batch_id)
-        if batch.processing_status == "ended":
-            return batch
-        assert time.monotonic() < deadline, f"batch still {batch.processing_status}"
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 
 from batch_bridge.emulator import EmulatorConfig, Faults, run_emulator
 from batch_bridge.emulator.runner import Emulator
+from helpers import wait_ended
 
 
 def request(cid: str, text: str = "some text to answer") -> dict[str, Any]:
@@ -18,14 +19,6 @@ def request(cid: str, text: str = "some text to answer") -> dict[str, Any]:
         "custom_id": cid,
         "params": {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": text}]},
     }
-
-
-def wait_ended(client: anthropic.Anthropic, batch_id: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while (batch := client.messages.batches.retrieve(batch_id)).processing_status != "ended":
-        assert time.monotonic() < deadline, f"batch still {batch.processing_status}"
-        time.sleep(0.02)
-    return batch
 
 
 def test_sdk_retries_through_two_529s_and_creates_one_batch(emu: Emulator, client: anthropic.Anthropic) -> None:

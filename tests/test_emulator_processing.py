@@ -7,7 +7,6 @@ import copy
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import psutil
 import pytest
 
 from batch_bridge.emulator import EmulatorConfig, Faults, run_emulator
+from helpers import wait_ended
 
 LONG_SYSTEM = "You label short product reviews with care and precision. " * 80  # > 1,024 tokens
 
@@ -29,14 +29,6 @@ def request(cid: str, text: str, **extra: Any) -> dict[str, Any]:
         **extra,
     }
     return {"custom_id": cid, "params": params}
-
-
-def wait_ended(client: anthropic.Anthropic, batch_id: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while (batch := client.messages.batches.retrieve(batch_id)).processing_status != "ended":
-        assert time.monotonic() < deadline, f"batch still {batch.processing_status}"
-        time.sleep(0.02)
-    return batch
 
 
 def run_batches(config: EmulatorConfig) -> tuple[list[dict[str, str]], dict[str, Any]]:
