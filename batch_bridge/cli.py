@@ -83,7 +83,9 @@ def handle_errors(fn: Callable) -> Callable:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except Exception as e:
-            if not _is_out_of_memory(e):
+            from .state import is_out_of_memory
+
+            if not is_out_of_memory(e):
                 raise
             oom = _out_of_memory(e)
             click.echo(f"error: {oom}", err=True)
@@ -92,22 +94,11 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-# DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,
-# as a TransactionException that carries the same words.
-_OOM_WORDS = ("Out of Memory", "could not allocate block", "failed to allocate data", "failed to pin block")
-
-
-def _is_out_of_memory(e: Exception) -> bool:
-    if type(e).__module__.split(".")[0] not in ("duckdb", "_duckdb"):
-        return False
-    return type(e).__name__ == "OutOfMemoryException" or any(w in str(e) for w in _OOM_WORDS)
-
-
 def _out_of_memory(e: Exception) -> BatchBridgeError:
-    from .config import ENV_MEMORY_LIMIT
+    from .config import DEFAULT_MEMORY_LIMIT, ENV_MEMORY_LIMIT
     from .errors import OutOfMemory
 
-    limit = os.environ.get(ENV_MEMORY_LIMIT) or "256MB (the default)"
+    limit = os.environ.get(ENV_MEMORY_LIMIT) or f"{DEFAULT_MEMORY_LIMIT} (the default)"
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return OutOfMemory(
         f"DuckDB ran out of the bridge's memory limit, {ENV_MEMORY_LIMIT}={limit}: {first}",

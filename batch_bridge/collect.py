@@ -32,7 +32,7 @@ from .config import Settings
 from .errors import ApiError, ResultsError
 from .jobs import Job, quote_literal
 from .outputs import valid_sql
-from .pricing import cost_sql, load_prices, register_price_names, register_prices
+from .pricing import PriceBook, cost_sql, load_prices, price_sql
 from .progress import Progress, Silent
 
 # A 404 for a batch younger than this is the API's propagation delay, not a deleted batch.
@@ -344,9 +344,6 @@ def load_downloaded(
         by_job: dict[str, list[tuple]] = {}
         for r in rows:
             by_job.setdefault(r[1], []).append(r)
-        if by_job:
-            register_prices(con, book)
-            register_price_names(con, book)
         for job_name, job_batches in by_job.items():
             job = jobs.get(job_name)
             if job is None:
@@ -357,17 +354,28 @@ def load_downloaded(
             loaded[job_name] = 0
             with state.single_threaded(con):  # reading files is I/O: see single_threaded
                 for batch in job_batches:
-                    loaded[job_name] += _load_batch(con, job, batch, fault, progress)
+                    loaded[job_name] += _load_batch(con, job, batch, book, fault, progress)
                     progress.tick("results loaded", loaded[job_name], total)
     return loaded
 
 
-def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, now: object) -> int:
+def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, book: PriceBook, now: object) -> int:
     """BEGIN, then read, extract and INSERT one batch's results in one statement (a bad file inserts
     nothing)."""
     batch_id, job_name, submission_id, result_file, _ = batch
     select = _extract_sql(job, result_file, batch_id, submission_id)
-    con.execute("BEGIN")
+    # DuckDB estimates a result file at a few dozen rows whatever its size, and would build its hash
+    # table from the results, answer text and all: as written, the sent requests are built instead.
+    with state.joins_as_written(con):
+        con.execute("BEGIN")
+        try:
+            return _insert(con, job_name, select, book, now)
+        except duckdb.Error:
+            state.rollback(con)  # before the setting is restored: an aborted transaction refuses SET
+            raise
+
+
+def _insert(con: duckdb.DuckDBPyConnection, job_name: str, select: str, book: PriceBook, now: object) -> int:
     return con.execute(
         f"""
         INSERT INTO bb_state.responses
@@ -375,20 +383,17 @@ def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, no
                r.output_text, r.output_json, r.stop_reason, r.model,
                r.input_tokens, r.output_tokens, r.cache_creation_input_tokens, r.cache_read_input_tokens,
                r.cache_creation_5m, r.cache_creation_1h,
-               CASE WHEN p.model IS NULL AND r.status IN ('succeeded', 'parse_failed') THEN NULL
-                    ELSE {cost_sql('r', 'p')} END,
+               CASE WHEN r.price IS NULL AND r.status IN ('succeeded', 'parse_failed') THEN NULL
+                    ELSE {cost_sql('r', 'r.price')} END,
                r.error_type, r.error_message, r.submitted_at, $now
-        FROM ({select}) r
-        LEFT JOIN bb_model_price mp ON mp.model = r.model
-        LEFT JOIN bb_model_price ms ON mp.model IS NULL AND ms.model = regexp_replace(r.model, '-[0-9]{{8}}$', '')
-        LEFT JOIN bb_prices p ON p.model = coalesce(mp.price_model, ms.stem_price_model)
+        FROM (SELECT *, {price_sql(book, 'model')} AS price FROM ({select})) r
         """,
         {"job": job_name, "now": now},
     ).fetchone()[0]
 
 
 def _load_batch(
-    con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, fault: Callable[[str], None] | None,
+    con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, book: PriceBook, fault: Callable[[str], None] | None,
     progress: Progress,
 ) -> int:
     """Read, extract and INSERT one downloaded batch and mark it collected, in one transaction.
@@ -396,9 +401,11 @@ def _load_batch(
     Returns the number of result lines loaded."""
     batch_id, job_name, _, result_file, result_lines = batch
     try:
-        n = _insert_responses(con, job, batch, state.utcnow())
+        n = _insert_responses(con, job, batch, book, state.utcnow())
     except duckdb.Error as e:
         state.rollback(con)
+        if state.is_out_of_memory(e):
+            raise  # the file is fine: nothing was loaded, and the command says which setting to raise
         _reject_bad_file(con, [batch])
         raise ResultsError(f"job {job_name!r}: the result files could not be read: {e}") from e
     try:

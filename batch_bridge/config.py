@@ -31,6 +31,7 @@ ENV_PRICES = "BATCH_BRIDGE_PRICES"
 ENV_RETENTION_DAYS = "BATCH_BRIDGE_RETENTION_DAYS"
 ENV_CONCURRENCY = "BATCH_BRIDGE_CONCURRENCY"
 ENV_MEMORY_LIMIT = "BATCH_BRIDGE_MEMORY_LIMIT"
+DEFAULT_MEMORY_LIMIT = "128MB"  # measured in BENCHMARKS.md: a 1M-row job runs within it
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Settings:
     concurrency: int = 4  # parallel uploads/downloads
     prices_file: Path | None = None  # user price overrides (JSON), merged over the packaged prices
     retention_days: float | None = None  # archives older than this are removed by `purge`
-    memory_limit: str = "256MB"  # DuckDB's memory for the bridge's work; it spills to disk beyond
+    memory_limit: str = DEFAULT_MEMORY_LIMIT  # DuckDB's memory for the bridge's work; it spills to disk beyond
 
     @property
     def state_path(self) -> Path:
@@ -235,5 +236,5 @@ def resolve(
         concurrency=concurrency,
         prices_file=_path(prices, root) if prices else None,
         retention_days=float(retention) if retention else None,
-        memory_limit=_memory(env.get(ENV_MEMORY_LIMIT) or "256MB"),
+        memory_limit=_memory(env.get(ENV_MEMORY_LIMIT) or DEFAULT_MEMORY_LIMIT),
     )

@@ -31,7 +31,7 @@ import duckdb
 from .config import Settings
 from .errors import JobDefinitionError, WarehouseError, WarehouseLocked
 from .jobs import Job, quote_ident, quote_literal, template_columns
-from .state import RETRYABLE_ERRORS, single_threaded, wait_for_lock
+from .state import single_threaded, wait_for_lock
 
 # Dispositions of a staged row. "send" goes out; the others are counted, and the "not sendable"
 # ones are recorded in `rejections` with their reason so that nothing is silently dropped.
@@ -224,6 +224,21 @@ def _match_row(job: Job, by_rowid: bool, staged: str = "c") -> str:
     return " AND ".join(f"s.{quote_ident(k)} = {staged}.{quote_ident(k)}" for k in job.key)
 
 
+def _locator_sql(job: Job) -> str:
+    """Aggregate over `bb_classified` rows: what finds the request's own staging row again (`bb_rowid`,
+    and the key values as a STRUCT `bb_key` for a view), so that request lines are built from
+    `bb_send` and the staging relation alone, without joining every staged row again."""
+    fields = ", ".join(f"{quote_ident(k)} := {quote_ident(k)}" for k in job.key)
+    return f"arg_min(bb_rowid, custom_id) AS bb_rowid, arg_min(struct_pack({fields}), custom_id) AS bb_key"
+
+
+def _match_request(job: Job, by_rowid: bool, alias: str) -> str:
+    """Join condition of the staging relation `s` with a row of `bb_send` or `bb_lines`."""
+    if by_rowid:
+        return f"s.rowid = {alias}.bb_rowid"
+    return " AND ".join(f"s.{quote_ident(k)} = {alias}.bb_key.{quote_ident(k)}" for k in job.key)
+
+
 def _staged_select(job: Job, source: str) -> str:
     """Rows of `source` (the staging relation, or part of it, with a `bb_rowid` column) with custom_id,
     input hash, size and emptiness; no prompt text."""
@@ -361,13 +376,14 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
     plan.staged = sum(plan.dispositions.values())
     plan.send_keys = plan.dispositions.get(SEND, 0)
     con.execute(
-        """
+        f"""
         CREATE OR REPLACE TEMP TABLE bb_send AS
         SELECT input_hash,
                min(custom_id) AS request_custom_id,
                count(*) AS key_count,
                max(failures) + 1 AS attempt,
-               max(prompt_bytes) AS prompt_bytes
+               max(prompt_bytes) AS prompt_bytes,
+               {_locator_sql(job)}
         FROM bb_classified WHERE disposition = 'send' GROUP BY input_hash
         """
     )
@@ -385,12 +401,10 @@ def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id")
 
 def _lines_query(job: Job, columns: str, by_rowid: bool) -> str:
     """Rows of `bb_send` joined back to the staging relation for their prompt text."""
-    on = _match_row(job, by_rowid)
     return f"""
         SELECT {columns}
         FROM bb_send q
-        JOIN bb_classified c ON c.custom_id = q.request_custom_id AND c.disposition = 'send'
-        JOIN {job.relation.sql()} s ON {on}
+        JOIN {job.relation.sql()} s ON {_match_request(job, by_rowid, 'q')}
     """
 
 
@@ -436,10 +450,17 @@ def _streamed_sizes(con: duckdb.DuckDBPyConnection) -> Iterator[int]:
 
 def measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
     """Exact line sizes of the requests to send, numbered, and the batches they make (`bb_lines`)."""
+    # One thread: numbering the rows to send and joining them back to their prompts pins a sort and a
+    # hash table per thread, so the memory this needs grows with the cores, not only with the limit.
+    with single_threaded(con):
+        _measure(con, job, plan)
+
+
+def _measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
     con.execute(
         "CREATE OR REPLACE TEMP TABLE bb_lines AS "
         + _lines_query(job, "row_number() OVER (ORDER BY q.request_custom_id) - 1 AS rn, q.request_custom_id, "
-                       f"q.input_hash, q.attempt, q.key_count, length({prompt_sql(job, 's')}) AS prompt_chars, "
+                       f"q.bb_rowid, q.bb_key, q.input_hash, q.attempt, q.key_count, length({prompt_sql(job, 's')}) AS prompt_chars, "
                        f"strlen({line_sql(job)}) AS nbytes", is_table(con, job))
     )
     n, biggest, chars = con.execute(
@@ -468,7 +489,7 @@ def write_requests(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_
     instead of holding a batch (up to 256 MB of request text) in memory.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    on = _match_row(job, is_table(con, job))
+    on = _match_request(job, is_table(con, job), "l")
     with single_threaded(con):  # writing lines is I/O; each thread would buffer its own share
         return _write_request_files(con, job, plan, out_dir, names, on)
 
@@ -482,11 +503,9 @@ def _write_request_files(
         con.execute(
             f"""
             COPY (
-                SELECT {line_sql(job)} AS line
+                SELECT {line_sql(job, custom_id='l.request_custom_id')} AS line
                 FROM bb_lines l
-                JOIN bb_classified c ON c.custom_id = l.request_custom_id AND c.disposition = 'send'
                 JOIN {job.relation.sql()} s ON {on}
-                JOIN bb_send q ON q.request_custom_id = l.request_custom_id
                 WHERE l.rn BETWEEN {int(c.first)} AND {int(c.last)}
             ) TO {quote_literal(str(tmp))}
             (FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\x01')

@@ -18,9 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import duckdb
-
 from .errors import ConfigError
+from .jobs import quote_literal
 
 _DATE_SUFFIX = re.compile(r"-\d{8}$")
 
@@ -99,22 +98,39 @@ def load_prices(override: Path | None = None) -> PriceBook:
     return PriceBook(float(data.get("batch_discount", 0.5)), models, dict(data.get("aliases", {})))
 
 
-def register_prices(con: duckdb.DuckDBPyConnection, book: PriceBook) -> None:
-    """A temp table `bb_prices(model, ...)`, one row per priced model, for set-wise cost."""
-    rows = list(book.models.items())
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE bb_prices (model VARCHAR, input DOUBLE, output DOUBLE, "
-        "write_5m DOUBLE, write_1h DOUBLE, read DOUBLE, discount DOUBLE)"
-    )
-    con.executemany(  # a few dozen price rows, not data rows
-        "INSERT INTO bb_prices VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(n, p.input, p.output, p.write_5m, p.write_1h, p.read, book.batch_discount) for n, p in rows],
-    )
+def _price_struct(p: ModelPrice, discount: float) -> str:
+    return (f"{{'input': {p.input!r}::DOUBLE, 'output': {p.output!r}::DOUBLE, 'write_5m': {p.write_5m!r}::DOUBLE, "
+            f"'write_1h': {p.write_1h!r}::DOUBLE, 'read': {p.read!r}::DOUBLE, 'discount': {discount!r}::DOUBLE}}")
 
 
-def cost_sql(alias: str = "r", prices: str = "p") -> str:
-    """SQL for the billed batch cost of a response row `alias` joined to `bb_prices` as `prices`."""
-    r, p = alias, prices
+def _map_sql(entries: dict[str, str]) -> str:
+    if not entries:
+        return "NULL"
+    return "MAP {" + ", ".join(f"{quote_literal(k)}: {v}" for k, v in sorted(entries.items())) + "}"
+
+
+def price_sql(book: PriceBook, model: str) -> str:
+    """SQL for the price STRUCT (input, output, write_5m, write_1h, read, discount) of the model named
+    by the expression `model`, NULL when the book does not price it; the rules of `PriceBook.lookup`.
+
+    The book is written into the statement as two MAP literals (every name it knows, and what a dated
+    id `<name>-YYYYMMDD` it does not name resolves to), not joined as a table: DuckDB cannot estimate
+    how many rows a result file holds, and a join would make it build its hash table from the results
+    (answer text included) instead of from the few dozen prices."""
+    names = set(book.models) | set(book.aliases)
+    direct, stems = {}, {}
+    for n in names:
+        if (p := book.lookup(n)) is not None:
+            direct[n] = _price_struct(p, book.batch_discount)
+        if (stem := book.models.get(book.aliases.get(n, n))) is not None:
+            stems[n] = _price_struct(stem, book.batch_discount)
+    return (f"coalesce(({_map_sql(direct)})[{model}], "
+            f"({_map_sql(stems)})[regexp_replace({model}, '-[0-9]{{8}}$', '')])")
+
+
+def cost_sql(alias: str = "r", price: str = "price") -> str:
+    """SQL for the billed batch cost of a response row `alias` whose price STRUCT (`price_sql`) is `price`."""
+    r, p = alias, price
     return (
         f"CASE WHEN {r}.status IN ('succeeded', 'parse_failed') THEN "
         f"(coalesce({r}.input_tokens, 0) * {p}.input + coalesce({r}.output_tokens, 0) * {p}.output"
@@ -123,19 +139,3 @@ def cost_sql(alias: str = "r", prices: str = "p") -> str:
         f" + coalesce({r}.cache_read_input_tokens, 0) * {p}.input * {p}.read) / 1e6 * {p}.discount"
         f" ELSE 0 END"
     )
-
-
-def register_price_names(con: duckdb.DuckDBPyConnection, book: PriceBook) -> None:
-    """Temp table `bb_model_price(model, price_model, stem_price_model)` for every name the price book knows.
-
-    `price_model` is `book.lookup(name)`; `stem_price_model` is what a dated id `<name>-YYYYMMDD` the
-    book does not name resolves to. Set up front, so the load needs no pass over the results to find
-    their models first; the load's join applies the same rules as `PriceBook.lookup`."""
-    names = set(book.models) | set(book.aliases)
-    rows = []
-    for n in sorted(names):
-        p = book.lookup(n)
-        stem = book.models.get(book.aliases.get(n, n))
-        rows.append((n, p.model if p else None, stem.model if stem else None))
-    con.execute("CREATE OR REPLACE TEMP TABLE bb_model_price (model VARCHAR, price_model VARCHAR, stem_price_model VARCHAR)")
-    con.executemany("INSERT INTO bb_model_price VALUES (?, ?, ?)", rows)  # a few dozen names, not data rows

@@ -18,7 +18,7 @@ import duckdb
 from .config import Settings
 from .jobs import Job, quote_ident, quote_literal
 from .outputs import field_structures
-from .state import single_threaded
+from .state import joins_as_written, single_threaded
 
 COLUMNS_AFTER_KEYS = (
     "custom_id", "status", "output_text", "output_json", "stop_reason", "model", "input_tokens", "output_tokens",
@@ -75,18 +75,20 @@ def history_sql(con: duckdb.DuckDBPyConnection, job: Job, batch_ids: list[str] |
         only = " AND batch_id IN (" + (", ".join(quote_literal(b) for b in batch_ids) or "NULL") + ")"
     return _projection(con, job) + f"""
         FROM (
-            WITH r AS (SELECT * FROM bb_state.responses WHERE job = {job_lit}{only}),
-            v AS (
+            WITH v AS (
                 SELECT DISTINCT custom_id, input_hash FROM bb_state.key_versions
-                WHERE job = {job_lit} AND input_hash IN (SELECT input_hash FROM r)
+                WHERE job = {job_lit} AND input_hash IN (
+                    SELECT input_hash FROM bb_state.responses WHERE job = {job_lit}{only})
             ),
             l AS (
                 SELECT custom_id, arg_max(input_hash, seen_at) AS current_hash, arg_max(key_json, seen_at) AS key_json
                 FROM bb_state.key_versions WHERE job = {job_lit} AND custom_id IN (SELECT custom_id FROM v)
                 GROUP BY custom_id
-            )
-            SELECT l.custom_id, l.key_json, l.current_hash, r.*
-            FROM l JOIN v ON v.custom_id = l.custom_id JOIN r ON r.input_hash = v.input_hash
+            ),
+            kv AS (SELECT l.custom_id, l.key_json, l.current_hash, v.input_hash FROM v JOIN l ON l.custom_id = v.custom_id)
+            SELECT kv.custom_id, kv.key_json, kv.current_hash, r.*
+            FROM (SELECT * FROM bb_state.responses WHERE job = {job_lit}{only}) r
+            JOIN kv ON kv.input_hash = r.input_hash
         ) h
     """
 
@@ -121,7 +123,7 @@ def current_sql(con: duckdb.DuckDBPyConnection, job: Job) -> str:
                 GROUP BY l.custom_id, l.key_json, l.current_hash
             )
             SELECT p.custom_id, p.key_json, p.current_hash, r.*
-            FROM picked p JOIN bb_state.responses r ON r.rowid = p.rid
+            FROM bb_state.responses r JOIN picked p ON r.rowid = p.rid
         ) h
     """
 
@@ -159,7 +161,9 @@ def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Pat
     costs time in proportion to what it loaded, not to everything ever collected. `current.parquet` is
     written before the parts, so a part that is missing always means a publish is still owed.
     """
-    with single_threaded(con):  # writing Parquet is I/O; its row-group buffers are per thread
+    # Writing Parquet is I/O, and its row-group buffers are per thread; answers (the wide rows) are
+    # streamed past hash tables built from keys and hashes, never built into one (joins_as_written).
+    with single_threaded(con), joins_as_written(con):
         return _publish(con, settings, job)
 
 

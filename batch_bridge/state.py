@@ -202,6 +202,18 @@ def m003_key_inputs(con: duckdb.DuckDBPyConnection) -> None:
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [m001_initial, m002_input_outcomes, m003_key_inputs]
 
 
+# DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,
+# as a TransactionException that carries the same words.
+_OOM_WORDS = ("Out of Memory", "could not allocate block", "failed to allocate data", "failed to pin block")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is DuckDB running out of the bridge's memory_limit (not a problem of the data)."""
+    if type(e).__module__.split(".")[0] not in ("duckdb", "_duckdb"):
+        return False
+    return type(e).__name__ == "OutOfMemoryException" or any(w in str(e) for w in _OOM_WORDS)
+
+
 def rollback(con: duckdb.DuckDBPyConnection) -> None:
     """ROLLBACK after a failed statement. DuckDB may already have ended the transaction (an
     out-of-memory error does); a second error here must not hide the first, which the caller re-raises."""
@@ -236,6 +248,8 @@ def _configure(con: duckdb.DuckDBPyConnection, settings: Settings) -> None:
     con.execute(f"SET temp_directory = '{str(tmp).replace(chr(39), chr(39) * 2)}'")
     # Row order of exports and loads does not matter to us; without it DuckDB streams COPY and INSERT.
     con.execute("SET preserve_insertion_order = false")
+    # The bridge reports its own progress on stderr; DuckDB's bar would draw over it in scheduler logs.
+    con.execute("SET enable_progress_bar = false")
 
 
 @contextmanager
@@ -254,6 +268,25 @@ def single_threaded(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
         yield
     finally:
         con.execute(f"SET threads = {int(threads)}")
+
+
+@contextmanager
+def joins_as_written(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Run the enclosed statements with joins in the order written: the right side of each join is
+    the one built into a hash table, the left side streams past it.
+
+    For the statements that move answers (loading result files, publishing Parquet): their wide rows
+    belong on the streaming side, but DuckDB guesses a result file at a few dozen rows whatever its
+    size, and its optimizers would build the hash table from it, answer text and all (measured: a
+    100,000-line batch then did not load within a 128MB memory_limit). Those statements are written
+    with the answers on the left.
+    """
+    (before,) = con.execute("SELECT current_setting('disabled_optimizers')").fetchone()
+    con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
+    try:
+        yield
+    finally:
+        con.execute("SET disabled_optimizers = " + "'" + (before or "").replace("'", "''") + "'")
 
 
 T = TypeVar("T")

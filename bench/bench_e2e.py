@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--poll-interval", type=float, default=1.0)
     ap.add_argument("--prompt-chars", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--memory-limit", default=None, help="BATCH_BRIDGE_MEMORY_LIMIT for the bridge (default: the product's)")
     ap.add_argument("--show-stderr", action="store_true", help="print the bridge's stderr lines with times")
     args = ap.parse_args()
 
@@ -41,7 +42,8 @@ def main() -> None:
     with workdir() as root, emulator(latency=args.latency) as emu:
         make_project(root, args.rows, emu.base_url, prompt_chars=args.prompt_chars)
         for i in range(args.repeat):
-            env = cli_env(root, emu.base_url, BATCH_BRIDGE_HOME=str(root / f"home_{i}"))
+            extra = {"BATCH_BRIDGE_MEMORY_LIMIT": args.memory_limit} if args.memory_limit else {}
+            env = cli_env(root, emu.base_url, BATCH_BRIDGE_HOME=str(root / f"home_{i}"), **extra)
             a = run_measured([PY, str(REPO / "bench" / "plain_sdk_script.py"), "--warehouse", str(root / "warehouse.duckdb"),
                               "--poll-interval", str(args.poll_interval)], env)
             assert a["stdout"].startswith(f"{args.rows} results"), a["stdout"]

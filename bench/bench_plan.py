@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--changed", type=float, default=0.01, help="fraction of rows whose prompt changed")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--prompt-chars", type=int, default=200)
+    ap.add_argument("--memory-limit", default=None, help="BATCH_BRIDGE_MEMORY_LIMIT (default: the product's)")
     ap.add_argument("--publish", action="store_true",
                     help="also time one results publish over this history (minutes at 5M: it writes every history part)")
     args = ap.parse_args()
@@ -66,7 +67,8 @@ def main() -> None:
     every = max(1, round(1 / args.changed)) if args.changed > 0 else 0
     with workdir() as root:
         t = time.perf_counter()
-        s = make_project(root, args.rows, None, prompt_chars=args.prompt_chars)
+        extra = {"BATCH_BRIDGE_MEMORY_LIMIT": args.memory_limit} if args.memory_limit else {}
+        s = make_project(root, args.rows, None, prompt_chars=args.prompt_chars, **extra)
         jobs = bridge.load_jobs(s)
         job = jobs[0]
         t_wh = time.perf_counter() - t

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import anthropic
 import pytest
 from click.testing import CliRunner
 
 from batch_bridge.cli import cli
-from helpers import current, load_staging, settings_for, write_project
+from helpers import current, load_staging, settings_for, wait_ended, write_project
 
 COMMANDS = ["plan", "submit", "status", "wait", "collect", "sync", "run", "cancel", "pipeline", "emulator", "dbt",
             "purge", "dbt-package-path"]
@@ -183,3 +184,22 @@ def test_duckdb_out_of_memory_is_a_clear_error_naming_the_setting(proj):
     assert "Traceback" not in r.output and r.output.count("\n") <= 3, r.output  # one error line and a hint
     ok = CliRunner().invoke(cli, ["plan", "--json"], env=env)  # and the default limit plans the same project
     assert ok.exit_code == 0, ok.output
+
+
+def test_out_of_memory_while_loading_keeps_the_results_for_the_next_collect(proj, emulator):
+    """A load that runs out of DuckDB memory is the setting's fault, not the file's: the error names
+    the setting, the downloaded file is kept (not discarded as unreadable), and the next collect loads it."""
+    s, env = proj
+    r = invoke(["submit", "--json"], env)
+    assert r.exit_code == 0, r.output
+    (batch_id,) = json.loads(r.stdout)["batches"]
+    wait_ended(anthropic.Anthropic(api_key="sk-test-cli", base_url=emulator.base_url), batch_id)
+    # enough for the bookkeeping and the download, too little for DuckDB's 32 MB JSON read buffer
+    r = CliRunner().invoke(cli, ["collect"], env={**env, "BATCH_BRIDGE_MEMORY_LIMIT": "16MB"})
+    assert r.exit_code == 1, r.output
+    assert "BATCH_BRIDGE_MEMORY_LIMIT=16MB" in r.output and "could not be read" not in r.output, r.output
+    files = list(s.raw_results_dir.glob("*.jsonl"))
+    assert len(files) == 1 and files[0].stat().st_size > 0  # downloaded, kept
+    r = invoke(["collect", "--json"], env)
+    assert r.exit_code == 0 and json.loads(r.stdout)["loaded"] == {"items": 20}, r.output
+    assert len(current(s, "items")) == 20
