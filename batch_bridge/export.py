@@ -31,7 +31,7 @@ import duckdb
 from .config import Settings
 from .errors import JobDefinitionError, WarehouseError, WarehouseLocked
 from .jobs import Job, quote_ident, quote_literal, template_columns
-from .state import single_threaded, wait_for_lock
+from .state import joins_as_written, single_threaded, wait_for_lock
 
 # Dispositions of a staged row. "send" goes out; the others are counted, and the "not sendable"
 # ones are recorded in `rejections` with their reason so that nothing is silently dropped.
@@ -399,12 +399,14 @@ def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id")
     )
 
 
-def _lines_query(job: Job, columns: str, by_rowid: bool) -> str:
-    """Rows of `bb_send` joined back to the staging relation for their prompt text."""
+def _lines_query(job: Job, columns: str, by_rowid: bool, requests: str = "bb_send q") -> str:
+    """Rows of `requests` (`bb_send` or `bb_lines`) joined back to the staging relation for their prompt
+    text. Run under `joins_as_written`: the staging rows, prompts and all, stream past a hash table of
+    the (narrow) requests, never the other way round."""
     return f"""
         SELECT {columns}
-        FROM bb_send q
-        JOIN {job.relation.sql()} s ON {_match_request(job, by_rowid, 'q')}
+        FROM {job.relation.sql()} s
+        JOIN {requests} ON {_match_request(job, by_rowid, requests.split()[-1])}
     """
 
 
@@ -450,19 +452,26 @@ def _streamed_sizes(con: duckdb.DuckDBPyConnection) -> Iterator[int]:
 
 def measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
     """Exact line sizes of the requests to send, numbered, and the batches they make (`bb_lines`)."""
-    # One thread: numbering the rows to send and joining them back to their prompts pins a sort and a
-    # hash table per thread, so the memory this needs grows with the cores, not only with the limit.
+    # One thread: joining the rows to send back to their prompts and numbering them pins a hash table
+    # and a sort per thread, so the memory this needs would grow with the cores, not only with the limit.
     with single_threaded(con):
         _measure(con, job, plan)
 
 
 def _measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
+    # Sizes first, numbering second: a window over the join would sort the prompts along with the keys.
+    with joins_as_written(con):
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE bb_sizes AS "
+            + _lines_query(job, "q.request_custom_id, q.bb_rowid, q.bb_key, q.input_hash, q.attempt, q.key_count, "
+                           f"length({prompt_sql(job, 's')}) AS prompt_chars, strlen({line_sql(job)}) AS nbytes",
+                           is_table(con, job))
+        )
     con.execute(
         "CREATE OR REPLACE TEMP TABLE bb_lines AS "
-        + _lines_query(job, "row_number() OVER (ORDER BY q.request_custom_id) - 1 AS rn, q.request_custom_id, "
-                       f"q.bb_rowid, q.bb_key, q.input_hash, q.attempt, q.key_count, length({prompt_sql(job, 's')}) AS prompt_chars, "
-                       f"strlen({line_sql(job)}) AS nbytes", is_table(con, job))
+        "SELECT row_number() OVER (ORDER BY request_custom_id) - 1 AS rn, * FROM bb_sizes"
     )
+    con.execute("DROP TABLE bb_sizes")
     n, biggest, chars = con.execute(
         "SELECT count(*), coalesce(max(nbytes), 0), coalesce(sum(prompt_chars), 0) FROM bb_lines"
     ).fetchall()[0]
@@ -489,13 +498,14 @@ def write_requests(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_
     instead of holding a batch (up to 256 MB of request text) in memory.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    on = _match_request(job, is_table(con, job), "l")
-    with single_threaded(con):  # writing lines is I/O; each thread would buffer its own share
-        return _write_request_files(con, job, plan, out_dir, names, on)
+    by_rowid = is_table(con, job)
+    # Writing lines is I/O, and each thread would buffer its own share; prompts stream (joins_as_written).
+    with single_threaded(con), joins_as_written(con):
+        return _write_request_files(con, job, plan, out_dir, names, by_rowid)
 
 
 def _write_request_files(
-    con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_dir: Path, names: list[str], on: str
+    con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_dir: Path, names: list[str], by_rowid: bool
 ) -> list[Path]:
     paths = []
     for c, name in zip(plan.chunks, names):
@@ -503,10 +513,8 @@ def _write_request_files(
         con.execute(
             f"""
             COPY (
-                SELECT {line_sql(job, custom_id='l.request_custom_id')} AS line
-                FROM bb_lines l
-                JOIN {job.relation.sql()} s ON {on}
-                WHERE l.rn BETWEEN {int(c.first)} AND {int(c.last)}
+                {_lines_query(job, f"{line_sql(job, custom_id='l.request_custom_id')} AS line", by_rowid,
+                              f"(SELECT * FROM bb_lines WHERE rn BETWEEN {int(c.first)} AND {int(c.last)}) l")}
             ) TO {quote_literal(str(tmp))}
             (FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\x01')
             """

@@ -132,7 +132,10 @@ def current_sql(con: duckdb.DuckDBPyConnection, job: Job) -> str:
 # of answer text costs tens of MB per file being written; 16,384 keeps that small and still lets
 # readers skip groups by min/max.
 ROW_GROUP_ROWS = 16_384
-PARQUET = f"FORMAT parquet, ROW_GROUP_SIZE {ROW_GROUP_ROWS}"
+# ... and at most this many bytes: 16,384 answers of 6 KB made a 100 MB column chunk, one allocation
+# larger than a 128MB memory_limit leaves (measured). Needs preserve_insertion_order = false (state._configure).
+ROW_GROUP_BYTES = 8 * 1024 * 1024
+PARQUET = f"FORMAT parquet, ROW_GROUP_SIZE {ROW_GROUP_ROWS}, ROW_GROUP_SIZE_BYTES {ROW_GROUP_BYTES}"
 
 
 def _write(con: duckdb.DuckDBPyConnection, query: str, dest: Path) -> None:

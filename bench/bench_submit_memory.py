@@ -26,9 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--prompt-chars", type=int, default=2000)
-    ap.add_argument("--duckdb-memory-limit", default="256MB",
-                    help="also run once with every DuckDB connection of the bridge capped at this (an experiment "
-                         "showing what a memory_limit in the product would do; '' to skip)")
+    ap.add_argument("--memory-limit", default=None, help="BATCH_BRIDGE_MEMORY_LIMIT (default: the product's)")
     args = ap.parse_args()
 
     from batch_bridge import api
@@ -36,18 +34,13 @@ def main() -> None:
     print(machine())
     with workdir() as root, emulator(latency=60) as emu:
         make_project(root, args.rows, emu.base_url, prompt_chars=args.prompt_chars)
-        env = cli_env(root, emu.base_url)
+        extra = {"BATCH_BRIDGE_MEMORY_LIMIT": args.memory_limit} if args.memory_limit else {}
+        env = cli_env(root, emu.base_url, **extra)
         run_measured([BRIDGE_CLI, "plan"], env)
         base = run_measured([PY, "-c", "import batch_bridge.cli, batch_bridge.bridge, anthropic, duckdb"], env)
         r = run_measured([PY, str(REPO / "bench" / "_timed_cli.py"), "submit"], env)
         files = sorted((root / ".batch_bridge" / "requests").glob("*.jsonl"))
         body = sum(api.body_size(f) for f in files)
-        limited = None
-        if args.duckdb_memory_limit:
-            env2 = {**env, "BATCH_BRIDGE_HOME": str(root / "home_limited"),
-                    "BENCH_DUCKDB_MEMORY_LIMIT": args.duckdb_memory_limit}
-            run_measured([BRIDGE_CLI, "plan"], env2)
-            limited = run_measured([PY, str(REPO / "bench" / "_timed_cli.py"), "submit"], env2)
         emu_rss = emu.rss()
 
     phases, _ = parse(r["stderr"])
@@ -65,10 +58,6 @@ def main() -> None:
             print(f"    {name:15s} {shares[name]:6.2f} s   peak RSS {peaks.get(name, 0) / 1e6:7.1f} MB")
     print(f"  baseline (python importing the bridge, SDK, DuckDB): peak RSS {base['peak_rss'] / 1e6:.1f} MB")
     print(f"  (emulator process RSS after receiving the body: {emu_rss / 1e6:.1f} MB)")
-    if limited is not None:
-        print(f"  experiment: same submit with SET memory_limit = '{args.duckdb_memory_limit}' on every DuckDB "
-              f"connection: wall {limited['wall']:.2f} s, peak RSS {limited['peak_rss'] / 1e6:.1f} MB "
-              f"({limited['peak_rss'] / body:.2f}x body)")
     ratio = r["peak_rss"] / body
     print(f"RATIO peak RSS / body size = {ratio:.2f}x (target <= 2x: {'met' if ratio <= 2 else 'MISSED'})")
 

@@ -207,3 +207,30 @@ def test_estimate_is_close_to_billed_cost_and_learns_from_history(tmp_path, emul
         f"SELECT sum(cost_usd) FROM read_parquet('{s.results_dir('items') / 'current.parquet'}') "
         "WHERE NOT regexp_full_match(id, 'k([0-9]|[1-9][0-9]|1[0-9][0-9])')").fetchone()[0]
     assert est2["items"].batch_usd == pytest.approx(billed2, rel=0.10)
+
+
+def _long_answer(params, custom_id=None):
+    """A 20,000-character answer per request (a long summary), the same for every run."""
+    return {"content": [{"type": "text", "text": (f"{custom_id}: " + "a long and careful answer " * 800)[:20_000]}],
+            "stop_reason": "end_turn"}
+
+
+def test_long_answers_load_and_publish_in_row_groups_capped_in_bytes(tmp_path):
+    """2,000 answers of 20 KB (40 MB) at the default memory limit: everything is loaded and published,
+    and Parquet row groups are capped in bytes (a 16,384-row group of such answers would be one 300 MB
+    column chunk, a single allocation beyond the default memory limit)."""
+    with run_emulator(EmulatorConfig(responder=_long_answer)) as emu:
+        write_project(tmp_path, meta(max_tokens=8000))
+        s = settings_for(tmp_path, emu.base_url)
+        load_staging(s, "SELECT 'k' || i AS id, 'text number ' || i AS prompt FROM range(2000) t(i)")
+        _, waited = run(s)
+        assert waited.collected == {"items": 2000}, waited
+    out = s.results_dir("items")
+    con = duckdb.connect()
+    n, shortest = con.execute(
+        f"SELECT count(*), min(length(output_text)) FROM read_parquet('{out / 'current.parquet'}')").fetchone()
+    assert (n, shortest) == (2000, 20_000)
+    for f in [out / "current.parquet", *(out / "history").glob("msgbatch_*.parquet")]:
+        groups = con.execute(
+            f"SELECT row_group_id, sum(total_uncompressed_size) FROM parquet_metadata('{f}') GROUP BY ALL").fetchall()
+        assert len(groups) > 1 and max(size for _, size in groups) < 16 * 1024 * 1024, (f.name, groups)
