@@ -277,7 +277,7 @@ def create_one(
     now: Callable[[], datetime] = state.utcnow, fault: Callable[[str], None] | None = None,
 ) -> tuple[str | None, bool]:
     """Create (or adopt) the batch of one journalled submission. Returns (batch id or None, adopted)."""
-    sub_id, count, path = sub["submission_id"], sub["request_count"], Path(sub["request_file"])
+    sub_id, path = sub["submission_id"], Path(sub["request_file"])
     grace = reconcile_grace()
     if sub["state"] == "creating":
         # A previous run was interrupted during the create call: the batch may exist.

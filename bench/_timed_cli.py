@@ -74,25 +74,7 @@ def exclusive(phases: list[tuple[str, float, float]], t0: float, t1: float) -> d
     return out
 
 
-def limit_duckdb_memory(limit: str) -> None:
-    """Experiment only (BENCH_DUCKDB_MEMORY_LIMIT): every DuckDB connection gets `SET memory_limit`."""
-    import duckdb
-
-    connect = duckdb.connect
-
-    def limited(*a: Any, **kw: Any) -> Any:
-        con = connect(*a, **kw)
-        con.execute(f"SET memory_limit = '{limit}'")
-        return con
-
-    duckdb.connect = limited
-
-
 if __name__ == "__main__":
-    import os
-
-    if os.environ.get("BENCH_DUCKDB_MEMORY_LIMIT"):
-        limit_duckdb_memory(os.environ["BENCH_DUCKDB_MEMORY_LIMIT"])
     install()
     from batch_bridge.cli import main
 

@@ -6,7 +6,6 @@ import json
 
 import duckdb
 import pytest
-import yaml
 
 from batch_bridge import api, bridge, dbt_runner
 from batch_bridge.export import CUSTOM_ID_PATTERN

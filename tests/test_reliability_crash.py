@@ -13,11 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import anthropic
-import duckdb
 import pytest
 
 from batch_bridge import api, bridge, state
