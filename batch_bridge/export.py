@@ -224,12 +224,14 @@ def _match_row(job: Job, by_rowid: bool, staged: str = "c") -> str:
     return " AND ".join(f"s.{quote_ident(k)} = {staged}.{quote_ident(k)}" for k in job.key)
 
 
-def _locator_sql(job: Job) -> str:
-    """Aggregate over `bb_classified` rows: what finds the request's own staging row again (`bb_rowid`,
-    and the key values as a STRUCT `bb_key` for a view), so that request lines are built from
+def _locator_sql(job: Job, by_rowid: bool) -> str:
+    """Aggregate over `bb_classified` rows: what finds the request's own staging row again (`bb_rowid`
+    for a table, the key values as a STRUCT `bb_key` for a view), so that request lines are built from
     `bb_send` and the staging relation alone, without joining every staged row again."""
+    if by_rowid:
+        return "arg_min(bb_rowid, custom_id) AS bb_rowid, NULL::BOOLEAN AS bb_key"
     fields = ", ".join(f"{quote_ident(k)} := {quote_ident(k)}" for k in job.key)
-    return f"arg_min(bb_rowid, custom_id) AS bb_rowid, arg_min(struct_pack({fields}), custom_id) AS bb_key"
+    return f"NULL::BIGINT AS bb_rowid, arg_min(struct_pack({fields}), custom_id) AS bb_key"
 
 
 def _match_request(job: Job, by_rowid: bool, alias: str) -> str:
@@ -383,7 +385,7 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
                count(*) AS key_count,
                max(failures) + 1 AS attempt,
                max(prompt_bytes) AS prompt_bytes,
-               {_locator_sql(job)}
+               {_locator_sql(job, is_table(con, job))}
         FROM bb_classified WHERE disposition = 'send' GROUP BY input_hash
         """
     )
