@@ -368,28 +368,20 @@ def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, bo
     # table from the results, answer text and all: as written, the sent requests are built instead.
     with state.joins_as_written(con):
         con.execute("BEGIN")
-        try:
-            return _insert(con, job_name, select, book, now)
-        except duckdb.Error:
-            state.rollback(con)  # before the setting is restored: an aborted transaction refuses SET
-            raise
-
-
-def _insert(con: duckdb.DuckDBPyConnection, job_name: str, select: str, book: PriceBook, now: object) -> int:
-    return con.execute(
-        f"""
-        INSERT INTO bb_state.responses
-        SELECT $job, r.batch_id, r.request_custom_id, r.input_hash, r.attempt, r.status,
-               r.output_text, r.output_json, r.stop_reason, r.model,
-               r.input_tokens, r.output_tokens, r.cache_creation_input_tokens, r.cache_read_input_tokens,
-               r.cache_creation_5m, r.cache_creation_1h,
-               CASE WHEN r.price IS NULL AND r.status IN ('succeeded', 'parse_failed') THEN NULL
-                    ELSE {cost_sql('r', 'r.price')} END,
-               r.error_type, r.error_message, r.submitted_at, $now
-        FROM (SELECT *, {price_sql(book, 'model')} AS price FROM ({select})) r
-        """,
-        {"job": job_name, "now": now},
-    ).fetchone()[0]
+        return con.execute(
+            f"""
+            INSERT INTO bb_state.responses
+            SELECT $job, r.batch_id, r.request_custom_id, r.input_hash, r.attempt, r.status,
+                   r.output_text, r.output_json, r.stop_reason, r.model,
+                   r.input_tokens, r.output_tokens, r.cache_creation_input_tokens, r.cache_read_input_tokens,
+                   r.cache_creation_5m, r.cache_creation_1h,
+                   CASE WHEN r.price IS NULL AND r.status IN ('succeeded', 'parse_failed') THEN NULL
+                        ELSE {cost_sql('r', 'r.price')} END,
+                   r.error_type, r.error_message, r.submitted_at, $now
+            FROM (SELECT *, {price_sql(book, 'model')} AS price FROM ({select})) r
+            """,
+            {"job": job_name, "now": now},
+        ).fetchone()[0]
 
 
 def _load_batch(

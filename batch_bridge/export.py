@@ -401,14 +401,14 @@ def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id")
     )
 
 
-def _lines_query(job: Job, columns: str, by_rowid: bool, requests: str = "bb_send q") -> str:
-    """Rows of `requests` (`bb_send` or `bb_lines`) joined back to the staging relation for their prompt
-    text. Run under `joins_as_written`: the staging rows, prompts and all, stream past a hash table of
-    the (narrow) requests, never the other way round."""
+def _lines_query(job: Job, columns: str, by_rowid: bool, requests: str = "bb_send", alias: str = "q") -> str:
+    """Rows of `requests` (`bb_send`, or a range of `bb_lines`) joined back to the staging relation `s`
+    for their prompt text. Run under `joins_as_written`: the staging rows, prompts and all, stream past
+    a hash table of the (narrow) requests, never the other way round."""
     return f"""
         SELECT {columns}
         FROM {job.relation.sql()} s
-        JOIN {requests} ON {_match_request(job, by_rowid, requests.split()[-1])}
+        JOIN {requests} {alias} ON {_match_request(job, by_rowid, alias)}
     """
 
 
@@ -516,7 +516,7 @@ def _write_request_files(
             f"""
             COPY (
                 {_lines_query(job, f"{line_sql(job, custom_id='l.request_custom_id')} AS line", by_rowid,
-                              f"(SELECT * FROM bb_lines WHERE rn BETWEEN {int(c.first)} AND {int(c.last)}) l")}
+                              f"(SELECT * FROM bb_lines WHERE rn BETWEEN {int(c.first)} AND {int(c.last)})", "l")}
             ) TO {quote_literal(str(tmp))}
             (FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\x01')
             """

@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Literal, TypeVar
+from typing import Callable, ContextManager, Iterator, Literal, TypeVar
 
 import duckdb
 
@@ -253,7 +253,26 @@ def _configure(con: duckdb.DuckDBPyConnection, settings: Settings) -> None:
 
 
 @contextmanager
-def single_threaded(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+def _setting(con: duckdb.DuckDBPyConnection, name: str, value: str) -> Iterator[None]:
+    """Run the enclosed statements with DuckDB setting `name` = `value` (a SQL literal), then restore it.
+
+    A statement that failed inside a transaction leaves it aborted, and an aborted transaction refuses
+    SET: it is rolled back first (all it can still do), so the setting is restored and the first
+    error, which the caller re-raises, is the one reported."""
+    (before,) = con.execute(f"SELECT current_setting('{name}')").fetchone()
+    con.execute(f"SET {name} = {value}")
+    restore = f"SET {name} = " + "'" + str(before if before is not None else "").replace("'", "''") + "'"
+    try:
+        yield
+    finally:
+        try:
+            con.execute(restore)
+        except duckdb.TransactionException:
+            rollback(con)
+            con.execute(restore)
+
+
+def single_threaded(con: duckdb.DuckDBPyConnection) -> ContextManager[None]:
     """Run the enclosed statements on one DuckDB thread, then restore the thread count.
 
     For the steps that move data rather than compute (reading result files, writing Parquet and
@@ -262,31 +281,20 @@ def single_threaded(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     a large INSERT flushes its row groups to disk as they fill instead of holding them per thread.
     Planning keeps every core: hashing and joining millions of staged rows is CPU work.
     """
-    (threads,) = con.execute("SELECT current_setting('threads')").fetchone()
-    con.execute("SET threads = 1")
-    try:
-        yield
-    finally:
-        con.execute(f"SET threads = {int(threads)}")
+    return _setting(con, "threads", "1")
 
 
-@contextmanager
-def joins_as_written(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+def joins_as_written(con: duckdb.DuckDBPyConnection) -> ContextManager[None]:
     """Run the enclosed statements with joins in the order written: the right side of each join is
     the one built into a hash table, the left side streams past it.
 
-    For the statements that move answers (loading result files, publishing Parquet): their wide rows
-    belong on the streaming side, but DuckDB guesses a result file at a few dozen rows whatever its
-    size, and its optimizers would build the hash table from it, answer text and all (measured: a
-    100,000-line batch then did not load within a 128MB memory_limit). Those statements are written
-    with the answers on the left.
+    For the statements that move answers and prompts (loading result files, publishing Parquet,
+    sizing and writing request lines): their wide rows belong on the streaming side, but DuckDB
+    guesses a result file at a few dozen rows whatever its size, and its optimizers would build the
+    hash table from it, answer text and all (measured: a 100,000-line batch then did not load within
+    a 128MB memory_limit). Those statements are written with the wide rows on the left.
     """
-    (before,) = con.execute("SELECT current_setting('disabled_optimizers')").fetchone()
-    con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
-    try:
-        yield
-    finally:
-        con.execute("SET disabled_optimizers = " + "'" + (before or "").replace("'", "''") + "'")
+    return _setting(con, "disabled_optimizers", "'join_order,build_side_probe_side'")
 
 
 T = TypeVar("T")

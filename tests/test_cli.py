@@ -193,7 +193,8 @@ def test_out_of_memory_while_loading_keeps_the_results_for_the_next_collect(proj
     r = invoke(["submit", "--json"], env)
     assert r.exit_code == 0, r.output
     (batch_id,) = json.loads(r.stdout)["batches"]
-    wait_ended(anthropic.Anthropic(api_key="sk-test-cli", base_url=emulator.base_url), batch_id)
+    with anthropic.Anthropic(api_key="sk-test-cli", base_url=emulator.base_url) as client:
+        wait_ended(client, batch_id)
     # enough for the bookkeeping and the download, too little for DuckDB's 32 MB JSON read buffer
     r = CliRunner().invoke(cli, ["collect"], env={**env, "BATCH_BRIDGE_MEMORY_LIMIT": "16MB"})
     assert r.exit_code == 1, r.output
