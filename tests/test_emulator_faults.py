@@ -87,6 +87,19 @@ def test_slow_create_without_retries_raises_but_the_batch_exists(emu: Emulator) 
     assert len(orphans) == 1 and orphans[0].request_counts.processing + orphans[0].request_counts.succeeded == 1
 
 
+def test_a_create_the_client_gave_up_on_is_in_flight_until_the_emulator_answers(emu: Emulator) -> None:
+    """`creates_in_flight` is what a test waits on after killing a client mid-create."""
+    emu.set_faults(slow_create_seconds=1.0)
+    with anthropic.Anthropic(api_key="k", base_url=emu.base_url, timeout=0.3, max_retries=0) as client:
+        with pytest.raises(anthropic.APITimeoutError):
+            client.messages.batches.create(requests=[request("a")])
+    assert emu.counters()["creates_in_flight"] == 1 and emu.counters()["batches_created"] == 1
+    deadline = time.monotonic() + 5
+    while emu.counters()["creates_in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert emu.counters()["creates_in_flight"] == 0
+
+
 def test_connection_reset_is_retried_by_the_sdk(emu: Emulator, client: anthropic.Anthropic) -> None:
     batch = client.messages.batches.create(requests=[request("a")])
     emu.set_faults(connection_resets=1, connection_reset_endpoints=("retrieve",))

@@ -220,12 +220,13 @@ class EmulatorApp:
         cap = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         upload = self.store.new_upload_path()
-        try:
-            return await self._create(request, cap, declared, upload)
-        except ClientDisconnect:
-            return _Nothing()  # the client gave up mid-upload: nothing was created
-        finally:
-            upload.unlink(missing_ok=True)
+        with self.stats.create_in_flight():
+            try:
+                return await self._create(request, cap, declared, upload)
+            except ClientDisconnect:
+                return _Nothing()  # the client gave up mid-upload: nothing was created
+            finally:
+                upload.unlink(missing_ok=True)
 
     async def _create(self, request: Request, cap: int, declared: str | None, upload: Any) -> Response:
         """Stream the body to `upload` (never all in memory), validate and persist it, register the batch."""

@@ -24,6 +24,17 @@ class Stats:
         self._endpoints: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
         self._cpu: Counter[str] = Counter()
+        self._creates_in_flight = 0  # a gauge, not a counter: `reset()` leaves it alone
+
+    @contextmanager
+    def create_in_flight(self) -> Iterator[None]:
+        with self._lock:
+            self._creates_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._creates_in_flight -= 1
 
     def incr(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -70,6 +81,9 @@ class Stats:
                 "batches_ended": self._counters["batches_ended"],
                 "requests_processed": self._counters["requests_processed"],
                 "creates_rejected": self._counters["creates_rejected"],
+                # creates being read or stored right now: a client killed after sending a whole body
+                # still gets its batch created, so a test waits for 0 before counting batches
+                "creates_in_flight": self._creates_in_flight,
                 "auth_failures": self._counters["auth_failures"],
                 "results_bytes_sent": self._counters["results_bytes_sent"],
                 "http_requests": sum(self._endpoints.values()),
