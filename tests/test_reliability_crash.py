@@ -193,7 +193,9 @@ def test_kill_during_collect_then_rerun_loads_exactly_once(proj, emulator, point
 
 def test_two_processes_at_once_only_one_submits(proj, emulator):
     """The loser of the project lock exits 4 with a clear message and sends nothing."""
-    emulator.set_faults(slow_create_seconds=0.7)  # the winner holds the lock for a few seconds
+    # The winner holds the lock for 2 s or more: wide enough that the loser, started at the same time,
+    # still finds it held on a loaded CI machine where one interpreter starts a second later.
+    emulator.set_faults(slow_create_seconds=2.0)
     env = cli_env(proj, BATCH_BRIDGE_LOCK_TIMEOUT="0.3")
     procs = [subprocess.Popen(cli_args(proj, "submit", "--json"), env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
