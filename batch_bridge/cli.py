@@ -98,7 +98,7 @@ def _out_of_memory(e: Exception) -> BatchBridgeError:
     from .config import DEFAULT_MEMORY_LIMIT, ENV_MEMORY_LIMIT
     from .errors import OutOfMemory
 
-    limit = os.environ.get(ENV_MEMORY_LIMIT) or f"{DEFAULT_MEMORY_LIMIT} (the default)"
+    limit = os.environ.get(ENV_MEMORY_LIMIT) or f"{DEFAULT_MEMORY_LIMIT} (the default, with room for wide rows)"
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return OutOfMemory(
         f"DuckDB ran out of the bridge's memory limit, {ENV_MEMORY_LIMIT}={limit}: {first}",

@@ -17,6 +17,7 @@ a batch whose `archived_at` is set (results are kept 29 days).
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -167,7 +168,7 @@ def download_ended(
             if fault:
                 fault("after_download")
             with state.connect(settings) as con:
-                state.mark_downloaded(con, info.id, path, lines)
+                state.mark_downloaded(con, info.id, path, lines, os.path.getsize(path))
             downloaded.append(info.id)
             progress.tick("batches downloaded", n, len(todo))
     if errors and not downloaded:
@@ -354,9 +355,19 @@ def load_downloaded(
             loaded[job_name] = 0
             with state.single_threaded(con):  # reading files is I/O: see single_threaded
                 for batch in job_batches:
-                    loaded[job_name] += _load_batch(con, job, batch, book, fault, progress)
+                    with state.room_for_rows(con, settings, _line_bytes(batch), batch[4] or 0):
+                        loaded[job_name] += _load_batch(con, job, batch, book, fault, progress)
                     progress.tick("results loaded", loaded[job_name], total)
     return loaded
+
+
+def _line_bytes(batch: tuple) -> float:
+    """The mean width of a downloaded batch's result lines (its answers), for `state.room_for_rows`."""
+    _, _, _, result_file, result_lines = batch
+    try:
+        return os.path.getsize(result_file) / max(1, result_lines or 0)
+    except OSError:
+        return 0.0  # a missing file is reported by the load itself
 
 
 def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, book: PriceBook, now: object) -> int:

@@ -31,7 +31,11 @@ ENV_PRICES = "BATCH_BRIDGE_PRICES"
 ENV_RETENTION_DAYS = "BATCH_BRIDGE_RETENTION_DAYS"
 ENV_CONCURRENCY = "BATCH_BRIDGE_CONCURRENCY"
 ENV_MEMORY_LIMIT = "BATCH_BRIDGE_MEMORY_LIMIT"
-DEFAULT_MEMORY_LIMIT = "128MB"  # measured in BENCHMARKS.md: a 1M-row job runs within it
+# DuckDB's memory for the bridge's work on rows of ordinary width (it spills to disk beyond); measured in
+# BENCHMARKS.md: a 1M-row job runs within it, and 100,000 answers of 6 KB. Unless the user sets
+# BATCH_BRIDGE_MEMORY_LIMIT, steps over wider rows get room for a few vectors of them on top
+# (`state.room_for_rows`): 2,000 answers of 60 KB did not load within 128MB.
+DEFAULT_MEMORY_LIMIT = "128MB"
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Settings:
     prices_file: Path | None = None  # user price overrides (JSON), merged over the packaged prices
     retention_days: float | None = None  # archives older than this are removed by `purge`
     memory_limit: str = DEFAULT_MEMORY_LIMIT  # DuckDB's memory for the bridge's work; it spills to disk beyond
+    memory_limit_set: bool = False  # given by the user (BATCH_BRIDGE_MEMORY_LIMIT): a cap, never raised for wide rows
 
     @property
     def state_path(self) -> Path:
@@ -237,4 +242,5 @@ def resolve(
         prices_file=_path(prices, root) if prices else None,
         retention_days=float(retention) if retention else None,
         memory_limit=_memory(env.get(ENV_MEMORY_LIMIT) or DEFAULT_MEMORY_LIMIT),
+        memory_limit_set=bool(env.get(ENV_MEMORY_LIMIT)),
     )

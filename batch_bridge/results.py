@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -18,7 +19,7 @@ import duckdb
 from .config import Settings
 from .jobs import Job, quote_ident, quote_literal
 from .outputs import field_structures
-from .state import joins_as_written, single_threaded
+from .state import joins_as_written, room_for_rows, single_threaded
 
 COLUMNS_AFTER_KEYS = (
     "custom_id", "status", "output_text", "output_json", "stop_reason", "model", "input_tokens", "output_tokens",
@@ -93,15 +94,18 @@ def history_sql(con: duckdb.DuckDBPyConnection, job: Job, batch_ids: list[str] |
     """
 
 
-def current_sql(con: duckdb.DuckDBPyConnection, job: Job) -> str:
-    """One row per key: the latest answer for its current input, else its latest earlier answer (stale).
+def pick_current(con: duckdb.DuckDBPyConnection, job: Job) -> None:
+    """`bb_picked`: one row per key with the rowid of the answer `current.parquet` shows for it: the
+    latest answer for its current input, else its latest earlier answer (stale).
 
     Hash aggregates only (latest version per key, the rowid of the latest answer per input), no window
-    over history and no row-sized aggregate state, so the cost grows with the number of keys.
+    over history and no row-sized aggregate state, so the cost grows with the number of keys. A table of
+    its own, not a CTE of the COPY: in one statement the materialized CTEs, the hash table of the picks
+    and the answers streaming past it did not fit 64MB for 150,000 keys; in two they do.
     """
     job_lit = quote_literal(job.name)
-    return _projection(con, job) + f"""
-        FROM (
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE bb_picked AS
             WITH latest AS (
                 SELECT custom_id, arg_max(input_hash, seen_at) AS current_hash, arg_max(key_json, seen_at) AS key_json
                 FROM bb_state.key_versions WHERE job = {job_lit} GROUP BY custom_id
@@ -122,8 +126,16 @@ def current_sql(con: duckdb.DuckDBPyConnection, job: Job) -> str:
                 WHERE l.current_hash NOT IN (SELECT input_hash FROM best)
                 GROUP BY l.custom_id, l.key_json, l.current_hash
             )
+            SELECT * FROM picked
+    """)
+
+
+def current_sql(con: duckdb.DuckDBPyConnection, job: Job) -> str:
+    """One row per key (after `pick_current`): its picked answer, answer text streaming past the picks."""
+    return _projection(con, job) + """
+        FROM (
             SELECT p.custom_id, p.key_json, p.current_hash, r.*
-            FROM bb_state.responses r JOIN picked p ON r.rowid = p.rid
+            FROM bb_state.responses r JOIN bb_picked p ON r.rowid = p.rid
         ) h
     """
 
@@ -166,8 +178,16 @@ def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Pat
     """
     # Writing Parquet is I/O, and its row-group buffers are per thread; answers (the wide rows) are
     # streamed past hash tables built from keys and hashes, never built into one (joins_as_written).
-    with single_threaded(con), joins_as_written(con):
+    with single_threaded(con), joins_as_written(con), room_for_rows(con, settings, _answer_bytes(con, job)):
         return _publish(con, settings, job)
+
+
+def _answer_bytes(con: duckdb.DuckDBPyConnection, job: Job) -> float:
+    """The mean result-line width of the job's widest collected batch: how wide the rows published are."""
+    (width,) = con.execute(
+        "SELECT max(result_bytes / result_lines) FROM bb_state.batches "
+        "WHERE job = ? AND local_state = 'collected' AND result_lines > 0", [job.name]).fetchone()
+    return float(width or 0)
 
 
 def _publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Path:
@@ -175,7 +195,9 @@ def _publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Pa
     parts = out / "history"
     parts.mkdir(parents=True, exist_ok=True)
     todo = _unpublished_batches(con, job, parts)
+    pick_current(con, job)
     _write(con, current_sql(con, job), out / "current.parquet")  # unordered: sorting 1M wide rows costs seconds
+    con.execute("DROP TABLE bb_picked")
     _write(
         con,
         f"SELECT key_json, reason, detail, seen_at FROM bb_state.rejections WHERE job = {quote_literal(job.name)} "
@@ -183,28 +205,9 @@ def _publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Pa
         out / "rejected.parquet",
     )
     _write(con, history_sql(con, job, []), parts / "_schema.parquet")  # the job's columns may have changed
-    if todo:
-        _write_parts(con, history_sql(con, job, todo), parts, todo)
+    # One COPY per part: a COPY partitioned by batch held a row group per open part (11 parts of a 1M-row
+    # run: 88 MB of buffers), and per batch is faster too (BENCHMARKS.md).
+    for b in todo:
+        _write(con, history_sql(con, job, [b]), parts / f"{b}.parquet")
+    shutil.rmtree(parts / ".incoming", ignore_errors=True)  # left by a partitioned COPY of older versions
     return out / "current.parquet"
-
-
-def _write_parts(con: duckdb.DuckDBPyConnection, query: str, parts: Path, batch_ids: list[str]) -> None:
-    """One COPY partitioned by batch, then each part renamed into place (`<batch_id>.parquet`)."""
-    tmp = parts / ".incoming"
-    if tmp.exists():
-        for f in sorted(tmp.rglob("*"), reverse=True):
-            f.unlink() if f.is_file() else f.rmdir()
-    con.execute(
-        f"COPY ({query}) TO {quote_literal(str(tmp))} "
-        f"({PARQUET}, PARTITION_BY (batch_id), WRITE_PARTITION_COLUMNS true, OVERWRITE_OR_IGNORE true)"
-    )
-    for b in batch_ids:
-        files = sorted((tmp / f"batch_id={b}").glob("*.parquet")) if (tmp / f"batch_id={b}").exists() else []
-        if len(files) == 1:
-            os.chmod(files[0], 0o600)
-            os.replace(files[0], parts / f"{b}.parquet")
-        else:  # a batch with no (key, answer) pair, or a writer that split it: write it on its own
-            _write(con, f"SELECT * FROM ({query}) WHERE batch_id = {quote_literal(b)}", parts / f"{b}.parquet")
-    for f in sorted(tmp.rglob("*"), reverse=True):
-        f.unlink() if f.is_file() else f.rmdir()
-    tmp.rmdir()

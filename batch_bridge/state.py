@@ -22,8 +22,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Literal, TypeVar
@@ -199,7 +200,24 @@ def m003_key_inputs(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [m001_initial, m002_input_outcomes, m003_key_inputs]
+def m004_result_bytes(con: duckdb.DuckDBPyConnection) -> None:
+    """The size of each batch's result file, so that the steps over its answers know how wide its rows
+    are (`room_for_rows`). Batches collected before it get the size of their answers as stored."""
+    con.execute("ALTER TABLE batches ADD COLUMN result_bytes BIGINT")
+    con.execute(
+        """
+        UPDATE batches SET result_bytes = s.bytes
+        FROM (SELECT batch_id,
+                     sum(coalesce(strlen(output_text), 0) + coalesce(strlen(CAST(output_json AS VARCHAR)), 0)
+                         + coalesce(strlen(error_message), 0) + 400) AS bytes  -- 400: ids, usage, envelope
+              FROM responses GROUP BY batch_id) s
+        WHERE batches.batch_id = s.batch_id
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
+    m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes]
 
 
 # DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,
@@ -282,6 +300,46 @@ def single_threaded(con: duckdb.DuckDBPyConnection) -> ContextManager[None]:
     Planning keeps every core: hashing and joining millions of staged rows is CPU work.
     """
     return _setting(con, "threads", "1")
+
+
+# DuckDB's vector: the rows each operator of a statement holds at once while streaming.
+VECTOR_ROWS = 2048
+# Vectors of wide rows a streaming statement holds outside what DuckDB can spill: the vector read, its
+# extracted or encoded copies, the writer's buffer. Measured (BENCHMARKS.md): at 64MB, 100,000 answers of
+# 6 KB failed to load (and passed at 96MB) and 2,000 of 20 KB failed at 112MB; at 128MB, 2,000 of 60 KB.
+WIDE_ROW_VECTORS = 4
+# The default limit was measured with rows up to this wide (100,000 answers of 6 KB load within 128MB):
+# only the width beyond it gets room, so ordinary jobs run exactly at the default.
+ORDINARY_ROW_BYTES = 4096
+ROOM_CAP_BYTES = 4 * 2**30
+_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def size_bytes(size: str) -> int:
+    """'64MB' -> 64,000,000 and '64MiB' -> 67,108,864, as DuckDB reads a memory_limit."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", size)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {size!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def room_for_rows(
+    con: duckdb.DuckDBPyConnection, settings: Settings, row_bytes: float, rows: int = VECTOR_ROWS
+) -> ContextManager[None]:
+    """Run the enclosed statements with room for a few vectors of rows `row_bytes` wide (of `rows`, when
+    there are fewer than a vector) on top of the default memory_limit, then restore it.
+
+    The default limit is sized for rows of ordinary width, where everything that grows with the job
+    (hash tables, sorts, uncommitted inserts) spills to disk; what does not spill is a few vectors of
+    the rows being streamed, which grows with their width: 2,048 answers of 60 KB are 120 MB per copy.
+    A limit the user set is theirs, a cap that is never raised."""
+    excess = row_bytes - ORDINARY_ROW_BYTES
+    if settings.memory_limit_set or excess <= 0:
+        return nullcontext()
+    base = size_bytes(settings.memory_limit)
+    room = int(WIDE_ROW_VECTORS * min(max(rows, 1), VECTOR_ROWS) * excess)
+    limit = min(base + room, max(base, ROOM_CAP_BYTES))
+    return _setting(con, "memory_limit", f"'{limit // 2**20}MiB'")
 
 
 def joins_as_written(con: duckdb.DuckDBPyConnection) -> ContextManager[None]:
@@ -433,9 +491,9 @@ def abandon_submission(con: duckdb.DuckDBPyConnection, submission_id: str, why: 
           {"note": why})
 
 
-def mark_downloaded(con: duckdb.DuckDBPyConnection, batch_id: str, result_file: str, lines: int) -> None:
+def mark_downloaded(con: duckdb.DuckDBPyConnection, batch_id: str, result_file: str, lines: int, size: int) -> None:
     _move(con, "batches", "batch_id", batch_id, "local_state", ("submitted", "downloaded"), "downloaded",
-          {"result_file": result_file, "result_lines": lines})
+          {"result_file": result_file, "result_lines": lines, "result_bytes": size})
 
 
 def mark_collected(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
@@ -446,7 +504,7 @@ def mark_collected(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
 def discard_download(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) -> None:
     """The downloaded file cannot be loaded (corrupt): forget it so the next collect downloads again."""
     _move(con, "batches", "batch_id", batch_id, "local_state", ("downloaded",), "submitted",
-          {"result_file": None, "result_lines": None, "note": why})
+          {"result_file": None, "result_lines": None, "result_bytes": None, "note": why})
 
 
 def mark_lost(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) -> None:

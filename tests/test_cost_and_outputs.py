@@ -8,7 +8,8 @@ from importlib import resources
 import duckdb
 import pytest
 
-from batch_bridge import api, bridge
+from batch_bridge import api, bridge, state
+from batch_bridge.config import DEFAULT_MEMORY_LIMIT
 from batch_bridge.emulator import EmulatorConfig, run_emulator
 from batch_bridge.errors import BudgetExceeded
 from helpers import current, load_staging, settings_for, write_project
@@ -234,3 +235,38 @@ def test_long_answers_load_and_publish_in_row_groups_capped_in_bytes(tmp_path):
         groups = con.execute(
             f"SELECT row_group_id, sum(total_uncompressed_size) FROM parquet_metadata('{f}') GROUP BY ALL").fetchall()
         assert len(groups) > 1 and max(size for _, size in groups) < 16 * 1024 * 1024, (f.name, groups)
+    with state.connect(s) as con:
+        (size, lines) = con.execute("SELECT result_bytes, result_lines FROM bb_state.batches").fetchone()
+    assert lines == 2000 and size > 2000 * 20_000  # what gives the publish its room for these rows
+
+
+def _longer_answer(params, custom_id=None):
+    """A 60,000-character answer per request (a long report)."""
+    return {"content": [{"type": "text", "text": (f"{custom_id}: " + "a long and careful answer " * 2400)[:60_000]}],
+            "stop_reason": "end_turn"}
+
+
+def test_long_answers_get_room_by_default_but_a_limit_the_user_set_is_a_cap(tmp_path):
+    """2,000 answers of 60 KB: with BATCH_BRIDGE_MEMORY_LIMIT set by the user to the default's value
+    (128MB) DuckDB runs out loading them, the file is kept, nothing is half-loaded; the default (128MB
+    plus room for a few vectors of rows that wide) loads them from the same file."""
+    assert DEFAULT_MEMORY_LIMIT == "128MB"
+    with run_emulator(EmulatorConfig(responder=_longer_answer)) as emu:
+        write_project(tmp_path, meta(max_tokens=20000))
+        s = settings_for(tmp_path, emu.base_url)
+        load_staging(s, "SELECT 'k' || i AS id, 'text number ' || i AS prompt FROM range(2000) t(i)")
+        jobs, client = bridge.load_jobs(s), api.build_client(s)
+        capped = s.with_(memory_limit=DEFAULT_MEMORY_LIMIT, memory_limit_set=True)
+        bridge.submit(capped, jobs, client)  # prompts are short: no room needed to plan them
+        bridge.wait(capped, jobs, client, timeout=60)  # ended, not collected
+        with pytest.raises(duckdb.Error) as e:
+            bridge.collect(capped, jobs, client)
+        assert state.is_out_of_memory(e.value), e.value
+        with state.connect(s) as con:
+            assert con.execute("SELECT local_state, count(*) FROM bb_state.batches GROUP BY ALL").fetchall() == [
+                ("downloaded", 1)]
+            assert con.execute("SELECT count(*) FROM bb_state.responses").fetchone() == (0,)
+        report = bridge.collect(s, jobs, client)
+        client.close()
+    assert report.loaded == {"items": 2000}
+    assert len(current(s, "items")) == 2000
