@@ -31,7 +31,7 @@ import duckdb
 from .config import Settings
 from .errors import JobDefinitionError, WarehouseError, WarehouseLocked
 from .jobs import Job, quote_ident, quote_literal, template_columns
-from .state import VECTOR_ROWS, joins_as_written, single_threaded, wait_for_lock
+from .state import joins_as_written, single_threaded, wait_for_lock
 
 # Dispositions of a staged row. "send" goes out; the others are counted, and the "not sendable"
 # ones are recorded in `rejections` with their reason so that nothing is silently dropped.
@@ -146,17 +146,6 @@ def _check_columns(job: Job, columns: dict[str, str]) -> None:
             raise JobDefinitionError(
                 job.name, "prompt_template", "{" + c + "}", f"placeholders naming columns of {job.relation.identifier}: {have}"
             )
-
-
-def sample_line_bytes(con: duckdb.DuckDBPyConnection, job: Job) -> float:
-    """The mean request-line width over the first vector of staged rows (the LIMIT ends the scan
-    there), before anything reads them all: how much room `state.room_for_rows` gives the plan."""
-    _check_columns(job, relation_columns(con, job))
-    prefix, suffix = job.params_split()
-    (mean,) = con.execute(
-        f"SELECT avg(strlen({prompt_sql(job)})) FROM (SELECT * FROM {job.relation.sql()} LIMIT {VECTOR_ROWS}) AS s"
-    ).fetchone()
-    return float(mean or 0) + len(prefix.encode()) + len(suffix.encode()) + 100  # 100: custom_id and JSON
 
 
 def prompt_sql(job: Job, alias: str = "s") -> str:

@@ -37,7 +37,7 @@ from .config import Settings
 from .errors import ApiAuthError, ApiError, ApiRequestRejected, BudgetExceeded, ConfigError
 from .estimate import Estimate, estimate_job
 from .export import (
-    HASH_VERSION, JobPlan, classify, key_json_sql, measure, sample_line_bytes, stage, warehouse_attached, write_requests,
+    HASH_VERSION, JobPlan, classify, key_json_sql, measure, stage, warehouse_attached, write_requests,
 )
 from .jobs import Job
 from .pricing import PriceBook, load_prices
@@ -147,8 +147,7 @@ def plan_jobs(
     for catalog, group in by_catalog.items():
         with warehouse_attached(con, settings, catalog):
             for job in group:
-                with state.room_for_rows(con, settings, sample_line_bytes(con, job)):
-                    plans.append(_plan_job(con, job, book, estimates, progress, prepare))
+                plans.append(_plan_job(con, job, book, estimates, progress, prepare))
     return plans, estimates
 
 
