@@ -262,8 +262,14 @@ def _configure(con: duckdb.DuckDBPyConnection, settings: Settings) -> None:
     """Bound DuckDB's memory (it spills to the bridge's own temp dir beyond it) and let it stream."""
     tmp = settings.home / "tmp"
     tmp.mkdir(exist_ok=True)
+    # The temp directory first: lowering memory_limit evicts what opening the file replayed from its WAL
+    # (a load of wide answers can leave hundreds of MB there), and once DuckDB has spilled to a directory
+    # it refuses any SET temp_directory, even to the same path. A second connection to the same
+    # database in this process finds it set already.
+    (current,) = con.execute("SELECT current_setting('temp_directory')").fetchone()
+    if current != str(tmp):
+        con.execute(f"SET temp_directory = '{str(tmp).replace(chr(39), chr(39) * 2)}'")
     con.execute(f"SET memory_limit = '{settings.memory_limit}'")
-    con.execute(f"SET temp_directory = '{str(tmp).replace(chr(39), chr(39) * 2)}'")
     # Row order of exports and loads does not matter to us; without it DuckDB streams COPY and INSERT.
     con.execute("SET preserve_insertion_order = false")
     # The bridge reports its own progress on stderr; DuckDB's bar would draw over it in scheduler logs.
