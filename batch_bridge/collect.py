@@ -355,14 +355,8 @@ def load_downloaded(
             loaded[job_name] = 0
             with state.single_threaded(con):  # reading files is I/O: see single_threaded
                 for batch in job_batches:
-                    width = _line_bytes(batch)
-                    with state.room_for_rows(con, settings, width, batch[4] or 0):
+                    with state.room_for_rows(con, settings, _line_bytes(batch), batch[4] or 0):
                         loaded[job_name] += _load_batch(con, job, batch, book, fault, progress)
-                        if width > state.ORDINARY_ROW_BYTES:
-                            # With the room, not later: DuckDB would checkpoint this commit's WAL when the
-                            # connection closes, under the default limit, which fails for answers this wide
-                            # (2,000 of 100 KB at 128MB) and leaves the WAL to be replayed on every open.
-                            con.execute("CHECKPOINT")
                     progress.tick("results loaded", loaded[job_name], total)
     return loaded
 

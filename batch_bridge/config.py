@@ -157,11 +157,24 @@ def _path(value: str, root: Path) -> Path:
     return p if p.is_absolute() else (root / p)
 
 
-def _memory(value: str) -> str:
+_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def size_bytes(size: str) -> int:
+    """'64MB' -> 64,000,000 and '64MiB' -> 67,108,864, as DuckDB reads a memory_limit."""
     import re
 
-    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", value, re.IGNORECASE):
-        raise ConfigError(f"{ENV_MEMORY_LIMIT}={value!r} is not a size; use e.g. 512MB or 2GB")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", size)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {size!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _memory(value: str) -> str:
+    try:
+        size_bytes(value)
+    except ValueError:
+        raise ConfigError(f"{ENV_MEMORY_LIMIT}={value!r} is not a size; use e.g. 512MB or 2GB") from None
     return value.strip()
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import time
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
@@ -31,7 +30,7 @@ from typing import Callable, ContextManager, Iterator, Literal, TypeVar
 
 import duckdb
 
-from .config import Settings
+from .config import Settings, size_bytes
 from .errors import BatchBridgeError, InvalidStateTransition, StateError, StateLocked
 
 SubmissionState = Literal["prepared", "creating", "created", "abandoned"]
@@ -318,15 +317,6 @@ WIDE_ROW_VECTORS = 4
 # only the width beyond it gets room, so ordinary jobs run exactly at the default.
 ORDINARY_ROW_BYTES = 4096
 ROOM_CAP_BYTES = 4 * 2**30
-_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def size_bytes(size: str) -> int:
-    """'64MB' -> 64,000,000 and '64MiB' -> 67,108,864, as DuckDB reads a memory_limit."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", size)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {size!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def room_for_rows(
@@ -344,8 +334,17 @@ def room_for_rows(
         return nullcontext()
     base = size_bytes(settings.memory_limit)
     room = int(WIDE_ROW_VECTORS * min(max(rows, 1), VECTOR_ROWS) * excess)
-    limit = min(base + room, max(base, ROOM_CAP_BYTES))
-    return _setting(con, "memory_limit", f"'{limit // 2**20}MiB'")
+    return _room(con, min(base + room, max(base, ROOM_CAP_BYTES)))
+
+
+@contextmanager
+def _room(con: duckdb.DuckDBPyConnection, limit: int) -> Iterator[None]:
+    with _setting(con, "memory_limit", f"'{limit // 2**20}MiB'"):
+        yield
+        # What was written with the room is checkpointed with it: DuckDB would otherwise checkpoint the
+        # WAL when the connection closes, under the default limit, which fails for rows this wide
+        # (2,000 answers of 100 KB at 128MB) and leaves the WAL to be replayed on every open.
+        con.execute("CHECKPOINT")
 
 
 def joins_as_written(con: duckdb.DuckDBPyConnection) -> ContextManager[None]:

@@ -36,11 +36,9 @@ from . import api, state
 from .config import Settings
 from .errors import ApiAuthError, ApiError, ApiRequestRejected, BudgetExceeded, ConfigError
 from .estimate import Estimate, estimate_job
-from .export import (
-    HASH_VERSION, JobPlan, classify, key_json_sql, measure, stage, warehouse_attached, write_requests,
-)
+from .export import HASH_VERSION, JobPlan, classify, key_json_sql, measure, stage, warehouse_attached, write_requests
 from .jobs import Job
-from .pricing import PriceBook, load_prices
+from .pricing import load_prices
 from .progress import Progress, Silent
 
 # A create whose outcome is unknown is looked for in `list` for this long before the file is resent.
@@ -147,27 +145,20 @@ def plan_jobs(
     for catalog, group in by_catalog.items():
         with warehouse_attached(con, settings, catalog):
             for job in group:
-                plans.append(_plan_job(con, job, book, estimates, progress, prepare))
+                plan = JobPlan(job)
+                key_types = stage(con, job)
+                classify(con, job, plan)
+                if plan.send_requests:
+                    measure(con, job, plan)
+                estimates[job.name] = estimate_job(con, job, plan, book)
+                progress.step(
+                    f"{job.name}: {plan.staged:,} rows staged, {plan.send_keys:,} to send as "
+                    f"{plan.send_requests:,} requests in {len(plan.chunks)} batch(es)"
+                )
+                if prepare is not None:
+                    prepare(job, plan, con, key_types)
+                plans.append(plan)
     return plans, estimates
-
-
-def _plan_job(
-    con: duckdb.DuckDBPyConnection, job: Job, book: PriceBook, estimates: dict[str, Estimate], progress: Progress,
-    prepare: Callable[[Job, JobPlan, duckdb.DuckDBPyConnection, dict[str, str]], None] | None,
-) -> JobPlan:
-    plan = JobPlan(job)
-    key_types = stage(con, job)
-    classify(con, job, plan)
-    if plan.send_requests:
-        measure(con, job, plan)
-    estimates[job.name] = estimate_job(con, job, plan, book)
-    progress.step(
-        f"{job.name}: {plan.staged:,} rows staged, {plan.send_keys:,} to send as "
-        f"{plan.send_requests:,} requests in {len(plan.chunks)} batch(es)"
-    )
-    if prepare is not None:
-        prepare(job, plan, con, key_types)
-    return plan
 
 
 def check_budget(job: Job, estimate: Estimate, max_cost: float | None) -> None:
