@@ -81,6 +81,8 @@ class Stats:
                 "batches_ended": self._counters["batches_ended"],
                 "requests_processed": self._counters["requests_processed"],
                 "creates_rejected": self._counters["creates_rejected"],
+                # batches of "another client" stored by the neighbour_batches fault (not in batches_created)
+                "neighbour_batches_created": self._counters["neighbour_batches_created"],
                 # creates being read or stored right now: a client killed after sending a whole body
                 # still gets its batch created, so a test waits for 0 before counting batches
                 "creates_in_flight": self._creates_in_flight,
