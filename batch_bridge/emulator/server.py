@@ -161,7 +161,8 @@ class EmulatorApp:
         self, endpoint: Endpoint, handler: Callable[[Request], Awaitable[Response]]
     ) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
-            self.stats.endpoint(endpoint)
+            retry = request.headers.get("x-stainless-retry-count", "0")
+            self.stats.endpoint(endpoint, int(retry) if retry.isdigit() else 0)
             problem = self._auth_problem(request)
             if problem is not None:
                 self.stats.incr("auth_failures")
