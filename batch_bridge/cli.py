@@ -371,8 +371,14 @@ def _status_text(d: dict) -> str:
         cost = "unknown" if j["cost_usd"] is None else f"${j['cost_usd']:,.4f}"
         out.append(f"job {j['job']}: succeeded {r['succeeded']:,}, in flight {r['in_flight']:,}, "
                    f"failed {r['failed']:,}, never sent {r['never_sent']:,}; cost {cost}")
+        if r.get("waiting_for_queue"):
+            out.append(f"  in flight, waiting for room in the processing queue: {r['waiting_for_queue']:,} rows "
+                       "(sent by a later run)")
+        if r.get("create_unconfirmed"):
+            out.append(f"  in flight, create of unknown outcome being looked for: {r['create_unconfirmed']:,} rows")
         for k, v in j["not_sent"].items():
             out.append(f"  not sent: {k:<20} {v['rows']:>6,}  {v['why']}")
+            out += [f"            {d}" for d in v.get("details", [])]
         for k, v in j["failures_by_type"].items():
             out.append(f"  failed:   {k:<20} {v:>6,}")
     if d["batches"]:
