@@ -40,7 +40,7 @@ from typing import Callable, Literal
 import anthropic
 import duckdb
 
-from . import api, state
+from . import api, collect, state
 from .config import Settings
 from .errors import ApiAccountError, ApiRequestRejected, BudgetExceeded
 from .estimate import Estimate, estimate_job
@@ -457,6 +457,11 @@ def send_pending(
     by an interrupted run)."""
     report = SubmitReport()
     subs, later = _fit_queue(settings, pending_submissions(settings, jobs))
+    if later and queued_requests(settings):
+        # What the state says is queued may have ended since it was last polled (`submit` alone does
+        # not collect): ask the API before leaving anything for a later run.
+        collect.refresh(client, settings)
+        subs, later = _fit_queue(settings, pending_submissions(settings, jobs))
     report.waiting_for_queue = [s["submission_id"] for s in later]
     if subs:
         _send(client, settings, subs, report, job_defs or {}, progress, sleep, fault)

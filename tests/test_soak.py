@@ -14,10 +14,10 @@ import soak  # noqa: E402
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [3, 11])
-def test_sync_cycles_under_every_unkind_knob_keep_the_promise(tmp_path, seed):
-    out = soak.soak(cycles=4, seed=seed, workdir=tmp_path, quiet=True, command="sync")
+def test_sync_cycles_under_every_unkind_knob_keep_the_promise(tmp_path):
+    # Seed 3 draws two SIGKILLs, another client's batches, errors after store, resets, cut streams.
+    out = soak.soak(cycles=4, seed=3, workdir=tmp_path, quiet=True, command="sync")
     # soak() raises InvariantBroken after the cycle that breaks one; here every row ended answered.
+    assert out["kills"] >= 1 and out["neighbour_batches"] >= 1, out
     assert set(out["rows"]) <= {"answered", "failed_retryable", "not_yet_planned"}
     assert out["rows"]["answered"] >= 120 and out["rows"].get("not_yet_planned", 0) == 0
-    assert out["cycles"] == 4
