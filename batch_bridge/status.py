@@ -10,6 +10,9 @@ import duckdb
 from .export import REJECTED_REASONS
 from .state import utcnow
 
+NEVER_SENT_WHY = {**REJECTED_REASONS,
+                  "not_sent_yet": "known but not sent yet (its submission was abandoned or its batch lost)"}
+
 
 def _iso(d: datetime | None) -> str | None:
     return d.isoformat(timespec="seconds") + "Z" if d else None
@@ -43,52 +46,88 @@ def batches(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[str, A
     return out
 
 
-def jobs_summary(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[str, Any]]:
-    out = []
-    for job in jobs:
-        row = con.execute(
-            """
-            WITH latest AS (
-                SELECT custom_id, arg_max(input_hash, seen_at) AS h FROM bb_state.key_versions
-                WHERE job = $job GROUP BY custom_id
-            ),
-            last_resp AS (
-                SELECT input_hash, arg_max(status, collected_at) AS status FROM bb_state.responses
-                WHERE job = $job GROUP BY input_hash
-            ),
-            ok AS (SELECT DISTINCT input_hash FROM bb_state.responses WHERE job = $job AND status = 'succeeded'),
-            flying AS (
-                SELECT DISTINCT sr.input_hash FROM bb_state.sent_requests sr
-                JOIN bb_state.submissions su USING (submission_id)
-                LEFT JOIN bb_state.batches b ON b.batch_id = su.batch_id
-                WHERE sr.job = $job AND (su.state IN ('prepared', 'creating')
-                      OR (su.state = 'created' AND coalesce(b.local_state, 'submitted') IN ('submitted', 'downloaded')))
-            )
-            SELECT count(*) AS keys,
-                   count(*) FILTER (WHERE ok.input_hash IS NOT NULL) AS succeeded,
-                   count(*) FILTER (WHERE ok.input_hash IS NULL AND f.input_hash IS NOT NULL) AS in_flight,
-                   count(*) FILTER (WHERE ok.input_hash IS NULL AND f.input_hash IS NULL AND lr.status IS NOT NULL) AS failed,
-                   count(*) FILTER (WHERE ok.input_hash IS NULL AND f.input_hash IS NULL AND lr.status IS NULL) AS never_sent
+# Rejection reasons of rows that never become keys (no key_versions row): counted only through `rejections`.
+# The other reasons name keys that are stored, and that are counted once, by what their answers say.
+UNSTORED_REASONS = ("null_key", "duplicate_key", "empty_prompt")
+
+
+def row_counts(con: duckdb.DuckDBPyConnection, job: str) -> dict[str, Any]:
+    """Each key of the job in exactly one class (succeeded, in flight, failed, never sent), failures by
+    the type of their latest answer and rows never sent by reason, so that the parts add up; plus
+    `stale`: keys without an answer for their current input that still show an earlier answer.
+    Shared by `status` and `report`."""
+    rows = con.execute(
+        """
+        WITH latest AS (
+            SELECT custom_id, arg_max(input_hash, seen_at) AS h FROM bb_state.key_versions
+            WHERE job = $job GROUP BY custom_id
+        ),
+        last_resp AS (
+            SELECT input_hash, arg_max(status, collected_at) AS status, arg_max(error_type, collected_at) AS error_type
+            FROM bb_state.responses WHERE job = $job GROUP BY input_hash
+        ),
+        ok AS (SELECT DISTINCT input_hash FROM bb_state.responses WHERE job = $job AND status = 'succeeded'),
+        flying AS (
+            SELECT DISTINCT sr.input_hash FROM bb_state.sent_requests sr
+            JOIN bb_state.submissions su USING (submission_id)
+            LEFT JOIN bb_state.batches b ON b.batch_id = su.batch_id
+            WHERE sr.job = $job AND (su.state IN ('prepared', 'creating')
+                  OR (su.state = 'created' AND coalesce(b.local_state, 'submitted') IN ('submitted', 'downloaded')))
+        ),
+        classed AS (
+            SELECT l.custom_id, ok.input_hash IS NOT NULL AS answered,
+                   CASE WHEN ok.input_hash IS NOT NULL THEN 'succeeded'
+                        WHEN f.input_hash IS NOT NULL THEN 'in_flight'
+                        WHEN lr.status IS NOT NULL THEN 'failed'
+                        ELSE 'never_sent' END AS class,
+                   CASE WHEN ok.input_hash IS NULL AND f.input_hash IS NULL THEN coalesce(lr.error_type, lr.status) END AS failure
             FROM latest l
             LEFT JOIN ok ON ok.input_hash = l.h
             LEFT JOIN flying f ON f.input_hash = l.h
             LEFT JOIN last_resp lr ON lr.input_hash = l.h
-            """,
-            {"job": job},
-        ).fetchone()
-        keys, ok, flying, failed, never = row
-        failures = dict(con.execute(
-            """
-            SELECT coalesce(error_type, status), count(*) FROM (
-                SELECT input_hash, arg_max(status, collected_at) AS status, arg_max(error_type, collected_at) AS error_type
-                FROM bb_state.responses WHERE job = $job GROUP BY input_hash
-            ) WHERE status <> 'succeeded' GROUP BY ALL
-            """,
-            {"job": job},
-        ).fetchall())
-        rejected = dict(con.execute(
-            "SELECT reason, count(*) FROM bb_state.rejections WHERE job = ? GROUP BY reason", [job]
-        ).fetchall())
+        ),
+        stale AS (  -- unanswered keys one of whose earlier inputs has an answer
+            SELECT count(DISTINCT v.custom_id) AS n FROM bb_state.key_versions v
+            JOIN ok ON ok.input_hash = v.input_hash
+            JOIN classed c ON c.custom_id = v.custom_id AND NOT c.answered
+            WHERE v.job = $job
+        )
+        SELECT class, failure, count(*), any_value((SELECT n FROM stale)) FROM classed GROUP BY ALL
+        """,
+        {"job": job},
+    ).fetchall()
+    counts = {"succeeded": 0, "in_flight": 0, "failed": 0, "never_sent": 0}
+    failures: dict[str, int] = {}
+    stale = 0
+    for cls, failure, n, st in rows:
+        counts[cls] += n
+        stale = st or 0
+        if cls == "failed":
+            failures[failure] = failures.get(failure, 0) + n
+    keys = sum(counts.values())
+    rejected = dict(con.execute(
+        "SELECT reason, count(*) FROM bb_state.rejections WHERE job = ? GROUP BY reason", [job]
+    ).fetchall())
+    # Stored keys never sent: too large for a batch, or not sent yet (prepared but abandoned, or lost).
+    never: dict[str, int] = {r: rejected[r] for r in UNSTORED_REASONS if rejected.get(r)}
+    too_large = min(rejected.get("too_large", 0), counts["never_sent"])
+    if too_large:
+        never["too_large"] = too_large
+    if counts["never_sent"] - too_large:
+        never["not_sent_yet"] = counts["never_sent"] - too_large
+    return {
+        "rows": {"known_keys": keys, **counts, "never_sent": sum(never.values()), "stale": stale},
+        "failures_by_type": dict(sorted(failures.items(), key=lambda kv: -kv[1])),
+        "never_sent_by_reason": never,
+        "rejected": rejected,
+    }
+
+
+def jobs_summary(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for job in jobs:
+        counted = row_counts(con, job)
+        rejected = counted["rejected"]
         cost, billed, tokens_in, tokens_out, cache_w, cache_r = con.execute(
             """SELECT sum(cost_usd), count(*) FILTER (WHERE status IN ('succeeded', 'parse_failed')),
                       sum(input_tokens), sum(output_tokens), sum(cache_creation_input_tokens),
@@ -117,11 +156,10 @@ def jobs_summary(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[s
         out.append({
             "job": job,
             "dedupe": {"rows": dedupe_rows, "saved_usd": dedupe_saved},
-            "rows": {
-                "known_keys": keys, "succeeded": ok, "in_flight": flying, "failed": failed,
-                "never_sent": never + sum(rejected.values()),
-            },
-            "failures_by_type": failures,
+            "rows": counted["rows"],
+            "failures_by_type": counted["failures_by_type"],
+            "never_sent_by_reason": {k: {"rows": v, "why": NEVER_SENT_WHY.get(k, k)}
+                                     for k, v in counted["never_sent_by_reason"].items()},
             "not_sent": {k: {"rows": v, "why": REJECTED_REASONS.get(k, k)} for k, v in sorted(rejected.items())},
             "cost_usd": (cost or 0.0) if not unknown_cost else None,  # unknown only when a price is missing
             "cost_usd_known_part": cost or 0.0,
