@@ -58,39 +58,36 @@ def row_counts(con: duckdb.DuckDBPyConnection, job: str) -> dict[str, Any]:
     Shared by `status` and `report`."""
     rows = con.execute(
         """
-        WITH latest AS (
-            SELECT custom_id, arg_max(input_hash, seen_at) AS h FROM bb_state.key_versions
-            WHERE job = $job GROUP BY custom_id
-        ),
-        last_resp AS (
-            SELECT input_hash, arg_max(status, collected_at) AS status, arg_max(error_type, collected_at) AS error_type
-            FROM bb_state.responses WHERE job = $job GROUP BY input_hash
-        ),
-        ok AS (SELECT DISTINCT input_hash FROM bb_state.responses WHERE job = $job AND status = 'succeeded'),
+        WITH keys AS (SELECT custom_id, input_hash AS h, answered FROM bb_state.key_inputs WHERE job = $job),
         flying AS (
             SELECT DISTINCT sr.input_hash FROM bb_state.sent_requests sr
-            JOIN bb_state.submissions su USING (submission_id)
-            LEFT JOIN bb_state.batches b ON b.batch_id = su.batch_id
-            WHERE sr.job = $job AND (su.state IN ('prepared', 'creating')
-                  OR (su.state = 'created' AND coalesce(b.local_state, 'submitted') IN ('submitted', 'downloaded')))
+            WHERE sr.job = $job AND sr.submission_id IN (
+                SELECT su.submission_id FROM bb_state.submissions su
+                LEFT JOIN bb_state.batches b ON b.batch_id = su.batch_id
+                WHERE su.job = $job AND (su.state IN ('prepared', 'creating')
+                      OR (su.state = 'created' AND coalesce(b.local_state, 'submitted') IN ('submitted', 'downloaded'))))
+        ),
+        open AS (  -- keys without an answer for their current input: few, when the job is healthy
+            SELECT k.custom_id, k.h, f.input_hash IS NOT NULL AS flying
+            FROM keys k LEFT JOIN flying f ON f.input_hash = k.h WHERE NOT k.answered
+        ),
+        tried AS (
+            SELECT input_hash, arg_max(status, collected_at) AS status, arg_max(error_type, collected_at) AS error_type
+            FROM bb_state.responses
+            WHERE job = $job AND input_hash IN (SELECT h FROM open WHERE NOT flying) GROUP BY input_hash
         ),
         classed AS (
-            SELECT l.custom_id, ok.input_hash IS NOT NULL AS answered,
-                   CASE WHEN ok.input_hash IS NOT NULL THEN 'succeeded'
-                        WHEN f.input_hash IS NOT NULL THEN 'in_flight'
-                        WHEN lr.status IS NOT NULL THEN 'failed'
-                        ELSE 'never_sent' END AS class,
-                   CASE WHEN ok.input_hash IS NULL AND f.input_hash IS NULL THEN coalesce(lr.error_type, lr.status) END AS failure
-            FROM latest l
-            LEFT JOIN ok ON ok.input_hash = l.h
-            LEFT JOIN flying f ON f.input_hash = l.h
-            LEFT JOIN last_resp lr ON lr.input_hash = l.h
+            SELECT CASE WHEN o.flying THEN 'in_flight' WHEN t.status IS NOT NULL THEN 'failed' ELSE 'never_sent' END AS class,
+                   CASE WHEN NOT o.flying THEN coalesce(t.error_type, t.status) END AS failure
+            FROM open o LEFT JOIN tried t ON t.input_hash = o.h
+            UNION ALL
+            SELECT 'succeeded', NULL FROM keys WHERE answered
         ),
-        stale AS (  -- unanswered keys one of whose earlier inputs has an answer
+        stale AS (  -- open keys one of whose earlier inputs has an answer
             SELECT count(DISTINCT v.custom_id) AS n FROM bb_state.key_versions v
-            JOIN ok ON ok.input_hash = v.input_hash
-            JOIN classed c ON c.custom_id = v.custom_id AND NOT c.answered
-            WHERE v.job = $job
+            JOIN open o ON o.custom_id = v.custom_id AND v.input_hash <> o.h
+            WHERE v.job = $job AND v.input_hash IN (
+                SELECT input_hash FROM bb_state.input_outcomes WHERE job = $job AND succeeded)
         )
         SELECT class, failure, count(*), any_value((SELECT n FROM stale)) FROM classed GROUP BY ALL
         """,
@@ -139,17 +136,19 @@ def jobs_summary(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[s
         ).fetchone()[0]
         dedupe_rows, dedupe_saved = con.execute(
             """
-            WITH latest AS (
-                SELECT custom_id, arg_max(input_hash, seen_at) AS h FROM bb_state.key_versions
-                WHERE job = $job GROUP BY custom_id
+            WITH deduped AS (  -- answered keys whose own request did not bring the answer
+                SELECT k.input_hash FROM bb_state.key_inputs k
+                ANTI JOIN (SELECT input_hash, request_custom_id FROM bb_state.responses
+                           WHERE job = $job AND status = 'succeeded') r
+                     ON r.input_hash = k.input_hash AND r.request_custom_id = k.custom_id
+                WHERE k.job = $job AND k.answered
             ),
             answered AS (
-                SELECT input_hash, arg_max(request_custom_id, collected_at) AS sent_as,
-                       arg_max(cost_usd, collected_at) AS cost
-                FROM bb_state.responses WHERE job = $job AND status = 'succeeded' GROUP BY input_hash
+                SELECT input_hash, arg_max(cost_usd, collected_at) AS cost FROM bb_state.responses
+                WHERE job = $job AND status = 'succeeded' AND input_hash IN (SELECT input_hash FROM deduped)
+                GROUP BY input_hash
             )
-            SELECT count(*), coalesce(sum(a.cost), 0) FROM latest l JOIN answered a ON a.input_hash = l.h
-            WHERE a.sent_as <> l.custom_id
+            SELECT count(*), coalesce(sum(a.cost), 0) FROM deduped d JOIN answered a USING (input_hash)
             """,
             {"job": job},
         ).fetchone()
