@@ -168,7 +168,7 @@ def stacked_columns(label: str, cats: list[str], parts: list[dict[str, float]], 
         v = vmax * k / 4
         y = top + plot_h - plot_h * k / 4
         s.line(left, y, W - 10, y, "#e2e2e2")
-        s.text(left - 6, y + 4, fmt(v) if v else "0", "end", 11, "#555")
+        s.text(left - 6, y + 4, fmt(v) if v else "0", "end", 12, "#555")
     if not cats:
         s.text(W / 2, h / 2, "no batches in this window", "middle")
     for i, (cat, p, m) in enumerate(zip(cats, parts, marks)):
@@ -188,7 +188,7 @@ def stacked_columns(label: str, cats: list[str], parts: list[dict[str, float]], 
                   f'fill="none" stroke="{BLACK}" stroke-width="1.5" stroke-dasharray="4 2">'
                   f'<title>{esc(cat)} {esc(mark_name)}: {esc(fmt(m))}</title></rect>')
         if n <= 16 or i % math.ceil(n / 16) == 0:
-            s.text(left + slot * i + slot / 2, h - bottom + 16, cat, "middle", 10, "#333")
+            s.text(left + slot * i + slot / 2, h - bottom + 16, cat, "middle", 12, "#333")
     s.line(left, top + plot_h, W - 10, top + plot_h, "#888")
     return s.render()
 
@@ -222,11 +222,11 @@ def timeline(label: str, batches: list[dict[str, Any]], now: datetime) -> str:
         t = t0 + timedelta(seconds=span * k / 4)
         s.line(x(t), top - 6, x(t), h - 18, "#e2e2e2")
         s.text(x(t), top - 10, t.strftime("%m-%d %H:%M:%S") if span < 86400 * 2 else t.strftime("%m-%d %H:%M"),
-               "middle", 10, "#555")
+               "middle", 12, "#555")
     for i, b in enumerate(rows):
         y = top + i * row_h
         end = b["ended_at"] or now
-        s.text(left - 6, y + 12, b["batch_id"][-14:], "end", 10, "#333")
+        s.text(left - 6, y + 12, b["batch_id"][-14:], "end", 12, "#333")
         s.rect(x(b["created_at"]), y + 2, max(x(end) - x(b["created_at"]), 2), row_h - 5, BLUE, "solid",
                f"{b['batch_id']}: created {b['created_at']:%Y-%m-%d %H:%M:%S}, "
                + (f"ended {b['ended_at']:%H:%M:%S}" if b["ended_at"] else "still running"))
@@ -236,7 +236,7 @@ def timeline(label: str, batches: list[dict[str, Any]], now: datetime) -> str:
         elif not b["ended_at"]:
             s.rect(x(b["created_at"]), y + 2, max(x(now) - x(b["created_at"]), 2), row_h - 5, SKY, "dots",
                    f"{b['batch_id']}: {b['processing_status']}")
-        s.text(W - right + 6, y + 12, f"{b['requests']:,} req", "start", 10, "#333")
+        s.text(W - right + 6, y + 12, f"{b['requests']:,} req", "start", 12, "#333")
     return s.render()
 
 
@@ -258,11 +258,12 @@ def histogram(label: str, values: list[float]) -> str:
     for i, c in enumerate(counts):
         hh = plot_h * c / cmax
         x = left + slot * i
-        s.rect(x + 2, top + plot_h - hh, slot - 4, hh, SKY, "solid", f"{c} batch(es)")
+        bw = min(slot - 4, 90)
+        s.rect(x + (slot - bw) / 2, top + plot_h - hh, bw, hh, SKY, "solid", f"{c} batch(es)")
         if c:
-            s.text(x + slot / 2, top + plot_h - hh - 3 if hh < plot_h - 12 else top + 12, str(c), "middle", 11, "#000")
-        s.text(x + slot / 2, h - bottom + 14, duration(lo + width * i), "middle", 10, "#333")
-    s.text(W - 10, h - 6, "batch duration, created -> ended (bin start)", "end", 10, "#555")
+            s.text(x + slot / 2, top + plot_h - hh - 3 if hh < plot_h - 12 else top + 12, str(c), "middle", 12, "#000")
+        s.text(x + slot / 2, h - bottom + 14, duration(lo + width * i), "middle", 12, "#333")
+    s.text(W - 10, h - 6, "batch duration, created -> ended (bin start)", "end", 12, "#555")
     s.line(left, top + plot_h, W - 10, top + plot_h, "#888")
     return s.render()
 
@@ -275,20 +276,21 @@ def rate_bars(label: str, names: list[str], rates: list[float | None]) -> str:
     for k in range(0, 5):
         y = top + plot_h - plot_h * k / 4
         s.line(left, y, W - 10, y, "#e2e2e2")
-        s.text(left - 6, y + 4, f"{25 * k}%", "end", 10, "#555")
+        s.text(left - 6, y + 4, f"{25 * k}%", "end", 12, "#555")
     if not names:
         s.text(W / 2, h / 2, "no batches in this window", "middle")
     slot = (W - left - 10) / max(len(names), 1)
     for i, (n, r) in enumerate(zip(names, rates)):
         x = left + slot * i
         if r is None:
-            s.text(x + slot / 2, top + plot_h - 4, "n/a", "middle", 10, "#555")
+            s.text(x + slot / 2, top + plot_h - 4, "n/a", "middle", 12, "#555")
         else:
             hh = max(plot_h * r, 1.5)
-            s.rect(x + slot * 0.2, top + plot_h - hh, slot * 0.6, hh, GREEN, "cross", f"{n}: {r:.1%}")
-            s.text(x + slot / 2, top + plot_h - hh - 3, f"{r:.0%}", "middle", 10, "#000")
+            bw = min(slot * 0.6, 60)
+            s.rect(x + (slot - bw) / 2, top + plot_h - hh, bw, hh, GREEN, "cross", f"{n}: {r:.1%}")
+            s.text(x + slot / 2, top + plot_h - hh - 3, f"{r:.0%}", "middle", 12, "#000")
         if len(names) <= 16 or i % math.ceil(len(names) / 16) == 0:
-            s.text(x + slot / 2, h - bottom + 14, n, "middle", 9, "#333")
+            s.text(x + slot / 2, h - bottom + 14, n, "middle", 12, "#333")
     s.line(left, top + plot_h, W - 10, top + plot_h, "#888")
     return s.render()
 
@@ -459,7 +461,7 @@ section.job{background:#fff;border:1px solid var(--line);border-radius:8px;paddi
 figure.chart{margin:10px 0 14px}
 figcaption{font-weight:600;margin-bottom:4px}
 .plot{overflow-x:auto}
-.plot svg{width:100%;min-width:480px;height:auto;display:block}
+.plot svg{width:100%;max-width:960px;min-width:480px;height:auto;display:block}
 .legend{list-style:none;padding:0;margin:6px 0 0;display:flex;flex-wrap:wrap;gap:4px 16px}
 .legend li{display:flex;align-items:center;gap:6px}
 .legend .lval{font-weight:600;font-variant-numeric:tabular-nums}
@@ -472,7 +474,7 @@ table{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums;
 th,td{text-align:left;padding:4px 8px;border-bottom:1px solid var(--line);vertical-align:top}
 td.id{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;white-space:nowrap}
 td.msg{max-width:360px}
-@media (max-width:600px){main{padding:10px}section.job{padding:2px 10px 10px}body{font-size:14px}h1{font-size:20px}}
+@media (max-width:600px){.plot svg{min-width:600px}main{padding:10px}section.job{padding:2px 10px 10px}body{font-size:14px}h1{font-size:20px}}
 """
 
 
