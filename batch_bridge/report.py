@@ -155,7 +155,7 @@ def legend(items: Iterable[tuple[str, str, str, str]], metric_names: Iterable[st
 
 
 def stacked_columns(label: str, cats: list[str], parts: list[dict[str, float]], marks: list[float | None],
-                    mark_name: str, fmt=usd) -> str:
+                    mark_name: str) -> str:
     """Vertical stacked bars (one per category) of the cost parts, with a marker (the estimate) beside each."""
     h, top, bottom, left = 260, 16, 58, 70
     s = Svg(h, label)
@@ -168,7 +168,7 @@ def stacked_columns(label: str, cats: list[str], parts: list[dict[str, float]], 
         v = vmax * k / 4
         y = top + plot_h - plot_h * k / 4
         s.line(left, y, W - 10, y, "#e2e2e2")
-        s.text(left - 6, y + 4, fmt(v) if v else "0", "end", 12, "#555")
+        s.text(left - 6, y + 4, usd(v, 0 if vmax >= 20 else 2 if vmax >= 0.2 else 4) if v else "0", "end", 12, "#555")
     if not cats:
         s.text(W / 2, h / 2, "no batches in this window", "middle")
     for i, (cat, p, m) in enumerate(zip(cats, parts, marks)):
@@ -181,12 +181,12 @@ def stacked_columns(label: str, cats: list[str], parts: list[dict[str, float]], 
             hh = plot_h * v / vmax
             colour, pattern, name = PART_STYLE[part]
             y -= hh
-            s.rect(x, y, bw, hh, colour, pattern, f"{cat} {name}: {fmt(v)}")
+            s.rect(x, y, bw, hh, colour, pattern, f"{cat} {name}: {usd(v)}")
         if m is not None:
             hh = plot_h * m / vmax
             s.add(f'<rect x="{x + bw + 4:.1f}" y="{top + plot_h - hh:.1f}" width="{bw:.1f}" height="{hh:.1f}" '
                   f'fill="none" stroke="{BLACK}" stroke-width="1.5" stroke-dasharray="4 2">'
-                  f'<title>{esc(cat)} {esc(mark_name)}: {esc(fmt(m))}</title></rect>')
+                  f'<title>{esc(cat)} {esc(mark_name)}: {esc(usd(m))}</title></rect>')
         if n <= 16 or i % math.ceil(n / 16) == 0:
             s.text(left + slot * i + slot / 2, h - bottom + 16, cat, "middle", 12, "#333")
     s.line(left, top + plot_h, W - 10, top + plot_h, "#888")
@@ -418,8 +418,8 @@ def _errors_section(errors: list[dict[str, Any]]) -> str:
 
 def overall(jobs: list[dict[str, Any]]) -> dict[str, Any]:
     """The jobs' figures added up (failure types and reasons by name)."""
-    def add(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
-        out: dict[str, int] = {}
+    def add(dicts: Iterable[dict[str, int]], keys: Iterable[str] = ()) -> dict[str, int]:
+        out: dict[str, int] = dict.fromkeys(keys, 0)
         for d in dicts:
             for k, v in d.items():
                 out[k] = out.get(k, 0) + v
@@ -433,7 +433,7 @@ def overall(jobs: list[dict[str, Any]]) -> dict[str, Any]:
     syncs = [j["sync_usd_same_tokens"] for j in jobs]
     return {
         "job": "all jobs",
-        "rows": add(j["rows"] for j in jobs),
+        "rows": add((j["rows"] for j in jobs), ("known_keys", "succeeded", "in_flight", "failed", "never_sent", "stale")),
         "failures_by_type": dict(sorted(add(j["failures_by_type"] for j in jobs).items(), key=lambda kv: -kv[1])),
         "never_sent_by_reason": never,
         "dedupe": {"rows": sum(j["dedupe"]["rows"] for j in jobs), "saved_usd": sum(j["dedupe"]["saved_usd"] for j in jobs)},
@@ -441,7 +441,7 @@ def overall(jobs: list[dict[str, Any]]) -> dict[str, Any]:
         "cost_usd_known_part": sum(j["cost_usd_known_part"] for j in jobs),
         "sync_usd_same_tokens": None if any(s is None for s in syncs) else sum(syncs),
         "billed_requests": sum(j["billed_requests"] for j in jobs),
-        "tokens": add(j["tokens"] for j in jobs),
+        "tokens": add((j["tokens"] for j in jobs), COST_PARTS),
         "window": {k: sum(j["window"][k] for j in jobs) for k in ("batches", "cost_usd", "estimate_usd", "estimated_batches")},
     }
 
