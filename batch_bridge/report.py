@@ -25,7 +25,6 @@ from .report_data import COST_PARTS, ReportData, gather, per_day
 BLACK, ORANGE, SKY, GREEN, YELLOW, BLUE, VERMILLION, PURPLE = (
     "#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
 GREY = "#8C8C8C"
-PATTERNS = ("solid", "diag", "dots", "cross", "rdiag", "hline")
 PART_STYLE = {"input": (BLUE, "solid", "input"), "output": (ORANGE, "diag", "output"),
               "cache_write": (PURPLE, "dots", "cache write"), "cache_read": (GREEN, "cross", "cache read")}
 W = 760  # SVG user units; charts scale to the page width (and scroll sideways below a minimum)

@@ -48,10 +48,6 @@ class ReportData:
     batches: list[dict[str, Any]]  # one per batch created in the window (or still open)
     errors: list[dict[str, Any]]  # per job and error type, latest first
 
-    def to_json(self) -> dict[str, Any]:
-        return {"generated_at": self.generated_at, "since": self.since, "jobs": self.jobs,
-                "batches": self.batches, "errors": self.errors}
-
 
 def _batches(con: duckdb.DuckDBPyConnection, jobs: list[str], since: datetime | None, book: PriceBook) -> list[dict]:
     rows = con.execute(
