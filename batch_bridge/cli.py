@@ -410,6 +410,26 @@ def status(project_dir, profiles_dir, target, jobs, as_json):
     _emit(data, as_json, _status_text)
 
 
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@common
+@click.option("--out", "out", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="the HTML file to write")
+@click.option("--since", default="30d", show_default=True,
+              help="window for costs per day, batches and errors: e.g. 30d, 12h, 2w, or all")
+@handle_errors
+def report(project_dir, profiles_dir, target, jobs, out, since):
+    """Write one self-contained HTML page (rows, cost, time, cache, errors) and print its path.
+
+    Reads only the bridge's own state (no network). Example: batch-bridge report --job reviews --since 7d
+    """
+    from .report import write_report
+    from .report_data import parse_since
+
+    window = parse_since(since)
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
+    click.echo(str(write_report(settings, [j.name for j in job_list], out, window)))
+
+
 # --- pipeline / dbt -------------------------------------------------------------------------------
 
 

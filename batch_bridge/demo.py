@@ -158,6 +158,10 @@ def main(latency: float, keep: bool) -> None:
         click.echo(f"run 1 submitted {len(first.submitted)} batch(es); run 2 submitted {len(second.submitted)}.")
         if second.submitted:
             raise SystemExit("unexpected: the second run submitted batches")
+        from .report import write_report
+
+        page = write_report(settings, [j.name for j in jobs], settings.home / "report.html", None)
+        click.echo(f"report (rows, cost, batches, errors): {page}")
         say(f"demo: done in {time.monotonic() - started:.0f}s. Query the marts:")
         click.echo(f"  .venv/bin/python -c \"import duckdb; print(duckdb.connect('{settings.warehouse}', read_only=True)"
                    ".sql('select count(*), count(sentiment) from review_insights'))\"")

@@ -262,8 +262,19 @@ def m005_unknown_outcomes(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("INSERT INTO input_outcomes " + outcomes_select("true"))
 
 
+def m006_report_estimates(con: duckdb.DuckDBPyConnection) -> None:
+    """The estimate made before each submission, split like billed usage, so that `report` can set it
+    next to what was billed. `estimated_cost_usd` (m001) holds the batch-price total; submissions
+    prepared before this stay without an estimate."""
+    for col in ("estimated_input_tokens", "estimated_output_tokens", "estimated_cache_write_tokens",
+                "estimated_cache_read_tokens"):
+        con.execute(f"ALTER TABLE submissions ADD COLUMN {col} BIGINT")
+    con.execute("ALTER TABLE submissions ADD COLUMN estimated_sync_usd DOUBLE")
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
-    m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_unknown_outcomes]
+    m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_unknown_outcomes,
+    m006_report_estimates]
 
 
 # DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,

@@ -45,7 +45,7 @@ from .config import Settings
 from .errors import ApiAccountError, ApiRequestRejected, BudgetExceeded
 from .estimate import Estimate, estimate_job
 from .export import HASH_VERSION, JobPlan, classify, key_json_sql, measure, stage, warehouse_attached, write_requests
-from .jobs import Job
+from .jobs import Job, quote_literal
 from .pricing import load_prices
 from .progress import Progress, Silent
 
@@ -206,6 +206,40 @@ def _prepare(settings: Settings, run_stamp: str, out: list[str],
     return prepare
 
 
+def record_estimates(con: duckdb.DuckDBPyConnection, plans: list[JobPlan], estimates: dict[str, Estimate],
+                     names: list[str]) -> None:
+    """Write each job's estimate onto the submissions just prepared for it, for `report`.
+
+    The estimate is made per job; each batch gets the share of its requests (cache writes: an equal
+    share per batch, one per batch is what the estimate assumes), so the batches of a job add up to it."""
+    by_job = {p.job.name: p for p in plans}
+    rows = []
+    for name in names:
+        job, index, _ = name.split("_", 1)[1].rsplit("_", 2)  # named by _prepare: stamp_job_index_random
+        plan, e = by_job.get(job), estimates.get(job)
+        if plan is None or e is None or not e.requests:
+            continue
+        chunk = plan.chunks[int(index)]
+        share = chunk.requests / e.requests
+        rows.append((name, None if e.batch_usd is None else e.batch_usd * share,
+                     round(e.input_tokens * share), round(e.output_tokens * share),
+                     round(e.cache_write_tokens / len(plan.chunks)), round(e.cache_read_tokens * share),
+                     None if e.sync_usd is None else e.sync_usd * share))
+    if not rows:
+        return
+    values = ", ".join("(" + ", ".join("NULL" if v is None else quote_literal(v) if isinstance(v, str) else repr(v)
+                                       for v in r) + ")" for r in rows)
+    # One statement for the few rows there are (one per batch): never a row-by-row executemany.
+    con.execute(
+        f"""
+        UPDATE bb_state.submissions s SET estimated_cost_usd = v.usd, estimated_input_tokens = v.i,
+               estimated_output_tokens = v.o, estimated_cache_write_tokens = v.w,
+               estimated_cache_read_tokens = v.r, estimated_sync_usd = v.sync
+        FROM (VALUES {values}) v(id, usd, i, o, w, r, sync) WHERE s.submission_id = v.id
+        """
+    )
+
+
 def prepare_submissions(
     settings: Settings, jobs: list[Job], *, max_cost: float | None = None, progress: Progress = Silent(),
     fault: Callable[[str], None] | None = None,
@@ -222,6 +256,7 @@ def prepare_submissions(
                 check_budget(plan.job, estimates[plan.job.name], max_cost)
         names: list[str] = []
         plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names, fault))
+        record_estimates(con, plans, estimates, names)
     report.plans, report.estimates = plans, estimates
     return report
 

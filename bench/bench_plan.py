@@ -87,7 +87,9 @@ def main() -> None:
             con.execute("DETACH wh")
             con.execute("BEGIN")
             con.execute(
-                "INSERT INTO bb_state.submissions SELECT 'hist_' || lpad(c::VARCHAR, 4, '0'), 'items', 'created', "
+                "INSERT INTO bb_state.submissions (submission_id, job, state, request_file, request_count, body_bytes, "
+                "estimated_cost_usd, prepared_at, create_started_at, batch_id, created_at, note) "
+                "SELECT 'hist_' || lpad(c::VARCHAR, 4, '0'), 'items', 'created', "
                 "'/dev/null', count(*), count(*) * 400, NULL, now(), now(), 'msgbatch_hist_' || lpad(c::VARCHAR, 4, '0'), "
                 "now(), NULL FROM (SELECT i // 100000 AS c FROM hist) GROUP BY c"
             )

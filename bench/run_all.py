@@ -24,6 +24,7 @@ MODERATE = {
     "submit_memory": ["--rows", "50000"],
     "scale": ["--rows", "300000", "--small", "50000"],
     "emulator": [],
+    "report": ["--rows", "1000000", "--repeat", "2"],
 }
 
 

@@ -89,5 +89,8 @@ def test_make_demo_entry_point_runs_from_any_directory(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "run 1 submitted 1 batch(es); run 2 submitted 0." in r.stdout
     assert "review_insights      2,398 reviews, 2,373 with sentiment" in r.stdout
+    page = tmp_path / "home" / "report.html"
+    assert f"report (rows, cost, batches, errors): {page}" in r.stdout
+    assert 'data-metric="review_enrichment.rows.succeeded">2,373<' in page.read_text()
     con = duckdb.connect(str(tmp_path / "wh.duckdb"), read_only=True)
     assert con.execute("select count(*), count(sentiment) from review_insights").fetchone() == (2398, 2373)
