@@ -33,7 +33,7 @@ def settings(root, base_url):
            "BATCH_BRIDGE_POLL_INTERVAL": "0.1"}
     env.pop("BATCH_BRIDGE_WAREHOUSE", None)
     env.pop("BATCH_BRIDGE_HOME", None)
-    return resolve(project_dir=root / "dbt_project", profiles_dir=root / "profiles", env=env, cwd=root)
+    return resolve(project_dir=root / "dbt_project", profiles_dir=root / "profiles", env=env, cwd=root / "dbt_project")
 
 
 def test_demo_pipeline_enriches_every_sendable_review_and_rerun_sends_nothing(demo_copy, emulator):
