@@ -6,7 +6,8 @@ type DuckDB reads from the file (taken by writing an empty file with the very qu
 publishes with) and a description; the schema's enums as `accepted_values` tests, `not_null` on the
 keys. Written to a file, the source sits between two marker comments: a later `--write` replaces
 only what is between them, so the user's own YAML in the same file (other sources, models,
-comments) stays as it was.
+comments) stays as it was. A file that declares this source alone, by hand, is taken over whole (so
+a project can move to the generated source without a moment in which its marts refer to none).
 """
 
 from __future__ import annotations
@@ -191,6 +192,8 @@ def write(settings: Settings, jobs: list[Job], path: Path, name: str = DEFAULT_S
         elif begin or end:
             raise ConfigError(f"{path}: the batch-bridge markers are damaged ({len(begin)} begin, {len(end)} end line(s))",
                               hint=f"remove the lines from `{BEGIN[:20]}...` to `{END}` and run the command again")
+        elif _only_this_source(old, path, name):  # a hand-written file of this source alone: taken over
+            new = render(settings, jobs, name)
         elif any(isinstance(s, dict) and s.get("name") == name for s in _sources_of(old, path)):
             raise ConfigError(f"{path} already declares a source {name!r} that batch-bridge did not write",
                               hint=f"remove it (the generated one replaces it), or pass --source-name to use another name")
@@ -206,6 +209,13 @@ def write(settings: Settings, jobs: list[Job], path: Path, name: str = DEFAULT_S
     tmp.write_text(new)
     os.replace(tmp, path)
     return True
+
+
+def _only_this_source(text: str, path: Path, name: str) -> bool:
+    """The file declares this source and nothing else (a dedicated sources file, written by hand)."""
+    doc = yaml.safe_load(text) or {}
+    sources = _sources_of(text, path)
+    return set(doc) <= {"version", "sources"} and len(sources) == 1 and sources[0].get("name") == name
 
 
 def _insert(text: str, settings: Settings, jobs: list[Job], name: str) -> str:

@@ -13,6 +13,7 @@ import pytest
 
 from batch_bridge import api, bridge, dbt_runner
 from batch_bridge.config import resolve
+from batch_bridge.demo import ANALYST_SQL
 from batch_bridge.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,5 +90,9 @@ def test_make_demo_entry_point_runs_from_any_directory(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "run 1 submitted 1 batch(es); run 2 submitted 0." in r.stdout
     assert "review_insights      2,398 reviews, 2,373 with sentiment" in r.stdout
+    assert f"duckdb -readonly {tmp_path / 'wh.duckdb'}" in r.stdout
     con = duckdb.connect(str(tmp_path / "wh.duckdb"), read_only=True)
     assert con.execute("select count(*), count(sentiment) from review_insights").fetchone() == (2398, 2373)
+    # The SQL the demo shows an analyst runs on the warehouse it names.
+    for sql in ANALYST_SQL:
+        assert sql in r.stdout and con.execute(sql).fetchall()

@@ -123,7 +123,12 @@ def test_a_profile_in_the_project_folder(world, monkeypatch):
     round_trip(monkeypatch, shop, shop, ["--profiles-dir", "."], ["--profiles-dir", "."])
     assert duckdb_files(world) == {"shop/shop.duckdb"}
     assert labelled(shop / "shop.duckdb") == (ROWS, ROWS)
-    assert (shop / ".batch_bridge" / "results" / "item_labels" / "current.parquet").is_file()
+    current = shop / ".batch_bridge" / "results" / "item_labels" / "current.parquet"
+    # The generated source declares exactly the columns and types of the file the bridge published.
+    declared = yaml.safe_load((shop / "models" / "sources" / "batch_bridge.yml").read_text())["sources"][0]["tables"][0]
+    with duckdb.connect() as con:
+        published = [(n, t.lower()) for n, t, *_ in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{current}')").fetchall()]
+    assert [(c["name"], c.get("data_type")) for c in declared["columns"]] == published
 
 
 def test_b_profile_in_home_dbt_and_no_flags(world, monkeypatch):
