@@ -33,7 +33,7 @@ def job(name="notes", key=("shop", "note_id"), schema=SCHEMA):
 def settings(tmp_path):
     project = tmp_path / "p"
     project.mkdir()
-    (project / "dbt_project.yml").write_text("name: p\nversion: '1'\nconfig-version: 2\nprofile: p\n")
+    (project / "dbt_project.yml").write_text("name: p\nversion: '1.0.0'\nconfig-version: 2\nprofile: p\n")
     (project / "profiles.yml").write_text(yaml.safe_dump(
         {"p": {"target": "dev", "outputs": {"dev": {"type": "duckdb", "path": "p.duckdb"}}}}))
     return resolve(project_dir=project, profiles_dir=project, cwd=project, env={})
