@@ -204,9 +204,26 @@ def _wait(
                 f"({requests:,} requests in them){waiting}",
                 hint="nothing is lost: run `batch-bridge collect` or `wait` again later",
             )
-        pause = interval if timeout is None else min(interval, max(0.0, timeout - elapsed))
+        young = young_batch_pause([i for i in infos if i.processing_status != "ended"], unconfirmed)
+        pause = min(interval, young)
+        pause = pause if timeout is None else min(pause, max(0.0, timeout - elapsed))
         sleep(pause)
-        interval = min(interval * 1.5, max(settings.max_poll_interval, settings.poll_interval))
+        if young >= interval:  # the interval, not a young batch, set this pause: back off
+            interval = min(interval * 1.5, max(settings.max_poll_interval, settings.poll_interval))
+
+
+FIRST_POLL = 1.0  # seconds: the age at which a new batch is first looked at again
+
+
+def young_batch_pause(running: list[api.BatchInfo], unconfirmed: list[str]) -> float:
+    """Seconds until the next poll as far as young batches go: their age, at least FIRST_POLL.
+
+    A batch is polled at ages of about 1, 2, 4, 8... s until the poll interval takes over, because a
+    small batch often ends within a minute; an old batch is not polled more often for it."""
+    if unconfirmed:
+        return FIRST_POLL
+    ages = [(state.utcnow() - i.created_at).total_seconds() for i in running if i.created_at is not None]
+    return max(FIRST_POLL, min(ages)) if ages else float("inf")
 
 
 @contextmanager

@@ -386,7 +386,7 @@ def _status_text(d: dict) -> str:
         for b in d["batches"]:
             c = b["request_counts"]
             age = b["age_seconds"]
-            out.append(f"  {b['batch_id']}  {b['job']:<20} {b['processing_status']:<11} {b['local_state']:<10} "
+            out.append(f"  {b['batch_id']}  {b['job']:<20} {b['state']:<22} "
                        f"{b['requests']:>7,} req  ok {c['succeeded']:,} err {c['errored']:,} "
                        f"exp {c['expired']:,} can {c['canceled']:,}  age {age if age is not None else '?'}s")
     return "\n".join(out) or "no jobs"
@@ -473,6 +473,33 @@ def dbt(project_dir, profiles_dir, target, dbt_args):
 
     settings = _settings(project_dir, profiles_dir, target)
     invoke(settings, list(dbt_args))
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@common
+@click.option("--write", "write_path", type=click.Path(dir_okay=False),
+              help="write into this YAML file (e.g. models/sources/batch_bridge.yml); later runs replace only their own block")
+@click.option("--source-name", default="batch_bridge", show_default=True, help="the dbt source's name")
+@handle_errors
+def sources(project_dir, profiles_dir, target, jobs, write_path, source_name):
+    """Print the dbt source YAML for every job's results (columns, types, tests, freshness), or --write it.
+
+    Example: batch-bridge sources --write models/sources/batch_bridge.yml
+    """
+    from pathlib import Path
+
+    from . import sources as src
+
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
+    if not write_path:
+        click.echo(src.render(settings, job_list, source_name), nl=False)
+        return
+    path = Path(write_path).resolve()
+    if not path.is_relative_to(settings.project_dir):
+        click.echo(f"warning: {path} is outside the dbt project {settings.project_dir}; dbt will not read it", err=True)
+    changed = src.write(settings, job_list, path, source_name)
+    click.echo(f"{'wrote' if changed else 'unchanged:'} source {source_name!r} with {len(job_list)} table(s) in {path}",
+               err=True)
 
 
 @cli.command("dbt-package-path", context_settings=CONTEXT_SETTINGS)

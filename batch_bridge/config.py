@@ -1,15 +1,21 @@
 """Settings: the one place that reads environment variables and the dbt profile.
 
 Resolution order for every field: command-line flag > environment variable > dbt profile > default.
-Relative paths (in environment variables and in the profile) are resolved against the *root*: the
-parent of the dbt project directory (`BATCH_BRIDGE_ROOT` overrides it). That is where this
-repository keeps `warehouse.duckdb`, and it makes every command behave the same from any working
-directory. Before running dbt, the bridge exports the absolute paths it resolved, so dbt agrees.
+
+Paths agree with dbt. dbt-duckdb hands a relative `path` (and `attach:` paths) to DuckDB, which
+opens it against the directory dbt runs in: normally the project folder. So the bridge resolves a
+relative path against the project folder when it runs there itself, or against `BATCH_BRIDGE_ROOT`
+(the directory dbt runs in, when that is not the project folder). Run from anywhere else with a
+relative path, it cannot know where dbt would put the file, and says so instead of guessing.
+Absolute paths are used as they are; MotherDuck (`md:`) and other URL paths are passed through
+untouched and never looked for on disk. Before running dbt itself, the bridge exports the absolute
+paths it resolved (BATCH_BRIDGE_WAREHOUSE, BATCH_BRIDGE_HOME), so a profile reading them agrees.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,7 +25,7 @@ from .errors import ConfigError
 
 ENV_WAREHOUSE = "BATCH_BRIDGE_WAREHOUSE"
 ENV_HOME = "BATCH_BRIDGE_HOME"
-ENV_ROOT = "BATCH_BRIDGE_ROOT"
+ENV_ROOT = "BATCH_BRIDGE_ROOT"  # the directory dbt runs in, when it is not the project folder
 ENV_PROJECT_DIR = "DBT_PROJECT_DIR"
 ENV_PROFILES_DIR = "DBT_PROFILES_DIR"
 ENV_TARGET = "DBT_TARGET"
@@ -51,9 +57,14 @@ class Settings:
     project_dir: Path  # the dbt project (contains dbt_project.yml)
     profiles_dir: Path  # contains profiles.yml
     target: str | None  # dbt target name; None means the profile's default
-    root: Path  # base for relative paths
-    warehouse: Path  # the dbt DuckDB file the bridge reads (read-only, between dbt runs)
+    root: Path  # the directory dbt runs in: relative paths resolve against it (the project folder by default)
+    warehouse: Path | str  # the target's DuckDB file the bridge reads (read-only, between dbt runs); str: md:/URL
     home: Path  # the bridge's own directory: state.duckdb, archives, result files
+    # The target's `attach:` databases (DuckDB files or URLs) by catalog name: a staging model built
+    # into one of them (`database: <alias>`) is read from that file. Other types (sqlite, postgres) by
+    # name with their type, so a job reading one gets a clear error.
+    attached: dict[str, Path | str] = field(default_factory=dict)
+    attached_other: dict[str, str] = field(default_factory=dict)
     api_key: str | None = field(default=None, repr=False)  # never printed, never stored
     base_url: str | None = None  # None means the real API
     poll_interval: float = 30.0  # seconds between status polls while waiting
@@ -91,6 +102,16 @@ class Settings:
         """Where the bridge's own `dbt parse` writes, so it never disturbs the user's target/."""
         return self.home / "dbt_target" / (self.target or "default")
 
+    def database_location(self, catalog: str) -> Path | str:
+        """The file (or md:/URL) holding dbt's catalog `catalog`: an attached database, else the target's path."""
+        if catalog in self.attached_other:
+            raise ConfigError(
+                f"catalog {catalog!r} is attached by the profile as type {self.attached_other[catalog]!r}; "
+                "the bridge reads staging models from DuckDB databases only",
+                hint="build the job's staging model into the target's DuckDB file or an attached DuckDB database",
+            )
+        return self.attached.get(catalog, self.warehouse)
+
     def with_(self, **changes: object) -> "Settings":
         return replace(self, **changes)
 
@@ -108,12 +129,15 @@ def _find_project_dir(start: Path) -> Path | None:
     return None
 
 
-def _find_profiles_dir(project_dir: Path, cwd: Path) -> Path:
-    for d in (project_dir, project_dir.parent / "profiles", cwd, Path.home() / ".dbt"):
+def _find_profiles_dir(project_dir: Path, cwd: Path, home: Path) -> Path:
+    # dbt's own order (the working directory, then ~/.dbt), with the project folder and this
+    # repository's ../profiles before ~/.dbt.
+    places = [cwd, project_dir, project_dir.parent / "profiles", home / ".dbt"]
+    for d in places:
         if (d / "profiles.yml").is_file():
             return d
     raise ConfigError(
-        f"no profiles.yml found in {project_dir}, {project_dir.parent / 'profiles'}, {cwd} or ~/.dbt",
+        f"no profiles.yml found in {', '.join(str(p) for p in dict.fromkeys(places))}",
         hint="pass --profiles-dir or set DBT_PROFILES_DIR",
     )
 
@@ -164,9 +188,44 @@ def read_profile_target(profiles_dir: Path, project_dir: Path, target: str | Non
     return name, rendered
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # md:db, motherduck:db, s3://..., https://... (not C:\\)
+
+
+def is_remote(path: str | Path) -> bool:
+    """A MotherDuck or URL path: DuckDB opens it, not the file system; the bridge passes it through."""
+    return isinstance(path, str) and bool(_URL.match(path))
+
+
 def _path(value: str, root: Path) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else (root / p)
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """Where relative paths resolve: `root`, if the bridge can know where dbt runs (`known`)."""
+
+    root: Path
+    known: bool
+    cwd: Path
+    project_dir: Path
+
+    def locate(self, value: str, what: str) -> Path | str:
+        """An absolute Path for a file path, or the value itself for md:/URL paths."""
+        if value == ":memory:" or is_remote(value):
+            return value
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return p.resolve()
+        if not self.known:
+            raise ConfigError(
+                f"{what} is the relative path {value!r}: dbt resolves it against the directory dbt runs in, "
+                f"and this command runs in {self.cwd}, not in the project folder {self.project_dir}, so the "
+                "bridge cannot know which file dbt uses",
+                hint=f"run batch-bridge from the project folder (cd {self.project_dir}), or set {ENV_ROOT} to the "
+                "directory you run dbt in, or make the path absolute (for example through env_var() in profiles.yml)",
+            )
+        return (self.root / p).resolve()
 
 
 _UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -180,6 +239,33 @@ def size_bytes(size: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {size!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _attachments(out: dict, paths: _Paths, target: str) -> tuple[dict[str, Path | str], dict[str, str]]:
+    """The target's `attach:` entries by catalog name (dbt-duckdb's alias, else the name DuckDB derives)."""
+    duck: dict[str, Path | str] = {}
+    other: dict[str, str] = {}
+    for i, a in enumerate(out.get("attach") or []):
+        if not isinstance(a, dict) or not a.get("path"):
+            raise ConfigError(f"target {target!r}: attach entry {i} has no `path`")
+        kind = str(a.get("type") or (a.get("options") or {}).get("type") or "duckdb").lower()
+        name = str(a.get("alias") or catalog_name(str(a["path"])))
+        if kind == "duckdb":
+            duck[name] = paths.locate(str(a["path"]), f"the `path` of attach entry {name!r} of target {target!r}")
+        else:
+            other[name] = kind
+    return duck, other
+
+
+def catalog_name(path: str) -> str:
+    """The catalog name DuckDB gives a database opened from `path` (dbt-duckdb's `database`)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(path)
+    base = os.path.basename(parsed.path) if is_remote(path) else os.path.basename(path)
+    if parsed.scheme in ("md", "motherduck") and is_remote(path):
+        return os.path.splitext(base)[0] or "my_db"
+    return base.lstrip(".").split(".")[0]
 
 
 def _memory(value: str) -> str:
@@ -229,21 +315,35 @@ def resolve(
         pdir = found.resolve()
     if profiles_dir is None and env.get(ENV_PROFILES_DIR):
         profiles_dir = env[ENV_PROFILES_DIR]
-    prdir = Path(profiles_dir).expanduser().resolve() if profiles_dir else _find_profiles_dir(pdir, cwd)
+    user_home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    prdir = Path(profiles_dir).expanduser().resolve() if profiles_dir else _find_profiles_dir(pdir, cwd, user_home)
     if not (prdir / "profiles.yml").is_file():
         raise ConfigError(f"--profiles-dir {prdir}: no profiles.yml there")
     target = target or env.get(ENV_TARGET) or None
-    root = Path(env[ENV_ROOT]).expanduser().resolve() if env.get(ENV_ROOT) else pdir.parent
-
-    if env.get(ENV_WAREHOUSE):
-        warehouse = _path(env[ENV_WAREHOUSE], root)
-        target_name = target
+    if env.get(ENV_ROOT):
+        paths = _Paths(Path(env[ENV_ROOT]).expanduser().resolve(), True, cwd, pdir)
     else:
-        target_name, out = read_profile_target(prdir, pdir, target, env)
+        paths = _Paths(pdir, cwd == pdir, cwd, pdir)
+
+    target_name, out = read_profile_target(prdir, pdir, target, env)
+    where = f"the `path` of target {target_name!r} in {prdir / 'profiles.yml'}"
+    if env.get(ENV_WAREHOUSE):
+        warehouse = paths.locate(env[ENV_WAREHOUSE], ENV_WAREHOUSE)
+    else:
         if not out.get("path") or out["path"] == ":memory:":
             raise ConfigError(f"target {target_name!r} has no file `path`; the bridge needs a DuckDB file")
-        warehouse = _path(str(out["path"]), root)
-    home = _path(env[ENV_HOME], root) if env.get(ENV_HOME) else warehouse.parent / ".batch_bridge"
+        warehouse = paths.locate(str(out["path"]), where)
+    if warehouse == ":memory:":
+        raise ConfigError(f"{ENV_WAREHOUSE} is ':memory:'; the bridge needs a DuckDB file")
+    attached, attached_other = _attachments(out, paths, target_name)
+    if env.get(ENV_HOME):
+        home = paths.locate(env[ENV_HOME], ENV_HOME)
+        if not isinstance(home, Path):
+            raise ConfigError(f"{ENV_HOME}={env[ENV_HOME]!r} is not a local directory", hint="give a directory path")
+    elif isinstance(warehouse, Path):
+        home = warehouse.parent / ".batch_bridge"
+    else:  # MotherDuck/URL warehouse: the bridge's files live with the project
+        home = paths.root / ".batch_bridge"
 
     max_queued = int(_float(env, ENV_MAX_QUEUED, DEFAULT_MAX_QUEUED))
     if max_queued < 1:
@@ -262,9 +362,11 @@ def resolve(
         project_dir=pdir,
         profiles_dir=prdir,
         target=target_name,
-        root=root,
-        warehouse=warehouse.resolve(),
+        root=paths.root,
+        warehouse=warehouse,
         home=home.resolve(),
+        attached=attached,
+        attached_other=attached_other,
         api_key=env.get(ENV_API_KEY) or None,
         base_url=env.get(ENV_BASE_URL) or None,
         poll_interval=poll_interval if poll_interval is not None else _float(env, ENV_POLL_INTERVAL, 30.0),
@@ -272,7 +374,7 @@ def resolve(
         max_poll_interval=poll_interval if poll_interval is not None else 60.0,
         lock_timeout=lock_timeout if lock_timeout is not None else _float(env, ENV_LOCK_TIMEOUT, 30.0),
         concurrency=concurrency,
-        prices_file=_path(prices, root) if prices else None,
+        prices_file=_path(prices, cwd) if prices else None,  # the bridge's own file: like any CLI argument
         retention_days=float(retention) if retention else None,
         memory_limit=_memory(env.get(ENV_MEMORY_LIMIT) or DEFAULT_MEMORY_LIMIT),
         memory_limit_set=bool(env.get(ENV_MEMORY_LIMIT)),

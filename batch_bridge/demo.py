@@ -120,6 +120,25 @@ def print_summary(data: dict, settings) -> None:
     click.echo("=" * 72)
 
 
+ANALYST_SQL = (
+    "select product, reviews, enriched, positive, negative from product_sentiment order by reviews desc;",
+    "select review_id, sentiment, topics, summary from review_insights where sentiment = 'negative' limit 10;",
+)
+
+
+def query_hint(warehouse: Path | str) -> str:
+    """How to look at the marts: the SQL an analyst types, in the DuckDB CLI, any SQL client, or Python."""
+    sql = "\n".join(f"    {q}" for q in ANALYST_SQL)
+    return (
+        f"  in the DuckDB command line (https://duckdb.org/docs/installation):  duckdb -readonly {warehouse}\n"
+        f"  or any SQL client with a DuckDB driver (DBeaver, DataGrip, ...): open {warehouse} read-only, then:\n"
+        f"{sql}\n"
+        "  (a session holding the file, even read-only, keeps dbt and batch-bridge out: close it before they run)\n"
+        f"  or from Python:  .venv/bin/python -c \"import duckdb; print(duckdb.connect('{warehouse}', read_only=True)"
+        ".sql('select count(*), count(sentiment) from review_insights'))\""
+    )
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--latency", default=2.0, show_default=True, help="seconds each batch stays in_progress on the emulator")
 @click.option("--keep", is_flag=True, help="keep the previous warehouse and bridge state instead of starting fresh")
@@ -163,8 +182,7 @@ def main(latency: float, keep: bool) -> None:
         page = write_report(settings, [j.name for j in jobs], settings.home / "report.html", None)
         click.echo(f"report (rows, cost, batches, errors): {page}")
         say(f"demo: done in {time.monotonic() - started:.0f}s. Query the marts:")
-        click.echo(f"  .venv/bin/python -c \"import duckdb; print(duckdb.connect('{settings.warehouse}', read_only=True)"
-                   ".sql('select count(*), count(sentiment) from review_insights'))\"")
+        click.echo(query_hint(settings.warehouse))
     finally:
         stop(proc)
 

@@ -96,20 +96,24 @@ class JobPlan:
 def warehouse_attached(
     con: duckdb.DuckDBPyConnection, settings: Settings, catalog: str, *, sleep: Callable[[float], None] = time.sleep
 ) -> Iterator[None]:
-    """ATTACH the warehouse read-only under dbt's catalog name (views refer to it), then DETACH."""
-    if not settings.warehouse.exists():
+    """ATTACH the warehouse read-only under dbt's catalog name (views refer to it), then DETACH.
+
+    The catalog decides the file: a staging model built into a database the profile attaches
+    (`attach:` with `database: <alias>` on the model) is read from that database's file."""
+    location = settings.database_location(catalog)
+    if isinstance(location, Path) and not location.exists():
         raise WarehouseError(
-            f"the warehouse {settings.warehouse} does not exist",
+            f"the warehouse {location} does not exist",
             hint="run `dbt build` (or `batch-bridge pipeline`) first, or set BATCH_BRIDGE_WAREHOUSE",
         )
     if catalog in {r[0] for r in con.execute("SELECT database_name FROM duckdb_databases()").fetchall()}:
         raise WarehouseError(f"the warehouse catalog name {catalog!r} clashes with the bridge's own files")
     wait_for_lock(
-        lambda: con.execute(f"ATTACH {quote_literal(str(settings.warehouse))} AS {quote_ident(catalog)} (READ_ONLY)"),
+        lambda: con.execute(f"ATTACH {quote_literal(str(location))} AS {quote_ident(catalog)} (READ_ONLY)"),
         timeout=settings.lock_timeout, sleep=sleep, first_delay=0.1, max_delay=2.0,
-        failed=lambda e: WarehouseError(f"cannot open the warehouse {settings.warehouse}: {e}"),
+        failed=lambda e: WarehouseError(f"cannot open the warehouse {location}: {e}"),
         locked=lambda: WarehouseLocked(
-            f"the warehouse {settings.warehouse} is held by another process (is dbt running?)",
+            f"the warehouse {location} is held by another process (is dbt running?)",
             hint="the bridge reads the warehouse between dbt runs; run it after `dbt build` "
             f"finishes (waited {settings.lock_timeout:g}s, BATCH_BRIDGE_LOCK_TIMEOUT)",
         ),

@@ -14,12 +14,14 @@ import os
 import shutil
 from pathlib import Path
 
+from typing import get_args
+
 import duckdb
 
 from .config import Settings
 from .jobs import Job, quote_ident, quote_literal
 from .outputs import field_structures
-from .state import joins_as_written, room_for_rows, single_threaded
+from .state import ResultType, joins_as_written, room_for_rows, single_threaded
 
 COLUMNS_AFTER_KEYS = (
     "custom_id", "status", "output_text", "output_json", "stop_reason", "model", "input_tokens", "output_tokens",
@@ -27,6 +29,33 @@ COLUMNS_AFTER_KEYS = (
     "error_type", "error_message", "attempt", "batch_id", "request_custom_id", "input_hash",
     "submitted_at", "collected_at",
 )
+
+# `status` values: the API's result types, and parse_failed (the answer did not match the schema).
+RESULT_STATUSES = (*get_args(ResultType), "parse_failed")
+# What each column after the keys says (the generated dbt source documents every column with these).
+COLUMN_DOCS = {
+    "custom_id": "The key's request id: the key itself when it fits the API's custom_id pattern, else a hash of it.",
+    "status": "succeeded, errored, canceled, expired (the API's result types), or parse_failed (the answer did not match the job's schema).",
+    "output_text": "The answer as text (a tool call's input as JSON text); NULL unless the model answered.",
+    "output_json": "The answer as JSON, when it is valid JSON.",
+    "stop_reason": "Why the model stopped: end_turn, max_tokens, tool_use, ...",
+    "model": "The model that answered.",
+    "input_tokens": "Input tokens billed, beyond the prompt cache.",
+    "output_tokens": "Output tokens billed.",
+    "cache_creation_input_tokens": "Input tokens written to the prompt cache.",
+    "cache_read_input_tokens": "Input tokens read from the prompt cache.",
+    "cost_usd": "What this request cost at batch prices; 0 on a deduplicated row, NULL when the model's price is unknown.",
+    "deduplicated": "True when another key's identical request was sent and its answer is shown here.",
+    "is_stale": "True when the row's input changed after this answer: it answers an earlier version of the row.",
+    "error_type": "The API's error type, for an errored request.",
+    "error_message": "The API's error message, for an errored request.",
+    "attempt": "Which send of this input gave the answer (1: the first).",
+    "batch_id": "The Message Batch that answered.",
+    "request_custom_id": "The custom_id the request went out under (another key's, when deduplicated).",
+    "input_hash": "Hash of the request's fixed part and the row's prompt, as hex.",
+    "submitted_at": "When the batch was submitted (UTC).",
+    "collected_at": "When the bridge loaded the answer (UTC); the source's freshness field.",
+}
 
 
 def _key_types(con: duckdb.DuckDBPyConnection, job: Job) -> list[tuple[str, str]]:

@@ -18,6 +18,20 @@ def _iso(d: datetime | None) -> str | None:
     return d.isoformat(timespec="seconds") + "Z" if d else None
 
 
+def batch_state(processing_status: str | None, local_state: str) -> str:
+    """What a batch's two states say together, in the words a user acts on.
+
+    `processing_status` is the API's last answer; once the bridge has marked a batch lost, that
+    answer (often `in_progress`) is stale and would mislead, so the local state speaks alone."""
+    if local_state == "lost":
+        return "lost: gone from the API, its rows are sent again"
+    if local_state == "collected":
+        return "collected"
+    if local_state == "downloaded":
+        return "ended, downloaded, not yet loaded"
+    return processing_status or "submitted"
+
+
 def batches(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[str, Any]]:
     now = utcnow()
     rows = con.execute(
@@ -34,7 +48,7 @@ def batches(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[str, A
     for r in rows:
         (bid, job, ps, ls, n, proc, ok, err, can, exp, created, expires, ended, polled, collected, note, cost) = r
         out.append({
-            "batch_id": bid, "job": job, "processing_status": ps, "local_state": ls,
+            "batch_id": bid, "job": job, "processing_status": ps, "local_state": ls, "state": batch_state(ps, ls),
             "request_counts": {"processing": proc, "succeeded": ok, "errored": err, "canceled": can, "expired": exp},
             "requests": n,
             "created_at": _iso(created), "expires_at": _iso(expires), "ended_at": _iso(ended),

@@ -38,7 +38,7 @@ def main() -> None:
                    "BATCH_BRIDGE_POLL_INTERVAL": "0.1", "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
             env.pop("BATCH_BRIDGE_WAREHOUSE", None)
             env.pop("BATCH_BRIDGE_HOME", None)
-            s = resolve(project_dir=root / "dbt_project", profiles_dir=root / "profiles", env=env, cwd=root)
+            s = resolve(project_dir=root / "dbt_project", profiles_dir=root / "profiles", env=env, cwd=root / "dbt_project")
             jobs = bridge.load_jobs(s)
             dbt_runner.invoke(s, ["build", "--selector", "bb_upstream", "--quiet"])
             plans, est = bridge.plan(s, jobs)

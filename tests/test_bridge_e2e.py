@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import duckdb
 import pytest
@@ -313,3 +314,19 @@ def test_count_only_cut_matches_the_greedy_cut():
     for n, cap in ((0, 5), (1, 5), (35, 10), (100, 7), (21, 3), (500, 50), (2329, 50), (100_001, 100_000)):
         greedy = [(a, b) for a, b, _ in cut_chunks([100] * n, max_requests=cap, max_body=10**9)]
         assert _count_ranges(n, cap) == greedy
+
+
+def test_a_young_batch_is_polled_at_its_age_not_after_the_poll_interval(project, emulator):
+    """`pipeline --wait` on a small job: first polls at a batch age of about 1, 2, 4... s, not 30 s."""
+    s = project(sql=rows_sql(100)).with_(poll_interval=30.0, max_poll_interval=60.0)
+    emulator.configure(latency=3.0)
+    pauses: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        time.sleep(seconds)
+
+    _, w = run(s, sleep=sleep)
+    assert w.collected == {"items": 100}
+    assert pauses and pauses[0] <= 1.5 and max(pauses) < 30.0, pauses
+    assert all(b >= a * 0.9 for a, b in zip(pauses, pauses[1:])), pauses  # growing with the batch's age

@@ -225,7 +225,7 @@ def test_selectors_split_the_project_around_the_bridge(project: Project) -> None
     assert f"batch_bridge.{JOB}" in down
     assert {n for n in down if n.startswith("source_")} == {
         "source_not_null_batch_bridge_review_enrichment_review_id",
-        "source_accepted_values_batch_bridge_review_enrichment_status__succeeded__errored__expired__canceled__parse_failed",
+        "source_accepted_values_batch_bridge_review_enrichment_status__succeeded__errored__canceled__expired__parse_failed",
         "source_accepted_values_batch_bridge_review_enrichment_sentiment__positive__neutral__negative",
     }
     assert not up & down

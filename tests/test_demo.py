@@ -13,6 +13,7 @@ import pytest
 
 from batch_bridge import api, bridge, dbt_runner
 from batch_bridge.config import resolve
+from batch_bridge.demo import ANALYST_SQL
 from batch_bridge.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def settings(root, base_url):
            "BATCH_BRIDGE_POLL_INTERVAL": "0.1"}
     env.pop("BATCH_BRIDGE_WAREHOUSE", None)
     env.pop("BATCH_BRIDGE_HOME", None)
-    return resolve(project_dir=root / "dbt_project", profiles_dir=root / "profiles", env=env, cwd=root)
+    return resolve(project_dir=root / "dbt_project", profiles_dir=root / "profiles", env=env, cwd=root / "dbt_project")
 
 
 def test_demo_pipeline_enriches_every_sendable_review_and_rerun_sends_nothing(demo_copy, emulator):
@@ -92,5 +93,9 @@ def test_make_demo_entry_point_runs_from_any_directory(tmp_path):
     page = tmp_path / "home" / "report.html"
     assert f"report (rows, cost, batches, errors): {page}" in r.stdout
     assert 'data-metric="review_enrichment.rows.succeeded">2,373<' in page.read_text()
+    assert f"duckdb -readonly {tmp_path / 'wh.duckdb'}" in r.stdout
     con = duckdb.connect(str(tmp_path / "wh.duckdb"), read_only=True)
     assert con.execute("select count(*), count(sentiment) from review_insights").fetchone() == (2398, 2373)
+    # The SQL the demo shows an analyst runs on the warehouse it names.
+    for sql in ANALYST_SQL:
+        assert sql in r.stdout and con.execute(sql).fetchall()

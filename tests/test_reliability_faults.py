@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from batch_bridge import api, bridge, state
+from batch_bridge import api, bridge, state, status
+from batch_bridge.cli import _status_text
 from helpers import current, load_staging, reset_home, settings_for, write_project
 
 ROWS = 25
@@ -174,6 +175,13 @@ def test_deleted_batch_is_reported_lost_and_its_rows_resent(proj, emulator):
         local_state, note = con.execute("SELECT local_state, note FROM bb_state.batches WHERE batch_id = ?",
                                         [gone]).fetchone()
     assert local_state == "lost" and "deleted" in note and "sent again" in note
+    # `status` says what the user should understand, not the API's last (now meaningless) answer.
+    with state.connect(proj) as con:
+        shown = {b["batch_id"]: b for b in status.batches(con, ["items"])}[gone]
+    assert shown["state"] == "lost: gone from the API, its rows are sent again"
+    assert status.batch_state("in_progress", "lost") == shown["state"]
+    line = next(x for x in _status_text({"jobs": [], "batches": [shown]}).splitlines() if gone in x)
+    assert "lost: gone from the API" in line and "in_progress" not in line and "ended" not in line
     plans, _ = bridge.plan(proj, jobs)
     assert plans[0].send_keys == CHUNK  # the lost batch's rows, and only those
     run(proj)

@@ -34,7 +34,10 @@
       select * from {{ batch_bridge_results('review_enrichment') }}
     (A source with `external_location` is better when you want freshness checks and lineage.)
   -#}
-  read_parquet('{{ batch_bridge_results_location(job, file) | replace("'", "''") }}')
+  {#- Installed as a package, the sibling macro is reached through the package's namespace; through
+      macro-paths it is a macro of the project itself. -#}
+  {%- set location = batch_bridge.batch_bridge_results_location if batch_bridge is defined else batch_bridge_results_location -%}
+  read_parquet('{{ location(job, file) | replace("'", "''") }}')
 {%- endmacro %}
 
 
