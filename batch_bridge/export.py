@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, ContextManager, Iterable, Iterator
 
 import duckdb
 
@@ -118,6 +118,53 @@ def warehouse_attached(
         yield
     finally:
         con.execute(f"DETACH {quote_ident(catalog)}")
+
+
+# How a plan reaches the staging relations of one warehouse catalog: the bridge's state connection,
+# the catalog name, the jobs read from it. The CLI ATTACHes the file read-only (`warehouse_attached`);
+# inside dbt, which holds the file, the rows come through dbt's own connection (`read_through`).
+WarehouseAccess = Callable[[duckdb.DuckDBPyConnection, Settings, str, list[Job]], ContextManager[None]]
+
+
+def read_through(source: duckdb.DuckDBPyConnection) -> WarehouseAccess:
+    """Warehouse access for a process that holds the warehouse already (dbt running the plugin).
+
+    DuckDB refuses a second open of a file held read-write, even by the same process in another
+    configuration, so the bridge never opens it: each job's key and prompt columns are streamed as
+    Arrow from `source` (a cursor on dbt's connection) into a table of the same name and column types
+    in an in-memory catalog of the state connection. Planning then runs the CLI's SQL unchanged, and
+    the same types give the same custom_ids and input hashes as the CLI's plan of the same rows."""
+
+    @contextmanager
+    def copied(con: duckdb.DuckDBPyConnection, settings: Settings, catalog: str, jobs: list[Job]) -> Iterator[None]:
+        if catalog in {r[0] for r in con.execute("SELECT database_name FROM duckdb_databases()").fetchall()}:
+            raise WarehouseError(f"the warehouse catalog name {catalog!r} clashes with the bridge's own files")
+        con.execute(f"ATTACH ':memory:' AS {quote_ident(catalog)}")
+        try:
+            for job in jobs:
+                _copy_relation(source, con, job)
+            yield
+        finally:
+            con.execute(f"DETACH {quote_ident(catalog)}")
+
+    return copied
+
+
+def _copy_relation(source: duckdb.DuckDBPyConnection, con: duckdb.DuckDBPyConnection, job: Job) -> None:
+    columns = relation_columns(source, job)
+    _check_columns(job, columns)
+    wanted = set(job.key) | ({job.prompt_column} if job.prompt_column else set(template_columns(job.prompt_template or "")))
+    keep = [(c, t) for c, t in columns.items() if c in wanted]
+    rel = job.relation
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(rel.database)}.{quote_ident(rel.schema)}")
+    con.execute(f"CREATE OR REPLACE TABLE {rel.sql()} ({', '.join(f'{quote_ident(c)} {t}' for c, t in keep)})")
+    names = ", ".join(quote_ident(c) for c, _ in keep)
+    reader = source.sql(f"SELECT {names} FROM {rel.sql()}").to_arrow_reader(65536)
+    con.register("bb_warehouse_rows", reader)
+    try:
+        con.execute(f"INSERT INTO {rel.sql()} SELECT * FROM bb_warehouse_rows")
+    finally:
+        con.unregister("bb_warehouse_rows")
 
 
 def relation_columns(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
