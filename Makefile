@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean seeds
+.PHONY: demo demo-plugin test bench install clean seeds
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m batch_bridge.demo
 
+# The same project with `dbt build` alone: the bridge runs inside dbt as a dbt-duckdb plugin.
+demo-plugin: $(STAMP)
+	$(PY) -m batch_bridge.demo_plugin
+
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -27,4 +31,4 @@ seeds: $(STAMP)
 	$(PY) scripts/make_seeds.py
 
 clean:
-	rm -rf $(VENV) .batch_bridge warehouse.duckdb dbt_project/target dbt_project/logs
+	rm -rf $(VENV) .batch_bridge warehouse.duckdb .batch_bridge_plugin warehouse_plugin.duckdb dbt_project/target dbt_project/logs

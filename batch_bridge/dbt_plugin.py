@@ -108,11 +108,10 @@ class Plugin(BasePlugin):
     # --- submit: after a job's staging model is built -----------------------------------------
 
     def store(self, target_config: TargetConfig) -> None:
-        node = _as_dict((target_config.config or {}).get("node"))
-        job = parse_job(node) if node else None
-        if job is None:
-            return
-        if _dry_build():
+        node = _as_dict((target_config.config or {}).get("node")) or {}
+        with _errors_named(str(node.get("name", target_config.relation))):
+            job = parse_job(node) if node else None
+        if job is None or _dry_build():
             return
         with _errors_named(job.name), _work:
             settings = self.settings()

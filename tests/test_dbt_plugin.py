@@ -169,6 +169,15 @@ def test_only_a_run_that_builds_the_staging_model_submits(proj, emulator, client
     assert res.success, statuses(res)
     c = emulator.counters()
     assert (c["batches_created"], c["requests_created"]) == (2, 17)
+    # The CLI works on what the plugin sent: `run` waits for the batch and collects it, dbt shows it.
+    out = CliRunner().invoke(cli, ["run", "--json", "--timeout", "60", "--project-dir", str(root / "dbt_project"),
+                                   "--profiles-dir", str(root / "profiles")],
+                             env={**env, "BATCH_BRIDGE_POLL_INTERVAL": "0.05"}, catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    res = dbt(root, "build", "--select", "mart", "--vars", "rows: 17")
+    assert res.success, statuses(res)
+    assert warehouse(root, "select count(*), count(*) filter (where status = 'succeeded') from mart") == [(17, 17)]
+    assert emulator.counters()["batches_created"] == 2
 
 
 def test_over_budget_fails_the_staging_node_naming_the_job_and_sends_nothing(tmp_path, emulator, monkeypatch):

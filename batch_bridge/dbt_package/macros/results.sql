@@ -100,7 +100,8 @@
             transaction: false
     Does nothing in targets without the plugin, so one project serves both ways of running the bridge.
   -#}
-  {%- if execute and model is mapping and (model.get('config', {}).get('meta', {}) or {}).get('batch_bridge') is not none -%}
+  {%- set meta = (model.get('config', {}).get('meta') or model.get('meta') or {}) if model is mapping else {} -%}
+  {%- if execute and meta.get('batch_bridge') is not none -%}
     {%- set plugins = target.get('plugins') or [] -%}
     {%- set aliases = [] -%}
     {%- for p in plugins -%}
