@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,17 @@ class Plugin(BasePlugin):
 
     def initialize(self, plugin_config: dict[str, Any]) -> None:
         self._conn: duckdb.DuckDBPyConnection | None = None
+        # Source table -> its catalog oid when the last `load` of it returned (see `_await_write`).
+        self._written: dict[str, int | None] = {}
 
     def configure_connection(self, conn: duckdb.DuckDBPyConnection) -> None:
         # dbt's connection to the warehouse (again after every reopen): the only way the plugin reads it.
         self._conn = conn
+        # dbt-duckdb creates a plugin source's schema from every thread that resolves it; on a new
+        # warehouse two of them at once conflict. Created here, once, before any thread runs.
+        for database, schema in _plugin_source_schemas(self.name):
+            where = f"{quote_ident(database)}.{quote_ident(schema)}" if database else quote_ident(schema)
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {where}")
 
     # --- settings and jobs, from dbt's own context ---------------------------------------------
 
@@ -132,6 +140,7 @@ class Plugin(BasePlugin):
         name = source_config.name
         with _errors_named(name), _work:
             settings = self.settings()
+            self._await_write(source_config, settings.lock_timeout)
             job = _job(settings, name)
             with state.exclusive(settings):
                 if _has_open_batches(settings, job.name):
@@ -140,7 +149,36 @@ class Plugin(BasePlugin):
                 if not current.is_file():
                     with state.connect(settings) as con:
                         publish(con, settings, job)
-                return self._current(settings, job, current)
+                answers = self._current(settings, job, current)
+            self._written[source_config.table_name()] = self._table_oid(source_config)
+            return answers
+
+    def _table_oid(self, source_config: SourceConfig) -> int | None:
+        reader = self._reader()
+        try:
+            row = reader.execute(
+                "SELECT table_oid FROM duckdb_tables() WHERE database_name = coalesce(?, current_database()) "
+                "AND schema_name = ? AND table_name = ?",
+                [source_config.database, source_config.schema, source_config.identifier]).fetchone()
+        finally:
+            reader.close()
+        return row[0] if row else None
+
+    def _await_write(self, source_config: SourceConfig, timeout: float) -> None:
+        """Wait until dbt-duckdb has committed the table the previous `load` of this source returned.
+
+        dbt-duckdb writes the table (CREATE OR REPLACE) after `load` returns, in the resolving thread;
+        two such writes at once fail with a write-write conflict (threads > 1: a model and the source's
+        tests resolve it together). Loads are serialized (`_work`), and each waits for the previous
+        write: a committed CREATE OR REPLACE gives the table a new catalog oid. A write that failed
+        never does, so the wait is bounded by the lock timeout."""
+        table = source_config.table_name()
+        if table not in self._written:
+            return
+        before = self._written.pop(table)
+        deadline = time.monotonic() + timeout
+        while self._table_oid(source_config) == before and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _current(self, settings: config.Settings, job: Job, path: Path) -> Any:
         """The published answers as Arrow; key columns typed as the staging relation when no submission
@@ -211,6 +249,22 @@ def _manifest(settings: config.Settings) -> dict[str, Any]:
     if not manifest.is_file():
         raise ConfigError(f"dbt wrote no manifest at {manifest}", hint="run dbt without --no-write-json")
     return json.loads(manifest.read_text())
+
+
+def _plugin_source_schemas(alias: str) -> list[tuple[str | None, str]]:
+    """(database, schema) of the sources this plugin resolves, from the manifest dbt holds."""
+    try:
+        from dbt.adapters.factory import get_adapter_by_type
+
+        sources = getattr(getattr(get_adapter_by_type("duckdb"), "_macro_resolver", None), "sources", None) or {}
+    except Exception:  # noqa: BLE001 - no adapter or manifest yet (dbt parse): nothing to prepare
+        return []
+    out = set()
+    for src in sources.values():
+        meta = {**(getattr(src, "meta", None) or {}), **(getattr(getattr(src, "config", None), "meta", None) or {})}
+        if meta.get("plugin") == alias:
+            out.add((src.database, src.schema))
+    return sorted(out, key=str)
 
 
 def _has_open_batches(settings: config.Settings, job: str) -> bool:
