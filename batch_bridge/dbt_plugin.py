@@ -56,9 +56,6 @@ _work = threading.RLock()
 class DbtProgress:
     """Progress as dbt log lines (dbt's own event stream, so they go where dbt's output goes)."""
 
-    def __init__(self, job: str) -> None:
-        self.job = job
-
     def step(self, message: str) -> None:
         from dbt_common.events.functions import fire_event
         from dbt_common.events.types import Note
@@ -123,7 +120,7 @@ class Plugin(BasePlugin):
             return
         with _errors_named(job.name), _work:
             settings = self.settings()
-            progress = DbtProgress(job.name)
+            progress = DbtProgress()
             client = api.build_client(settings)
             source = self._reader()
             try:
@@ -144,7 +141,7 @@ class Plugin(BasePlugin):
             job = _job(settings, name)
             with state.exclusive(settings):
                 if _has_open_batches(settings, job.name):
-                    bridge.collect(settings, [job], api.build_client(settings), progress=DbtProgress(job.name))
+                    bridge.collect(settings, [job], api.build_client(settings), progress=DbtProgress())
                 current = settings.results_dir(job.name) / "current.parquet"
                 if not current.is_file():
                     with state.connect(settings) as con:
