@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-plugin test bench install clean seeds
+.PHONY: demo test bench install clean seeds
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(PY) -m batch_bridge.demo
 
 # The same project with `dbt build` alone: the bridge runs inside dbt as a dbt-duckdb plugin.
+.PHONY: demo-plugin
 demo-plugin: $(STAMP)
 	$(PY) -m batch_bridge.demo_plugin
 
