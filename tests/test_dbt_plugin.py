@@ -217,3 +217,17 @@ def test_sigkill_of_dbt_during_submission_then_builds_pay_nothing_twice(proj, em
     assert (c["batches_created"], c["requests_created"]) == (1, 12)
     answered = state_rows(root, env, "SELECT count(*), count(DISTINCT input_hash) FROM bb_state.responses")
     assert answered == [(12, 12)]
+
+
+def test_a_job_error_fails_the_staging_node_with_the_clis_message(tmp_path, emulator, monkeypatch):
+    write_plugin_project(tmp_path, {**META, "prompt_column": "body"})
+    monkeypatch.setenv("BATCH_BRIDGE_WAREHOUSE", str(tmp_path / "warehouse.duckdb"))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-plugin")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", emulator.base_url)
+    res = dbt(tmp_path, "build", "--select", "rows", "stg_items")
+    st = statuses(res)
+    assert not res.success and st["stg_items"][0] == "error"
+    # The columns are checked on dbt's connection, as the CLI checks them on the attached warehouse.
+    assert ("batch_bridge: job 'items': meta.batch_bridge.prompt_column = 'body' is not valid; "
+            "allowed: columns of stg_items: id, prompt") in st["stg_items"][1]
+    assert emulator.counters()["create_posts"] == 0
