@@ -17,6 +17,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m batch_bridge.demo
 
+# The same project with `dbt build` alone: the bridge runs inside dbt as a dbt-duckdb plugin.
+.PHONY: demo-plugin
+demo-plugin: $(STAMP)
+	$(PY) -m batch_bridge.demo_plugin
+
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -31,4 +36,4 @@ seeds: $(STAMP)
 	$(PY) scripts/make_seeds.py
 
 clean:
-	rm -rf $(VENV) .batch_bridge warehouse.duckdb dbt_project/target dbt_project/logs
+	rm -rf $(VENV) .batch_bridge warehouse.duckdb .batch_bridge_plugin warehouse_plugin.duckdb dbt_project/target dbt_project/logs

@@ -20,9 +20,9 @@ import anthropic
 from . import api, collect as collect_mod, state, submit as submit_mod
 from .config import Settings
 from .dbt_runner import load_manifest
-from .errors import WaitTimeout
+from .errors import CreateRejected, WaitTimeout
 from .estimate import Estimate
-from .export import REJECTED_REASONS, JobPlan
+from .export import REJECTED_REASONS, JobPlan, WarehouseAccess
 from .jobs import Job, jobs_from_manifest, select_jobs
 from .progress import Progress, Silent
 from .results import publish
@@ -96,15 +96,17 @@ def _publish_all(settings: Settings, jobs: list[Job]) -> None:
 
 def submit(
     settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, max_cost: float | None = None,
-    progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
+    progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep, warehouse: WarehouseAccess | None = None,
 ) -> submit_mod.SubmitReport:
-    """Export and submit what is needed; returns as soon as batches are created."""
+    """Export and submit what is needed; returns as soon as batches are created. `warehouse` replaces
+    the read-only ATTACH of the warehouse (the dbt plugin reads through dbt's connection)."""
     names = [j.name for j in jobs]
     defs = {j.name: j for j in jobs}
     # Submissions journalled by an interrupted run go first: their rows are in flight already.
     leftover = submit_mod.send_pending(client, settings, jobs=names, job_defs=defs, progress=Silent(), sleep=sleep,
                                        fault=crash_point)
-    report = submit_mod.prepare_submissions(settings, jobs, max_cost=max_cost, progress=progress, fault=crash_point)
+    report = submit_mod.prepare_submissions(settings, jobs, max_cost=max_cost, progress=progress, fault=crash_point,
+                                            warehouse=warehouse)
     crash_point("after_prepare")
     sent = submit_mod.send_pending(client, settings, jobs=names, job_defs=defs, progress=progress, sleep=sleep,
                                    fault=crash_point)
@@ -130,6 +132,16 @@ def collect(
         progress.step(f"{job}: loaded {n:,} results")
     report.loads.raise_account_errors()  # after publishing: what was loaded is kept
     return report
+
+
+def create_rejected_error(rejected: dict[str, str]) -> CreateRejected:
+    """The error after a command whose other work went on, when the API rejected creates for good."""
+    return CreateRejected(
+        f"the API rejected {len(rejected)} batch(es) for good: "
+        + "; ".join(f"{sub}: {msg}" for sub, msg in sorted(rejected.items())),
+        hint="their rows are recorded as not sent (reason create_rejected, with the API's message: "
+        "`batch-bridge status`); change the rows or the job and the next run sends them",
+    )
 
 
 @dataclass

@@ -236,14 +236,9 @@ def _create_outcomes(report) -> dict:
 def _exit_if_rejected(rejected: dict[str, str]) -> None:
     """Exit 1 after a command whose other work went on, when the API rejected a create for good."""
     if rejected:
-        from .errors import CreateRejected
+        from .bridge import create_rejected_error
 
-        e = CreateRejected(
-            f"the API rejected {len(rejected)} batch(es) for good: "
-            + "; ".join(f"{sub}: {msg}" for sub, msg in sorted(rejected.items())),
-            hint="their rows are recorded as not sent (reason create_rejected, with the API's message: "
-            "`batch-bridge status`); change the rows or the job and the next run sends them",
-        )
+        e = create_rejected_error(rejected)
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
 

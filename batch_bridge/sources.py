@@ -139,7 +139,13 @@ def home_default(settings: Settings) -> str:
 
 def source_yaml(settings: Settings, jobs: list[Job], name: str = DEFAULT_SOURCE) -> dict[str, Any]:
     home = home_default(settings).replace("'", "")
-    location = f"read_parquet('{{{{ env_var('{ENV_HOME}', '{home}') }}}}/results/{{name}}/current.parquet')"
+    # The whole meta is one Jinja expression, so that the same YAML serves both ways of running: in a
+    # target with the batch_bridge dbt-duckdb plugin the plugin resolves the tables (README, "Only
+    # dbt"), elsewhere dbt-duckdb reads the Parquet file. dbt-duckdb fills `{name}` with the table name;
+    # env_var() is rendered at parse time.
+    meta = ("{{ {'plugin': 'batch_bridge'} if 'batch_bridge.dbt_plugin' in (target.get('plugins') or [])"
+            " | map(attribute='module') | list else {'external_location': \"read_parquet('\" ~ "
+            f"env_var('{ENV_HOME}', '{home}') ~ \"/results/{{name}}/current.parquet')\"}} }}}}")
     return {
         "name": name,
         "description": "Answers collected by batch-bridge, one Parquet file per job under $BATCH_BRIDGE_HOME/results/ "
@@ -147,8 +153,7 @@ def source_yaml(settings: Settings, jobs: list[Job], name: str = DEFAULT_SOURCE)
         "config": {
             "loaded_at_field": "collected_at",  # when the bridge collected each answer, not when dbt ran
             "freshness": FRESHNESS,
-            # dbt-duckdb fills `{name}` with the table name; env_var() is rendered at parse time.
-            "meta": {"external_location": location},
+            "meta": meta,
         },
         "tables": [table_yaml(settings, j) for j in jobs],
     }

@@ -44,7 +44,8 @@ from . import api, collect, state
 from .config import Settings
 from .errors import ApiAccountError, ApiRequestRejected, BudgetExceeded
 from .estimate import Estimate, estimate_job
-from .export import HASH_VERSION, JobPlan, classify, key_json_sql, measure, stage, warehouse_attached, write_requests
+from .export import (HASH_VERSION, JobPlan, WarehouseAccess, classify, key_json_sql, measure, stage, warehouse_attached,
+                     write_requests)
 from .jobs import Job, quote_literal
 from .pricing import load_prices
 from .progress import Progress, Silent
@@ -131,15 +132,18 @@ def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: d
 def plan_jobs(
     con: duckdb.DuckDBPyConnection, settings: Settings, jobs: list[Job], *, progress: Progress = Silent(),
     prepare: Callable[[Job, JobPlan, duckdb.DuckDBPyConnection, dict[str, str]], None] | None = None,
+    warehouse: WarehouseAccess | None = None,
 ) -> tuple[list[JobPlan], dict[str, Estimate]]:
-    """Stage and classify every job (warehouse attached read-only); optionally prepare submissions."""
+    """Stage and classify every job (warehouse attached read-only, or read through `warehouse`);
+    optionally prepare submissions."""
     plans, estimates = [], {}
     book = load_prices(settings.prices_file)
     by_catalog: dict[str, list[Job]] = {}
     for j in jobs:
         by_catalog.setdefault(j.relation.database, []).append(j)
     for catalog, group in by_catalog.items():
-        with warehouse_attached(con, settings, catalog):
+        opened = warehouse(con, settings, catalog, group) if warehouse else warehouse_attached(con, settings, catalog)
+        with opened:
             for job in group:
                 plan = JobPlan(job)
                 key_types = stage(con, job)
@@ -242,7 +246,7 @@ def record_estimates(con: duckdb.DuckDBPyConnection, plans: list[JobPlan], estim
 
 def prepare_submissions(
     settings: Settings, jobs: list[Job], *, max_cost: float | None = None, progress: Progress = Silent(),
-    fault: Callable[[str], None] | None = None,
+    fault: Callable[[str], None] | None = None, warehouse: WarehouseAccess | None = None,
 ) -> SubmitReport:
     """Plan every job, check budgets, and journal `prepared` submissions with their request files."""
     report = SubmitReport()
@@ -251,11 +255,12 @@ def prepare_submissions(
         # Budgets are checked on a dry plan first, so that a refused job writes nothing at all (and
         # no job is sent when another is refused). Without any budget there is nothing to check.
         if max_cost is not None or any(j.budget_usd is not None for j in jobs):
-            plans, estimates = plan_jobs(con, settings, jobs, progress=Silent())
+            plans, estimates = plan_jobs(con, settings, jobs, progress=Silent(), warehouse=warehouse)
             for plan in plans:
                 check_budget(plan.job, estimates[plan.job.name], max_cost)
         names: list[str] = []
-        plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names, fault))
+        plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names, fault),
+                                     warehouse=warehouse)
         record_estimates(con, plans, estimates, names)
     report.plans, report.estimates = plans, estimates
     return report

@@ -89,3 +89,31 @@
         {%- endfor %}
   )
 {%- endmacro %}
+
+
+{% macro batch_bridge_submit() -%}
+  {#-
+    For the batch_bridge dbt-duckdb plugin (profile target `plugins: [{module: batch_bridge.dbt_plugin,
+    alias: batch_bridge}]`): submits the new and changed rows of the job declared on the model that was
+    just built, and returns as soon as the batches are created. Use it as a post-hook that runs after
+    the model is committed, for every model (models without `meta.batch_bridge` cost nothing):
+      models:
+        +post-hook:
+          - sql: "{{ batch_bridge_submit() }}"
+            transaction: false
+    Does nothing in targets without the plugin, so one project serves both ways of running the bridge.
+  -#}
+  {%- set meta = (model.get('config', {}).get('meta') or model.get('meta') or {}) if model is mapping else {} -%}
+  {%- if execute and meta.get('batch_bridge') is not none -%}
+    {%- set plugins = target.get('plugins') or [] -%}
+    {%- set aliases = [] -%}
+    {%- for p in plugins -%}
+      {%- if p.get('module') == 'batch_bridge.dbt_plugin' -%}
+        {%- do aliases.append(p.get('alias') or 'dbt_plugin') -%}
+      {%- endif -%}
+    {%- endfor -%}
+    {%- if aliases -%}
+      {%- do adapter.store_relation(aliases[0], this, [], '', 'batch_bridge', {'node': model}) -%}
+    {%- endif -%}
+  {%- endif -%}
+{%- endmacro %}
