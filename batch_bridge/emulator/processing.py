@@ -25,7 +25,7 @@ from .jsonl import dumps as _dumps
 from .jsonl import loads_line
 from .responder import Responder, ResponderError, finish_message
 from .usage import PromptCache
-from .validate import check_params
+from .validate import params_error
 
 BUCKETS = 16
 CHECK_EVERY = 256  # requests between looks for a cancel or the expiry while processing
@@ -124,9 +124,9 @@ def process_batch(
 def _answer(
     job: Job, responder: Responder, cache: PromptCache, outcome: Outcome, cid: str, params: Any, raw: bytes
 ) -> tuple[str, str]:
-    problem = check_params(params)
+    problem = params_error(params)
     if problem is not None:
-        return "errored", errored_line(cid, "invalid_request_error", problem)
+        return "errored", errored_line(cid, *problem)
     injected = request_outcome(job.faults, cid)
     if injected == "expired":
         outcome.faults["expired"] += 1

@@ -81,6 +81,9 @@ class Stats:
                 "batches_ended": self._counters["batches_ended"],
                 "requests_processed": self._counters["requests_processed"],
                 "creates_rejected": self._counters["creates_rejected"],
+                # POST /v1/messages (synchronous) answered with a message, or with an error
+                "messages_answered": self._counters["messages_answered"],
+                "messages_refused": self._counters["messages_refused"],
                 # creates being read or stored right now: a client killed after sending a whole body
                 # still gets its batch created, so a test waits for 0 before counting batches
                 "creates_in_flight": self._creates_in_flight,
