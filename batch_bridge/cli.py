@@ -178,6 +178,11 @@ def _plan_text(data: dict) -> str:
             lines.append(f"  tokens             in {e['input_tokens']:,} + cache write {e['cache_write_tokens']:,} "
                          f"+ cache read {e['cache_read_tokens']:,}; out ~{e['output_tokens']:,}")
             lines.append(f"  how                {e['method']}")
+        pf = j.get("preflight") or {}
+        for w in pf.get("warnings", []):
+            lines.append(f"  warning: {w}")
+        for u in pf.get("unchecked", []):
+            lines.append(f"  not checked: {u}")
     return "\n".join(lines) or "no jobs"
 
 
@@ -188,12 +193,14 @@ def _plan_text(data: dict) -> str:
 def plan(project_dir, profiles_dir, target, jobs, as_json):
     """Show what `submit` would send now (rows, batches, bytes, skipped rows and why, cost); sends nothing.
 
-    Example: batch-bridge plan --job review_enrichment --json
+    Runs the preflight first (the model, its limits and capabilities, the output schema): a job the API
+    would refuse exits 2. Example: batch-bridge plan --job review_enrichment --json
     """
     from .bridge import plan as do_plan, plan_to_json
 
     settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
-    plans, estimates = do_plan(settings, job_list, progress=StderrProgress(quiet=as_json))
+    client = _client(settings) if settings.api_key else None  # without a key the preflight says what it skipped
+    plans, estimates = do_plan(settings, job_list, progress=StderrProgress(quiet=as_json), client=client)
     data = {"jobs": [plan_to_json(p, estimates.get(p.job.name)) for p in plans]}
     _emit(data, as_json, _plan_text)
 

@@ -31,6 +31,7 @@ ENV_PRICES = "BATCH_BRIDGE_PRICES"
 ENV_RETENTION_DAYS = "BATCH_BRIDGE_RETENTION_DAYS"
 ENV_CONCURRENCY = "BATCH_BRIDGE_CONCURRENCY"
 ENV_MEMORY_LIMIT = "BATCH_BRIDGE_MEMORY_LIMIT"
+ENV_PREFLIGHT_TIMEOUT = "BATCH_BRIDGE_PREFLIGHT_TIMEOUT"
 # DuckDB's memory for the bridge's work on rows of ordinary width (it spills to disk beyond); measured in
 # BENCHMARKS.md: a 1M-row job runs within it, and 100,000 answers of 6 KB. Unless the user sets
 # BATCH_BRIDGE_MEMORY_LIMIT, steps over wider rows get room for a few vectors of them on top
@@ -58,6 +59,7 @@ class Settings:
     retention_days: float | None = None  # archives older than this are removed by `purge`
     memory_limit: str = DEFAULT_MEMORY_LIMIT  # DuckDB's memory for the bridge's work; it spills to disk beyond
     memory_limit_set: bool = False  # given by the user (BATCH_BRIDGE_MEMORY_LIMIT): a cap, never raised for wide rows
+    preflight_timeout: float = 5.0  # seconds the Models API gets (one try) before the preflight goes on without it
 
     @property
     def state_path(self) -> Path:
@@ -256,4 +258,5 @@ def resolve(
         retention_days=float(retention) if retention else None,
         memory_limit=_memory(env.get(ENV_MEMORY_LIMIT) or DEFAULT_MEMORY_LIMIT),
         memory_limit_set=bool(env.get(ENV_MEMORY_LIMIT)),
+        preflight_timeout=_float(env, ENV_PREFLIGHT_TIMEOUT, 5.0),
     )

@@ -215,8 +215,23 @@ def m004_result_bytes(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def m005_model_info(con: duckdb.DuckDBPyConnection) -> None:
+    """What the Models API said of each model, so that a preflight asks at most once an hour."""
+    con.execute(
+        """
+        CREATE TABLE model_info (
+            api VARCHAR NOT NULL,          -- the API's base URL: the emulator and the real API may differ
+            model VARCHAR NOT NULL,        -- the id as the job names it (an alias or a dated id)
+            info JSON NOT NULL,            -- model_info.ModelFacts
+            fetched_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (api, model)
+        )
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
-    m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes]
+    m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_model_info]
 
 
 # DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,
