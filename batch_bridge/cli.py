@@ -205,6 +205,77 @@ def plan(project_dir, profiles_dir, target, jobs, as_json):
     _emit(data, as_json, _plan_text)
 
 
+# --- preview ------------------------------------------------------------------------------------
+
+
+def _money(x: float | None) -> str:
+    return "unknown" if x is None else f"${x:,.4f}"
+
+
+def _preview_text(d: dict) -> str:
+    out = [f"job {d['job']} ({d['model']}): {len(d['rows'])} row(s) at {d['prices']} prices; "
+           f"cost {_money(d['cost_usd'])}"]
+    for w in d["warnings"]:
+        out.append(f"warning: {w}")
+    for r in d["rows"]:
+        q = r["request"]
+        out.append(f"\n--- {r['why']} prompt ({q['prompt_chars']:,} characters), key {json.dumps(r['key'])}")
+        if q["system"]:
+            out.append(f"system:  {q['system']}")
+        if q["few_shot_turns"]:
+            out.append(f"few-shot turns: {q['few_shot_turns']}")
+        out.append(f"prompt:  {q['prompt']}")
+        if r["error"]:
+            out.append(f"error:   {r['error']}")
+            continue
+        out.append(f"answer ({r['stop_reason']}):\n{r['answer']}")
+        if r["parsed"] is not None:
+            out.append("columns: " + json.dumps(r["parsed"], ensure_ascii=False, default=str))
+        if r["parse_error"]:
+            out.append(f"parse failure: {r['parse_error']}")
+        u = r["usage"]
+        out.append(f"tokens:  in {u['input_tokens']:,} (cache write {u['cache_creation_input_tokens']:,}, read "
+                   f"{u['cache_read_input_tokens']:,}), out {u['output_tokens']:,}; cost {_money(r['cost_usd'])}")
+    return "\n".join(out)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@project_options
+@click.option("--job", "job_name", help="the job to preview (needed when the project has several)")
+@click.option("--rows", type=int, default=3, show_default=True,
+              help="how many rows: the longest, the shortest and a typical prompt, then others spread by length")
+@click.option("--key", "keys", multiple=True, help="preview the row with this key (repeatable; a JSON array for "
+              "a key of several columns) instead of choosing by length")
+@click.option("--yes", is_flag=True, help="do not ask before spending more than $0.50")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handle_errors
+def preview(project_dir, profiles_dir, target, job_name, rows, keys, yes, as_json):
+    """Send a few rows through the synchronous Messages API and show request, answer, parsed columns, cost.
+
+    Uses the exact request body of each row's batch line, at standard (not batch) prices; records
+    nothing that changes what `sync` sends. Example: batch-bridge preview --job review_enrichment --rows 3
+    """
+    from . import preview as pv
+    from .errors import ConfigError
+
+    settings, job_list = _setup(project_dir, profiles_dir, target, (job_name,) if job_name else ())
+    if len(job_list) != 1:
+        raise ConfigError(f"--job is needed: the project declares {len(job_list)} jobs: "
+                          f"{', '.join(j.name for j in job_list) or '(none)'}")
+    client = _client(settings)
+    plan = pv.prepare(settings, job_list[0], client, rows=rows, keys=tuple(keys))
+    progress = StderrProgress()
+    progress.step(f"previewing {len(plan.rows)} row(s) of {plan.job.name}: at most {_money(plan.max_usd)} "
+                  "at standard prices (if every answer used max_tokens)")
+    over = plan.max_usd is None or plan.max_usd > pv.ASK_ABOVE_USD
+    if over and not yes and sys.stdin.isatty() and sys.stderr.isatty():
+        if not click.confirm(f"spend up to {_money(plan.max_usd)}?", err=True):
+            click.echo("nothing sent", err=True)
+            sys.exit(0)
+    data = pv.send(settings, plan, client).to_json()
+    _emit(data, as_json, _preview_text)
+
+
 # --- submit / collect / sync --------------------------------------------------------------------
 
 

@@ -413,11 +413,16 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, input_limi
     plan.send_requests, plan.prompt_bytes = int(n), int(pb)
 
 
-def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id") -> str:
+def params_sql(job: Job, alias: str = "s") -> str:
+    """SQL of a row's request params as JSON text: the body of its batch line, and of a preview call."""
     prefix, suffix = job.params_split()
+    return f"{quote_literal(prefix)} || CAST(to_json({prompt_sql(job, alias)}) AS VARCHAR) || {quote_literal(suffix)}"
+
+
+def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id") -> str:
     return (
         f"""'{{"custom_id":' || CAST(to_json({custom_id}) AS VARCHAR) || ',"params":' || """
-        f"{quote_literal(prefix)} || CAST(to_json({prompt_sql(job, alias)}) AS VARCHAR) || {quote_literal(suffix)} || '}}'"
+        f"{params_sql(job, alias)} || '}}'"
     )
 
 
