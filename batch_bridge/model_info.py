@@ -63,13 +63,16 @@ def facts_of(info: Any) -> ModelFacts:
     )
 
 
-def cached(con: duckdb.DuckDBPyConnection, base_url: str | None, model: str) -> ModelFacts | None:
-    """The kept answer for `model`, when younger than MAX_AGE."""
+def cached(
+    con: duckdb.DuckDBPyConnection, base_url: str | None, model: str, max_age: timedelta | None = MAX_AGE,
+) -> tuple[ModelFacts, datetime] | None:
+    """The kept answer for `model` and when it was fetched, when younger than `max_age` (None: any age)."""
+    since = state.utcnow() - max_age if max_age is not None else datetime.min
     row = con.execute(
-        "SELECT info FROM bb_state.model_info WHERE api = ? AND model = ? AND fetched_at >= ?",
-        [base_url or REAL_API, model, state.utcnow() - MAX_AGE],
+        "SELECT info, fetched_at FROM bb_state.model_info WHERE api = ? AND model = ? AND fetched_at >= ?",
+        [base_url or REAL_API, model, since],
     ).fetchone()
-    return ModelFacts.from_json(json.loads(row[0])) if row else None
+    return (ModelFacts.from_json(json.loads(row[0])), row[1]) if row else None
 
 
 def keep(con: duckdb.DuckDBPyConnection, base_url: str | None, model: str, facts: ModelFacts) -> None:

@@ -76,24 +76,30 @@ class _Api:
         if self.client is None:
             self.offline = "no ANTHROPIC_API_KEY is set"
 
-    def facts(self, con: duckdb.DuckDBPyConnection, model: str) -> ModelFacts | None:
-        """ModelFacts (kept or asked), None when offline; raises api.NotFound for an unknown model."""
+    def facts(self, con: duckdb.DuckDBPyConnection, model: str, notes: list[str]) -> ModelFacts | None:
+        """ModelFacts (kept, or asked), None when offline with nothing kept; raises api.NotFound for an
+        unknown model. Offline, an answer older than an hour is used, and `notes` says so."""
         kept = model_info.cached(con, self.settings.base_url, model)
-        if kept is not None or self.offline:
-            return kept
-        assert self.client is not None
-        try:
-            facts = api.retrieve_model(self.client, model, timeout=self.settings.preflight_timeout)
-        except api.NotFound:
-            raise
-        except ApiAuthError as e:
-            self.offline = f"the API refused the key ({e.message})"
+        if kept is not None:
+            return kept[0]
+        if not self.offline:
+            assert self.client is not None
+            try:
+                facts = api.retrieve_model(self.client, model, timeout=self.settings.preflight_timeout)
+            except api.NotFound:
+                raise
+            except ApiAuthError as e:
+                self.offline = f"the API refused the key ({e.message})"
+            except ApiError as e:
+                self.offline = f"the Models API did not answer ({e.message})"
+            else:
+                model_info.keep(con, self.settings.base_url, model, facts)
+                return facts
+        old = model_info.cached(con, self.settings.base_url, model, max_age=None)
+        if old is None:
             return None
-        except ApiError as e:
-            self.offline = f"the Models API did not answer ({e.message})"
-            return None
-        model_info.keep(con, self.settings.base_url, model, facts)
-        return facts
+        notes.append(f"{self.offline}: used what the Models API said of {model!r} at {old[1]:%Y-%m-%d %H:%M} UTC")
+        return old[0]
 
     def suggest(self, model: str) -> str | None:
         if self.listed is None and self.client is not None and not self.offline:
@@ -134,7 +140,7 @@ def _check_job(con: duckdb.DuckDBPyConnection, job: Job, remote: _Api, for_batch
         for problem in schema_check.check(job.output_schema):
             p.refusals.append(f"output_schema: structured outputs do not accept {problem}")
     try:
-        p.facts = remote.facts(con, job.model)
+        p.facts = remote.facts(con, job.model, p.unchecked)
     except api.NotFound:
         p.unknown = True
         p.suggestion = remote.suggest(job.model)

@@ -166,17 +166,27 @@ def test_offline_preflight_says_what_it_could_not_check_and_goes_on(tmp_path, em
     assert stats(emulator)["requests_created"] == 6
 
 
-def test_model_answers_are_kept_for_an_hour(tmp_path, emulator):
-    s, env = setup(tmp_path, emulator, meta())
+def _age_model_answers(s, minutes: int) -> None:
+    con = duckdb.connect(str(s.state_path))
+    con.execute(f"UPDATE model_info SET fetched_at = fetched_at - INTERVAL {minutes} MINUTE")
+    con.close()
+
+
+def test_model_answers_are_kept_for_an_hour_and_used_older_when_offline(tmp_path, emulator):
+    s, env = setup(tmp_path, emulator, meta(model="claude-3-opus"))
     assert invoke(["plan"], env).exit_code == 0
     assert invoke(["plan"], env).exit_code == 0
     assert invoke(["sync"], env).exit_code == 0
     assert stats(emulator)["requests_by_endpoint"]["models"] == 1
-    con = duckdb.connect(str(s.state_path))
-    con.execute("UPDATE model_info SET fetched_at = fetched_at - INTERVAL 61 MINUTE")
-    con.close()
+    _age_model_answers(s, 61)
     assert invoke(["plan"], env).exit_code == 0
     assert stats(emulator)["requests_by_endpoint"]["models"] == 2
+    # Offline with only an old answer: it is used (still warning of the deprecation), and said so.
+    _age_model_answers(s, 600)
+    emulator.set_faults(http_errors=[503], http_error_endpoints=("models",))
+    pf = json.loads(invoke(["plan", "--json"], env).stdout)["jobs"][0]["preflight"]
+    assert any("used what the Models API said of 'claude-3-opus'" in u for u in pf["unchecked"])
+    assert pf["lifecycle"] == "deprecated" and any("deprecated" in w for w in pf["warnings"])
 
 
 def test_a_cache_too_short_to_work_is_a_warning_with_both_numbers(tmp_path, emulator):
