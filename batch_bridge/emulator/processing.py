@@ -24,7 +24,7 @@ from .faults import request_outcome
 from .jsonl import dumps as _dumps
 from .jsonl import loads_line
 from .responder import Responder, ResponderError, finish_message
-from .usage import PromptCache
+from .usage import PromptCache, too_long
 from .validate import params_error
 
 BUCKETS = 16
@@ -127,6 +127,10 @@ def _answer(
     problem = params_error(params)
     if problem is not None:
         return "errored", errored_line(cid, *problem)
+    info = models.lookup(params["model"])
+    long = too_long(params, len(raw), info.max_input_tokens) if info else None
+    if long is not None:
+        return "errored", errored_line(cid, "invalid_request_error", long)
     injected = request_outcome(job.faults, cid)
     if injected == "expired":
         outcome.faults["expired"] += 1
@@ -143,7 +147,6 @@ def _answer(
     if answer.get("type") == "error":
         err = answer.get("error") or {}
         return "errored", errored_line(cid, err.get("type", "api_error"), err.get("message", ""))
-    info = models.lookup(params["model"])
     min_tokens = job.cache_min_tokens
     if min_tokens is None:
         min_tokens = info.cache_min_tokens if info else 1024

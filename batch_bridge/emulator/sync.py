@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from . import ids, models
 from .responder import Responder, ResponderError, finish_message
-from .usage import PromptCache
+from .usage import PromptCache, too_long
 from .validate import params_error
 
 LIFECYCLES = ("active", "deprecated", "retired")
@@ -88,6 +88,10 @@ def create_message(
     if problem is not None:
         error_type, message = problem
         return _error(_STATUS_OF.get(error_type, 400), error_type, message)
+    info = models.lookup(params["model"])
+    long = too_long(params, len(body), info.max_input_tokens) if info else None
+    if long is not None:
+        return _error(400, "invalid_request_error", long)
     message_id = ids.stable_id("msg", body)
     try:
         answer = responder(params, message_id)
@@ -99,7 +103,6 @@ def create_message(
         err = answer.get("error") or {}
         error_type = err.get("type", "api_error")
         return _error(_STATUS_OF.get(error_type, 500), error_type, err.get("message", ""))
-    info = models.lookup(params["model"])
     min_tokens = cache_min_tokens if cache_min_tokens is not None else (info.cache_min_tokens if info else 1024)
     message = finish_message(answer, params, cache.account(params, min_tokens), message_id)
     message["usage"] = {**message["usage"], "service_tier": "standard"}
