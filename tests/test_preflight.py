@@ -231,3 +231,45 @@ def test_preview_of_given_keys_shows_a_parse_failure(tmp_path, emulator):
         assert row["stop_reason"] == "max_tokens" and row["parsed"] is None and "not JSON" in row["parse_error"]
     r = invoke(["preview", "--key", "nope"], env)
     assert r.exit_code == 2 and "--key 'nope'" in r.stderr
+
+
+def _run_on_a_terminal(args: list[str], env: dict, answer: bytes | None) -> tuple[int, str]:
+    """Run the CLI with stdin and stderr on a pseudo-terminal; answer its question if it asks one."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "batch_bridge.cli", *args], stdin=slave, stderr=slave,
+                            stdout=subprocess.PIPE, env={**os.environ, **env})
+    os.close(slave)
+    seen = b""
+    try:
+        while proc.poll() is None:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+                if answer is not None and b"[y/N]" in seen:
+                    os.write(master, answer)
+                    answer = None
+        proc.wait(timeout=120)
+    finally:
+        os.close(master)
+        proc.stdout.close()  # type: ignore[union-attr]
+    return proc.returncode, seen.decode(errors="replace")
+
+
+def test_preview_asks_on_a_terminal_above_fifty_cents_and_yes_skips_the_question(tmp_path, emulator):
+    # 3 rows x 32,000 output tokens at $75 per million: up to $7.20.
+    s, env = setup(tmp_path, emulator, meta(model="claude-opus-4-1", max_tokens=32000))
+    code, terminal = _run_on_a_terminal(["preview"], env, b"n\n")
+    assert code == 0 and "spend up to $7.2" in terminal and "nothing sent" in terminal
+    assert stats(emulator)["requests_by_endpoint"].get("messages", 0) == 0
+    code, terminal = _run_on_a_terminal(["preview", "--yes"], env, None)
+    assert code == 0 and "[y/N]" not in terminal
+    assert stats(emulator)["requests_by_endpoint"]["messages"] == 3
