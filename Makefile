@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean seeds
+.PHONY: demo test bench soak install clean seeds
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# 30 cycles of `batch-bridge pipeline` under random faults and kills (about 10 minutes); see bench/soak.py.
+soak: $(STAMP)
+	$(PY) bench/soak.py --cycles 30
 
 seeds: $(STAMP)
 	$(PY) scripts/make_seeds.py

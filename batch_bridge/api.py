@@ -11,6 +11,7 @@ SDK exceptions are translated to our hierarchy here and nowhere else; messages n
 
 from __future__ import annotations
 
+import email.utils
 import os
 import time
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from anthropic.types import Message
 from anthropic.types.messages import MessageBatch
 
 from .config import Settings
-from .errors import ApiAuthError, ApiError, ApiRequestRejected, ConfigError, ResultsError
+from .errors import ApiAccountError, ApiAuthError, ApiError, ApiRequestRejected, ConfigError, ResultsError
 from .model_info import ModelFacts, facts_of
 
 CHUNK = 1 << 20
@@ -104,12 +105,31 @@ def build_client(settings: Settings, *, max_retries: int = 4, timeout: float = 6
     )
 
 
-def _retry_after(e: anthropic.APIStatusError) -> float | None:
-    raw = e.response.headers.get("retry-after") if e.response is not None else None
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
+def retry_after(headers: httpx2.Headers | dict[str, str], now: Callable[[], float] = time.time) -> float | None:
+    """Seconds the API asks us to wait: `retry-after-ms`, else `retry-after` in seconds or as an HTTP
+    date (the forms the SDK honours too); None when absent or unreadable."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
         return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now())
+
+
+def _retry_after(e: anthropic.APIStatusError) -> float | None:
+    return retry_after(e.response.headers) if e.response is not None else None
 
 
 @contextmanager
@@ -123,10 +143,20 @@ def translated(what: str) -> Iterator[None]:
             hint="check ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL if you use the emulator)",
         ) from e
     except anthropic.PermissionDeniedError as e:
-        raise ApiAuthError(f"{what}: permission denied (403): {_api_message(e)}") from e
+        raise ApiAccountError(
+            f"{what}: permission denied (403 permission_error): {_api_message(e)}",
+            hint="the key's workspace may not use this resource or model: use a key with access, or change the "
+            "job's model; nothing was lost, the rows are sent once it works",
+        ) from e
     except anthropic.NotFoundError as e:
         raise NotFound(f"{what}: not found (404): {_api_message(e)}") from e
     except anthropic.APIStatusError as e:
+        if e.status_code == 402:
+            raise ApiAccountError(
+                f"{what}: billing problem (402 billing_error): {_api_message(e)}",
+                hint="fix billing (credit balance or spend limit) in the Anthropic console; nothing was lost, "
+                "the rows are sent by the next run once it is fixed",
+            ) from e
         if e.status_code in (408, 409, 429) or e.status_code >= 500:
             raise ApiError(f"{what}: HTTP {e.status_code}: {_api_message(e)}") from e
         raise ApiRequestRejected(f"{what}: HTTP {e.status_code}: {_api_message(e)}") from e
@@ -181,7 +211,13 @@ def create_batch(client: anthropic.Anthropic, request_file: Path, *, timeout: fl
             raise CreateRefused(f"create: HTTP {e.status_code}: {_api_message(e)}", _retry_after(e)) from e
         if e.status_code >= 500 or e.status_code in (408, 409):
             raise CreateOutcomeUnknown(f"create: HTTP {e.status_code}: {_api_message(e)}") from e
-        with translated("create"):  # other 4xx: refused for good (bad key, bad body)
+        if e.status_code == 404:  # the endpoint, not a batch: a base URL or workspace that has no batches
+            raise ApiAccountError(
+                f"create: not found (404 not_found_error): {_api_message(e)}",
+                hint="check ANTHROPIC_BASE_URL (unset for the real API) and that the key's workspace may use the "
+                "Message Batches API; nothing was sent",
+            ) from e
+        with translated("create"):  # other 4xx: refused (bad key, billing, permission, bad body)
             raise
         raise  # unreachable: translated() always raises
     except (anthropic.APITimeoutError, anthropic.APIConnectionError) as e:
@@ -255,13 +291,18 @@ def download_results(
 MAX_RETRY_AFTER = 600.0
 
 
+def backoff(attempt: int, retry_after: float | None, cap: float = 30.0) -> float:
+    """Seconds to wait: the API's retry-after when it gave one (up to 10 minutes), else exponential
+    backoff up to `cap`."""
+    if retry_after is not None and retry_after >= 0:
+        return min(retry_after, MAX_RETRY_AFTER)
+    return min(0.5 * 2**attempt, cap)
+
+
 def sleep_backoff(attempt: int, retry_after: float | None, sleep: Callable[[float], None] = time.sleep,
                   cap: float = 30.0) -> None:
-    """Honour retry-after when the API gave one (up to 10 minutes), else exponential backoff up to `cap`."""
-    if retry_after is not None and retry_after >= 0:
-        sleep(min(retry_after, MAX_RETRY_AFTER))
-        return
-    sleep(min(0.5 * 2**attempt, cap))
+    """Sleep `backoff(attempt, retry_after, cap)`."""
+    sleep(backoff(attempt, retry_after, cap))
 
 
 # --- the Models API and synchronous Messages (preflight and preview) ---------------------------

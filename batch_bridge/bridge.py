@@ -105,15 +105,17 @@ def submit(
 ) -> submit_mod.SubmitReport:
     """Export and submit what is needed; returns as soon as batches are created."""
     names = [j.name for j in jobs]
+    defs = {j.name: j for j in jobs}
     # Submissions journalled by an interrupted run go first: their rows are in flight already.
-    leftover = submit_mod.send_pending(client, settings, jobs=names, progress=progress, sleep=sleep, fault=crash_point)
+    leftover = submit_mod.send_pending(client, settings, jobs=names, job_defs=defs, progress=Silent(), sleep=sleep,
+                                       fault=crash_point)
     report = submit_mod.prepare_submissions(settings, jobs, max_cost=max_cost, progress=progress, fault=crash_point,
                                             client=client)
     crash_point("after_prepare")
-    sent = submit_mod.send_pending(client, settings, jobs=names, progress=progress, sleep=sleep, fault=crash_point)
-    report.batches = leftover.batches + sent.batches
-    report.adopted = leftover.adopted + sent.adopted
-    report.pending_unknown = sorted(set(leftover.pending_unknown) | set(sent.pending_unknown))
+    sent = submit_mod.send_pending(client, settings, jobs=names, job_defs=defs, progress=progress, sleep=sleep,
+                                   fault=crash_point)
+    report.absorb(leftover)
+    report.absorb(sent)
     _publish_all(settings, jobs)
     if report.batches:
         progress.step(f"submitted {len(report.batches)} batch(es): {', '.join(report.batches)}")
@@ -132,6 +134,7 @@ def collect(
         _publish_all(settings, jobs)
     for job, n in report.loaded.items():
         progress.step(f"{job}: loaded {n:,} results")
+    report.loads.raise_account_errors()  # after publishing: what was loaded is kept
     return report
 
 
@@ -141,20 +144,24 @@ class WaitReport:
     ended: int = 0
     open: int = 0
     collected: dict[str, int] = field(default_factory=dict)
+    submitted: list[str] = field(default_factory=list)  # batches created while waiting (`run`)
+    rejected: dict[str, str] = field(default_factory=dict)
 
 
 def wait(
     settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, timeout: float | None = None,
     collect_as_ended: bool = False, progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] = time.monotonic, submit_pending: bool = False,
 ) -> WaitReport:
     """Poll until every open batch has ended (collecting each as it ends if asked), or time out.
 
+    With `submit_pending` (for `run`), journalled submissions are sent as the queue makes room and
+    creates of unknown outcome are reconciled on every poll, and waiting goes on until none is left.
     Results loaded on the way are published once, when waiting ends (by `run`, when run calls it)."""
     report = WaitReport()
     try:
         return _wait(settings, jobs, client, report, timeout=timeout, collect_as_ended=collect_as_ended,
-                     progress=progress, sleep=sleep, clock=clock)
+                     progress=progress, sleep=sleep, clock=clock, submit_pending=submit_pending)
     finally:
         if report.collected:
             _publish_all(settings, jobs)
@@ -163,7 +170,7 @@ def wait(
 def _wait(
     settings: Settings, jobs: list[Job], client: anthropic.Anthropic, report: WaitReport, *,
     timeout: float | None, collect_as_ended: bool, progress: Progress, sleep: Callable[[float], None],
-    clock: Callable[[], float],
+    clock: Callable[[], float], submit_pending: bool = False,
 ) -> WaitReport:
     names = [j.name for j in jobs]
     by_name = {j.name: j for j in jobs}
@@ -179,17 +186,28 @@ def _wait(
         progress.tick("batches ended", len(ended), len(infos) + len(unconfirmed))
         if collect_as_ended and ended:
             collect_mod.download_ended(client, settings, ended, progress=progress, sleep=sleep, fault=crash_point)
-            for job, n in collect_mod.load_downloaded(settings, by_name, progress=progress, fault=crash_point).items():
+            loads = collect_mod.load_downloaded(settings, by_name, progress=progress, fault=crash_point)
+            for job, n in loads.loaded.items():
                 report.collected[job] = report.collected.get(job, 0) + n
                 progress.step(f"{job}: loaded {n:,} results")
+            loads.raise_account_errors()
+        pending = submit_mod.pending_submissions(settings, names) if submit_pending else []
+        if pending:
+            sent = submit_mod.send_pending(client, settings, jobs=names, job_defs=by_name, progress=progress,
+                                           sleep=sleep, fault=crash_point)
+            report.submitted += sent.batches
+            report.rejected.update(sent.rejected)
+            pending = submit_mod.pending_submissions(settings, names)
+            running += [b for b in sent.batches if b not in running]
         report.ended, report.open = len(ended), len(running)
-        if not running:
+        if not running and not pending:
             return report
         elapsed = clock() - start
         if timeout is not None and elapsed >= timeout:
+            waiting = f"; {len(pending)} more batch(es) not yet created" if pending else ""
             raise WaitTimeout(
                 f"{len(running)} of {len(infos) + len(unconfirmed)} batch(es) still in progress after {elapsed:.0f}s "
-                f"({requests:,} requests in them)",
+                f"({requests:,} requests in them){waiting}",
                 hint="nothing is lost: run `batch-bridge collect` or `wait` again later",
             )
         pause = interval if timeout is None else min(interval, max(0.0, timeout - elapsed))
@@ -230,7 +248,9 @@ def run(
         collect(settings, jobs, client, progress=progress, sleep=sleep)  # anything ended since last time
         s = submit(settings, jobs, client, max_cost=max_cost, progress=progress, sleep=sleep)
         w = wait(settings, jobs, client, timeout=timeout, collect_as_ended=True, progress=progress,
-                 sleep=sleep, clock=clock)
+                 sleep=sleep, clock=clock, submit_pending=True)
+        s.batches += w.submitted
+        s.rejected.update(w.rejected)
     return s, w
 
 
@@ -238,8 +258,17 @@ def cancel(settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, 
     """Cancel every in-flight batch of the jobs; their unprocessed requests come back `canceled`."""
     names = [j.name for j in jobs]
     out = []
+    with state.connect(settings) as con:
+        unconfirmed = {r[0] for r in con.execute(
+            "SELECT batch_id FROM bb_state.submissions WHERE state = 'created' AND adopted").fetchall()}
     for b in collect_mod.open_batches(settings, names):
         if b["local_state"] != "submitted" or b["processing_status"] != "in_progress":
+            continue
+        if b["batch_id"] in unconfirmed:
+            # Adopted on its request count after an ambiguous create: it may be another client's batch
+            # in a shared workspace, which must never be cancelled. Its answers confirm it once it ends.
+            progress.step(f"not cancelled: {b['batch_id']} was adopted after an ambiguous create and is not yet "
+                          "confirmed as ours; cancel it in the console if you know it is")
             continue
         info = api.cancel(client, b["batch_id"])
         with state.connect(settings) as con:

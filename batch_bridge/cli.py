@@ -297,10 +297,33 @@ def submit(project_dir, profiles_dir, target, jobs, max_cost, as_json):
     with exclusive(settings):
         report = do_submit(settings, job_list, _client(settings), max_cost=max_cost, progress=progress)
     data = {
-        "batches": report.batches, "adopted": report.adopted, "pending_reconciliation": report.pending_unknown,
+        "batches": report.batches, "adopted": report.adopted, **_create_outcomes(report),
         "jobs": [plan_to_json(p, report.estimates.get(p.job.name)) for p in report.plans],
     }
     _emit(data, as_json, lambda d: f"submitted {len(d['batches'])} batch(es)" + "".join(f"\n  {b}" for b in d["batches"]))
+    _exit_if_rejected(report.rejected)
+
+
+def _create_outcomes(report) -> dict:
+    """What a submit left undone, for --json: creates still being reconciled, batches waiting for queue
+    room, creates the API rejected for good."""
+    return {"pending_reconciliation": report.pending_unknown, "waiting_for_queue": report.waiting_for_queue,
+            "rejected": report.rejected}
+
+
+def _exit_if_rejected(rejected: dict[str, str]) -> None:
+    """Exit 1 after a command whose other work went on, when the API rejected a create for good."""
+    if rejected:
+        from .errors import CreateRejected
+
+        e = CreateRejected(
+            f"the API rejected {len(rejected)} batch(es) for good: "
+            + "; ".join(f"{sub}: {msg}" for sub, msg in sorted(rejected.items())),
+            hint="their rows are recorded as not sent (reason create_rejected, with the API's message: "
+            "`batch-bridge status`); change the rows or the job and the next run sends them",
+        )
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
 
 
 def _collect_text(d: dict) -> str:
@@ -312,7 +335,7 @@ def _collect_text(d: dict) -> str:
 
 def _collect_json(r) -> dict:
     return {"checked": r.refreshed, "ended": r.ended, "still_running": r.still_running,
-            "downloaded": r.downloaded, "loaded": r.loaded, "lost": r.lost}
+            "downloaded": r.downloaded, "loaded": r.loaded, "lost": r.lost, "foreign": r.foreign}
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -347,8 +370,9 @@ def sync(project_dir, profiles_dir, target, jobs, max_cost, as_json):
 
     settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
     c, s = do_sync(settings, job_list, _client(settings), max_cost=max_cost, progress=StderrProgress())
-    data = {"collect": _collect_json(c), "submitted": s.batches, "adopted": s.adopted}
+    data = {"collect": _collect_json(c), "submitted": s.batches, "adopted": s.adopted, **_create_outcomes(s)}
     _emit(data, as_json, lambda d: _collect_text(d["collect"]) + f"\nsubmitted {len(d['submitted'])} batch(es)")
+    _exit_if_rejected(s.rejected)
 
 
 # --- wait / run / cancel ------------------------------------------------------------------------
@@ -389,9 +413,11 @@ def run(project_dir, profiles_dir, target, jobs, max_cost, timeout, poll_interva
 
     settings, job_list = _setup(project_dir, profiles_dir, target, jobs, poll_interval=poll_interval)
     s, w = do_run(settings, job_list, _client(settings), max_cost=max_cost, timeout=timeout, progress=StderrProgress())
-    data = {"submitted": s.batches, "adopted": s.adopted, "polls": w.polls, "loaded": w.collected}
+    data = {"submitted": s.batches, "adopted": s.adopted, "polls": w.polls, "loaded": w.collected,
+            **_create_outcomes(s)}
     _emit(data, as_json, lambda d: f"submitted {len(d['submitted'])} batch(es); loaded "
           + (", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new"))
+    _exit_if_rejected(s.rejected)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -423,8 +449,14 @@ def _status_text(d: dict) -> str:
         cost = "unknown" if j["cost_usd"] is None else f"${j['cost_usd']:,.4f}"
         out.append(f"job {j['job']}: succeeded {r['succeeded']:,}, in flight {r['in_flight']:,}, "
                    f"failed {r['failed']:,}, never sent {r['never_sent']:,}; cost {cost}")
+        if r.get("waiting_for_queue"):
+            out.append(f"  in flight, waiting for room in the processing queue: {r['waiting_for_queue']:,} rows "
+                       "(sent by a later run)")
+        if r.get("create_unconfirmed"):
+            out.append(f"  in flight, create of unknown outcome being looked for: {r['create_unconfirmed']:,} rows")
         for k, v in j["not_sent"].items():
             out.append(f"  not sent: {k:<20} {v['rows']:>6,}  {v['why']}")
+            out += [f"            {d}" for d in v.get("details", [])]
         for k, v in j["failures_by_type"].items():
             out.append(f"  failed:   {k:<20} {v:>6,}")
     if d["batches"]:
@@ -479,9 +511,11 @@ def pipeline(project_dir, profiles_dir, target, jobs, wait_, max_cost, timeout, 
     settings, job_list = _setup(project_dir, profiles_dir, target, jobs, poll_interval=poll_interval)
     r = run_pipeline(settings, job_list, _client(settings), wait=wait_, max_cost=max_cost, timeout=timeout,
                      progress=StderrProgress())
-    data = {"upstream": r.upstream, "downstream": r.downstream, "submitted": r.submitted, "loaded": r.loaded}
+    data = {"upstream": r.upstream, "downstream": r.downstream, "submitted": r.submitted, "loaded": r.loaded,
+            "rejected": r.rejected}
     _emit(data, as_json, lambda d: f"submitted {len(d['submitted'])} batch(es); loaded "
           + (", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new"))
+    _exit_if_rejected(r.rejected)
 
 
 @cli.command(context_settings={**CONTEXT_SETTINGS, "ignore_unknown_options": True})

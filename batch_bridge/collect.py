@@ -12,6 +12,13 @@ and is forgotten so that the next collect downloads it again.
 A 404 on a batch is the API's propagation delay only while the batch is young and has never been
 seen `ended`; otherwise the batch was deleted and is marked `lost` (its rows are sent again), as is
 a batch whose `archived_at` is set (results are kept 29 days).
+
+A batch adopted after a create of unknown outcome was matched on its request count alone: its answers
+confirm it. When they are not the answers to our requests (another client's batch of the same size in a
+shared workspace), nothing of it is loaded, it is released as foreign, and its submission looks for its
+own batch again (`state.release_foreign`). Results that errored for account reasons (billing,
+permission, a model the workspace cannot see, authentication) are loaded, leave their rows sendable,
+and stop the command with what to fix.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import duckdb
 
 from . import api, state
 from .config import Settings
-from .errors import ApiError, ResultsError
+from .errors import ApiAccountError, ApiError, ResultsError
 from .jobs import Job, quote_literal
 from .outputs import valid_sql
 from .pricing import PriceBook, cost_sql, load_prices, price_sql
@@ -45,14 +52,48 @@ BATCH_COLUMNS = (
 )
 
 
+_ACCOUNT_HINTS = {
+    "authentication_error": "check ANTHROPIC_API_KEY",
+    "billing_error": "fix billing (credit balance or spend limit) in the Anthropic console",
+    "permission_error": "use a key whose workspace may use this model and feature",
+    "not_found_error": "check the job's model (and the key's workspace): the API does not know it",
+}
+
+
+@dataclass
+class LoadReport:
+    loaded: dict[str, int] = field(default_factory=dict)  # job -> result lines loaded
+    foreign: list[str] = field(default_factory=list)  # adopted batches released as another client's
+    account_errors: dict[str, tuple[int, str]] = field(default_factory=dict)  # error type -> (requests, a message)
+
+    def raise_account_errors(self) -> None:
+        """Stop the command when answers errored for account reasons: the next runs would fail alike."""
+        if not self.account_errors:
+            return
+        parts = [f"{n:,} request(s) errored with {t}: {msg}" for t, (n, msg) in sorted(self.account_errors.items())]
+        hints = "; ".join(_ACCOUNT_HINTS[t] for t in sorted(self.account_errors) if t in _ACCOUNT_HINTS)
+        raise ApiAccountError(
+            "the API refused requests for account reasons: " + "; ".join(parts),
+            hint=f"{hints}. The answers were recorded; the rows stay sendable and the next run sends them",
+        )
+
+
 @dataclass
 class CollectReport:
     refreshed: int = 0
     ended: int = 0
     downloaded: list[str] = field(default_factory=list)
-    loaded: dict[str, int] = field(default_factory=dict)  # job -> result lines loaded
+    loads: LoadReport = field(default_factory=LoadReport)
     lost: list[str] = field(default_factory=list)
     still_running: int = 0
+
+    @property
+    def loaded(self) -> dict[str, int]:  # job -> result lines loaded
+        return self.loads.loaded
+
+    @property
+    def foreign(self) -> list[str]:
+        return self.loads.foreign
 
 
 def record_status(con: duckdb.DuckDBPyConnection, info: api.BatchInfo) -> None:
@@ -327,7 +368,7 @@ def _reject_bad_file(con: duckdb.DuckDBPyConnection, batches: list[tuple]) -> No
 def load_downloaded(
     settings: Settings, jobs: dict[str, Job], *, progress: Progress = Silent(),
     fault: Callable[[str], None] | None = None,
-) -> dict[str, int]:
+) -> LoadReport:
     """Load every downloaded batch into `responses`, set-wise, and mark it collected (one transaction per batch).
 
     The same transaction folds the new responses into `input_outcomes` (and `key_inputs.answered`),
@@ -335,12 +376,13 @@ def load_downloaded(
 
     Publishes nothing: the command calls `results.publish` once when it is done loading, which also
     writes the history part of every collected batch that has none yet."""
-    loaded: dict[str, int] = {}
+    report = LoadReport()
+    loaded = report.loaded
     book = load_prices(settings.prices_file)
     with state.connect(settings) as con:
         rows = con.execute(
-            "SELECT batch_id, job, submission_id, result_file, result_lines FROM bb_state.batches "
-            "WHERE local_state = 'downloaded' ORDER BY job, batch_id"
+            "SELECT b.batch_id, b.job, b.submission_id, b.result_file, b.result_lines FROM bb_state.batches b "
+            "WHERE b.local_state = 'downloaded' ORDER BY b.job, b.batch_id"
         ).fetchall()
         by_job: dict[str, list[tuple]] = {}
         for r in rows:
@@ -356,9 +398,46 @@ def load_downloaded(
             with state.single_threaded(con):  # reading files is I/O: see single_threaded
                 for batch in job_batches:
                     with state.room_for_rows(con, settings, _line_bytes(batch), batch[4] or 0):
-                        loaded[job_name] += _load_batch(con, job, batch, book, fault, progress)
+                        n = _load_batch(con, job, batch, book, fault, progress)
+                    if n is None:
+                        report.foreign.append(batch[0])
+                        continue
+                    loaded[job_name] += n
+                    _account_errors(con, batch[0], report)
                     progress.tick("results loaded", loaded[job_name], total)
-    return loaded
+    return report
+
+
+def _adopted(con: duckdb.DuckDBPyConnection, submission_id: str) -> bool:
+    row = con.execute("SELECT adopted FROM bb_state.submissions WHERE submission_id = ?", [submission_id]).fetchone()
+    return bool(row and row[0])
+
+
+def _account_errors(con: duckdb.DuckDBPyConnection, batch_id: str, report: LoadReport) -> None:
+    for error_type, n, message in con.execute(
+        f"SELECT error_type, count(*), any_value(error_message) FROM bb_state.responses "
+        f"WHERE batch_id = ? AND status = 'errored' AND error_type IN ({', '.join(map(quote_literal, state.ACCOUNT_ERRORS))}) "
+        "GROUP BY ALL", [batch_id],
+    ).fetchall():
+        before = report.account_errors.get(error_type, (0, message))[0]
+        report.account_errors[error_type] = (before + n, message)
+
+
+def _release_foreign(con: duckdb.DuckDBPyConnection, batch: tuple, n: int, progress: Progress) -> None:
+    """An adopted batch whose answers are not ours: record it as foreign and forget its file."""
+    batch_id, job_name, submission_id, result_file, result_lines = batch
+    why = (f"adopted on its request count, but {(result_lines or 0) - n:,} of its {result_lines or 0:,} answers "
+           "are not to our requests: another client's batch; never loaded, cancelled or deleted")
+    con.execute("BEGIN")
+    try:
+        state.release_foreign(con, batch_id, why)
+        con.execute("COMMIT")
+    except Exception:
+        state.rollback(con)
+        raise
+    Path(result_file).unlink(missing_ok=True)  # another client's data is not ours to keep
+    progress.step(f"warning: job {job_name!r}: batch {batch_id} {why}; submission {submission_id} looks for its "
+                  "own batch again")
 
 
 def _line_bytes(batch: tuple) -> float:
@@ -398,10 +477,11 @@ def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, bo
 def _load_batch(
     con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, book: PriceBook, fault: Callable[[str], None] | None,
     progress: Progress,
-) -> int:
+) -> int | None:
     """Read, extract and INSERT one downloaded batch and mark it collected, in one transaction.
 
-    Returns the number of result lines loaded."""
+    Returns the number of result lines loaded, or None when the batch, adopted on its request count,
+    proved another client's (then nothing of it is loaded)."""
     batch_id, job_name, _, result_file, result_lines = batch
     try:
         n = _insert_responses(con, job, batch, book, state.utcnow())
@@ -413,6 +493,10 @@ def _load_batch(
         raise ResultsError(f"job {job_name!r}: the result files could not be read: {e}") from e
     try:
         expected = result_lines or 0
+        if n != expected and _adopted(con, batch[2]):
+            state.rollback(con)
+            _release_foreign(con, batch, int(n), progress)
+            return None
         if n != expected:
             raise ResultsError(
                 f"job {job_name!r}, batch {batch_id}: {n:,} result lines matched sent requests, "
@@ -457,5 +541,5 @@ def collect(
     for bid in report.lost:
         progress.step(f"batch {bid} is lost (deleted, or results past the 29-day retention); "
                       "its rows are sent again by the next submit")
-    report.loaded = load_downloaded(settings, jobs, progress=progress, fault=fault)
+    report.loads = load_downloaded(settings, jobs, progress=progress, fault=fault)
     return report

@@ -32,6 +32,12 @@ ENV_RETENTION_DAYS = "BATCH_BRIDGE_RETENTION_DAYS"
 ENV_CONCURRENCY = "BATCH_BRIDGE_CONCURRENCY"
 ENV_MEMORY_LIMIT = "BATCH_BRIDGE_MEMORY_LIMIT"
 ENV_PREFLIGHT_TIMEOUT = "BATCH_BRIDGE_PREFLIGHT_TIMEOUT"
+ENV_MAX_QUEUED = "BATCH_BRIDGE_MAX_QUEUED_REQUESTS"
+ENV_RECONCILE_GRACE = "BATCH_BRIDGE_RECONCILE_GRACE"
+ENV_CREATE_TIMEOUT = "BATCH_BRIDGE_CREATE_TIMEOUT"
+# The API's cap on a workspace's requests in the processing queue at Tier 1 (200,000 at Tier 2): creates
+# beyond it answer 429, so the bridge keeps its own batches within it.
+DEFAULT_MAX_QUEUED = 100_000
 # DuckDB's memory for the bridge's work on rows of ordinary width (it spills to disk beyond); measured in
 # BENCHMARKS.md: a 1M-row job runs within it, and 100,000 answers of 6 KB. Unless the user sets
 # BATCH_BRIDGE_MEMORY_LIMIT, steps over wider rows get room for a few vectors of them on top
@@ -60,6 +66,12 @@ class Settings:
     memory_limit: str = DEFAULT_MEMORY_LIMIT  # DuckDB's memory for the bridge's work; it spills to disk beyond
     memory_limit_set: bool = False  # given by the user (BATCH_BRIDGE_MEMORY_LIMIT): a cap, never raised for wide rows
     preflight_timeout: float = 5.0  # seconds the Models API gets (one try) before the preflight goes on without it
+    max_queued_requests: int = DEFAULT_MAX_QUEUED  # requests the bridge keeps in in_progress batches at once
+    # How long a create of unknown outcome (timeout, reset, 5xx) is looked for in `list`, counted from when
+    # its outcome became unknown, before its file is sent again. The API has no idempotency key, and a new
+    # batch can take a while to show in `list`: a longer grace only delays a resend, a shorter one can pay twice.
+    reconcile_grace: float = 300.0
+    create_timeout: float = 600.0  # seconds; a create not answered by then has an unknown outcome
 
     @property
     def state_path(self) -> Path:
@@ -235,6 +247,14 @@ def resolve(
         warehouse = _path(str(out["path"]), root)
     home = _path(env[ENV_HOME], root) if env.get(ENV_HOME) else warehouse.parent / ".batch_bridge"
 
+    max_queued = int(_float(env, ENV_MAX_QUEUED, DEFAULT_MAX_QUEUED))
+    if max_queued < 1:
+        raise ConfigError(f"{ENV_MAX_QUEUED}={max_queued} must be at least 1",
+                          hint="your workspace's processing-queue limit: 100000 at Tier 1, 200000 at Tier 2")
+    grace, create_timeout = _float(env, ENV_RECONCILE_GRACE, 300.0), _float(env, ENV_CREATE_TIMEOUT, 600.0)
+    for name, value in ((ENV_RECONCILE_GRACE, grace), (ENV_CREATE_TIMEOUT, create_timeout)):
+        if value < 0:
+            raise ConfigError(f"{name}={value:g} must be >= 0 seconds")
     prices = env.get(ENV_PRICES)
     retention = env.get(ENV_RETENTION_DAYS)
     concurrency = int(_float(env, ENV_CONCURRENCY, 4))
@@ -259,4 +279,7 @@ def resolve(
         memory_limit=_memory(env.get(ENV_MEMORY_LIMIT) or DEFAULT_MEMORY_LIMIT),
         memory_limit_set=bool(env.get(ENV_MEMORY_LIMIT)),
         preflight_timeout=_float(env, ENV_PREFLIGHT_TIMEOUT, 5.0),
+        max_queued_requests=max_queued,
+        reconcile_grace=grace,
+        create_timeout=create_timeout,
     )

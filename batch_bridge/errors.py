@@ -15,8 +15,11 @@ command later can help (`transient`), so schedulers and our own retry loops neve
     │   └── InvalidStateTransition  a named state change was asked from the wrong state (terminal)
     ├── BudgetExceeded         the estimate is above the budget; nothing was sent (terminal)
     ├── ApiError               the Batches API refused or failed (transient unless said otherwise)
-    │   ├── ApiAuthError       bad or missing key (terminal)
+    │   ├── ApiAccountError    the account cannot do this: billing, permission, a model or endpoint it
+    │   │   │                  cannot see (terminal until fixed; the rows stay sendable)
+    │   │   └── ApiAuthError   bad or missing key (terminal)
     │   └── ApiRequestRejected 4xx for our request, e.g. a 400 on create (terminal)
+    │       └── CreateRejected creates the API rejected for good: their rows are recorded with its message
     ├── ResultsError           a results download or file is incomplete or malformed (transient)
     └── WaitTimeout            `wait --timeout` elapsed with batches still in progress (transient)
 """
@@ -97,12 +100,20 @@ class ApiError(BatchBridgeError):
     exit_code = 1
 
 
-class ApiAuthError(ApiError):
+class ApiAccountError(ApiError):
+    transient = False
+
+
+class ApiAuthError(ApiAccountError):
     transient = False
 
 
 class ApiRequestRejected(ApiError):
     transient = False
+
+
+class CreateRejected(ApiRequestRejected):
+    """Raised by the CLI after a command whose other work went on: exit 1 for that run only."""
 
 
 class OutOfMemory(BatchBridgeError):

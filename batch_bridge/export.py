@@ -47,6 +47,8 @@ REJECTED_REASONS = {
     "invalid_request": "the API answered invalid_request_error for this exact input; change the input or job",
     "attempts_exhausted": "retryable failures reached max_attempts for this input",
     "parse_failed": "the answer did not match the output schema (retry_parse_failed is false)",
+    "create_rejected": "the API rejected the batch holding this input for good (its message is the detail); "
+                       "change the rows or the job and the next run sends them",
 }
 CUSTOM_ID_PATTERN = "[a-zA-Z0-9_-]{1,64}"
 ENCODED_PREFIX = "bbk-"
@@ -372,19 +374,24 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, input_limi
                  WHEN s.prompt_empty THEN 'empty_prompt'
                  WHEN o.succeeded THEN '{UP_TO_DATE}'
                  WHEN f.input_hash IS NOT NULL THEN '{IN_FLIGHT}'
+                 WHEN r.input_hash IS NOT NULL THEN 'create_rejected'
                  WHEN o.invalid THEN 'invalid_request'
                  WHEN {unparsable} THEN 'parse_failed'
                  WHEN {failures} >= $max_attempts THEN 'attempts_exhausted'
                  WHEN s.prompt_bytes > $limit THEN 'too_large'
                  WHEN $window IS NOT NULL AND {tokens} > $window THEN 'too_long'
                  ELSE '{SEND}'
-               END AS disposition
+               END AS disposition,
+               r.refusal
         FROM bb_staged s
         LEFT JOIN bb_dups d ON d.custom_id = s.custom_id
         LEFT JOIN (SELECT * FROM bb_state.input_outcomes WHERE job = $job) o ON o.input_hash = s.input_hash
         LEFT JOIN flying f ON f.input_hash = s.input_hash
+        LEFT JOIN (SELECT input_hash, any_value(reason) AS refusal FROM bb_state.refused_inputs
+                   WHERE job = $job AND definition_hash = $definition GROUP BY input_hash) r ON r.input_hash = s.input_hash
         """,
-        {"job": job.name, "max_attempts": job.max_attempts, "limit": limit, "window": window},
+        {"job": job.name, "max_attempts": job.max_attempts, "limit": limit, "window": window,
+         "definition": job.definition_hash},
     )
     rows = con.execute("SELECT disposition, count(*) FROM bb_classified GROUP BY ALL").fetchall()
     plan.dispositions = {d: n for d, n in rows}
@@ -437,19 +444,29 @@ def _lines_query(job: Job, columns: str, by_rowid: bool, requests: str = "bb_sen
     """
 
 
-def cut_chunks(sizes: Iterable[int], max_requests: int, max_body: int) -> list[tuple[int, int, int]]:
-    """Greedy cut of line sizes (in order) into (first, last, body_bytes) ranges within both caps.
+# Batches that may be in the create window together must have different request counts (an interrupted
+# create is recognised in `list` by its count; see submit.py). Runs of this many consecutive batches get
+# counts one apart (cap, cap - 1, ...), so that many can be created at once, at the price of at most a
+# few requests per batch. Caps too small for that give every batch the cap: those are created in turn.
+DISTINCT_COUNTS = 4
 
-    The k-th batch holds at most `max_requests - k` requests, so batches cut by count all have
-    different sizes: an interrupted create is recognised in `list` by its request count, and distinct
-    counts let every batch of a run be created at once without any chance of adopting the wrong one.
-    """
+
+def _batch_cap(max_requests: int, k: int) -> int:
+    """The most requests the k-th batch of a cut may hold."""
+    if max_requests < 10 * DISTINCT_COUNTS:
+        return max_requests
+    return max_requests - k % DISTINCT_COUNTS
+
+
+def cut_chunks(sizes: Iterable[int], max_requests: int, max_body: int) -> list[tuple[int, int, int]]:
+    """Greedy cut of line sizes (in order) into (first, last, body_bytes) ranges within both caps
+    (the k-th batch holds at most `_batch_cap(max_requests, k)` requests)."""
     out: list[tuple[int, int, int]] = []
     first, body, last = 0, BODY_OVERHEAD, -1
     for i, size in enumerate(sizes):
         last = i
         grown = body + size + (1 if i > first else 0)
-        cap = max(1, max_requests - len(out))
+        cap = _batch_cap(max_requests, len(out))
         if i > first and (i - first >= cap or grown > max_body):
             out.append((first, i - 1, body))
             first, body = i, BODY_OVERHEAD + size
@@ -464,7 +481,7 @@ def _count_ranges(n: int, max_requests: int) -> list[tuple[int, int]]:
     """The ranges `cut_chunks` makes when only the request count binds, without looking at sizes."""
     out, first = [], 0
     while first < n:
-        cap = max(1, max_requests - len(out))
+        cap = _batch_cap(max_requests, len(out))
         out.append((first, min(n, first + cap) - 1))
         first += cap
     return out
@@ -477,15 +494,18 @@ def _streamed_sizes(con: duckdb.DuckDBPyConnection) -> Iterator[int]:
             yield n
 
 
-def measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
-    """Exact line sizes of the requests to send, numbered, and the batches they make (`bb_lines`)."""
+def measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, max_requests: int | None = None) -> None:
+    """Exact line sizes of the requests to send, numbered, and the batches they make (`bb_lines`).
+
+    Batches hold at most the job's `max_requests_per_batch`, and at most `max_requests` (the
+    workspace's processing-queue room, so that every batch can be queued on its own)."""
     # One thread: joining the rows to send back to their prompts and numbering them pins a hash table
     # and a sort per thread, so the memory this needs would grow with the cores, not only with the limit.
     with single_threaded(con):
-        _measure(con, job, plan)
+        _measure(con, job, plan, min(job.max_requests_per_batch, max_requests or job.max_requests_per_batch))
 
 
-def _measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
+def _measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, cap: int) -> None:
     # Sizes first, numbering second: a window over the join would sort the prompts along with the keys.
     with joins_as_written(con):
         con.execute(
@@ -503,7 +523,7 @@ def _measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
         "SELECT count(*), coalesce(max(nbytes), 0), coalesce(sum(prompt_chars), 0) FROM bb_lines"
     ).fetchall()[0]
     plan.prompt_chars = int(chars)
-    cap, limit = job.max_requests_per_batch, job.max_bytes_per_batch
+    limit = job.max_bytes_per_batch
     if BODY_OVERHEAD + cap * (biggest + 1) <= limit:
         # Even a full batch of the largest line fits the byte cap: cut by count, sizes summed in SQL.
         spans = _count_ranges(int(n), cap)

@@ -133,6 +133,14 @@ class Job:
         prefix, suffix = self.params_split()
         return hashlib.md5(f"{prefix}\x00{suffix}".encode()).hexdigest()
 
+    @property
+    def definition_hash(self) -> str:
+        """The whole definition, batch caps included: a create the API rejected for good is not tried
+        again with the same rows until it changes."""
+        body = {**self.to_json(), "max_requests_per_batch": self.max_requests_per_batch,
+                "max_bytes_per_batch": self.max_bytes_per_batch}
+        return hashlib.md5(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -32,6 +32,7 @@ class PipelineReport:
     downstream: list[str] = field(default_factory=list)
     submitted: list[str] = field(default_factory=list)
     loaded: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # submission id -> the API's message (400/413)
     waited: bool = False
 
 
@@ -82,6 +83,7 @@ def run_pipeline(
     else:
         c, s = bridge.sync(settings, jobs, client, max_cost=max_cost, progress=progress, sleep=sleep)
         report.submitted, report.loaded = s.batches, c.loaded
+    report.rejected = s.rejected
     down = downstream_args(manifest)
     if down is None:
         progress.step("no dbt source reads the bridge's results yet; skipping the downstream build")

@@ -70,7 +70,7 @@ def purge(
         keep: set[Path] = set()
         for sub_id, sub_state, request_file, local_state, note in subs:
             path = Path(request_file)
-            finished = sub_state == "abandoned" or (sub_state == "created" and local_state in ("collected", "lost"))
+            finished = sub_state == "abandoned" or (sub_state == "created" and local_state in ("collected", "lost", "foreign"))
             if finished:
                 done_subs[path] = (sub_id, note)
             else:
@@ -78,7 +78,7 @@ def purge(
         done_batches: dict[Path, tuple[str, str | None]] = {}
         for batch_id, local_state, result_file, note in batches:
             path = Path(result_file) if result_file else settings.raw_results_dir / f"{batch_id}.jsonl"
-            if local_state in ("collected", "lost"):
+            if local_state in ("collected", "lost", "foreign"):
                 done_batches[path] = (batch_id, note)
             else:
                 keep.add(path)

@@ -9,12 +9,18 @@ State changes are named functions that refuse illegal moves (`InvalidStateTransi
 
 Submission journal (one row per request file; written *before* the create call):
     prepared -> creating -> created
-    creating -> prepared                  (the API refused the create with 429/529: nothing exists)
-    prepared | creating -> abandoned      (the create certainly did not happen)
+    creating -> creating                  (the create's outcome became unknown: `outcome_unknown_at` is set)
+    creating -> prepared                  (the API refused the create with 429/529, or the account cannot
+                                           create: nothing exists, the file is sent again later)
+    creating -> abandoned                 (the API rejected the create for good, 400/413: its rows are
+                                           recorded in `refused_inputs` with the API's message)
+    created -> creating                   (the batch adopted for it proved foreign: the search goes on)
 Local batch life (`batches.local_state`, beside the API's own `processing_status`):
     submitted -> downloaded -> collected
     downloaded -> submitted               (the result file is unreadable: download it again)
     submitted | downloaded -> lost        (results deleted or past retention; rows go back to pending)
+    submitted | downloaded -> foreign     (adopted on its request count, its answers are another
+                                           client's: never loaded, cancelled or deleted)
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from .config import Settings, size_bytes
 from .errors import BatchBridgeError, InvalidStateTransition, StateError, StateLocked
 
 SubmissionState = Literal["prepared", "creating", "created", "abandoned"]
-LocalBatchState = Literal["submitted", "downloaded", "collected", "lost"]
+LocalBatchState = Literal["submitted", "downloaded", "collected", "lost", "foreign"]
 ProcessingStatus = Literal["in_progress", "canceling", "ended"]
 ResultType = Literal["succeeded", "errored", "canceled", "expired"]
 
@@ -133,8 +139,12 @@ def m001_initial(con: duckdb.DuckDBPyConnection) -> None:
 
 
 # Errors after which the same input may be sent again (counted against max_attempts); any other
-# `errored` result (invalid_request_error, ...) says the input itself is refused.
+# `errored` result (invalid_request_error, ...) says the input itself is refused, except ...
 RETRYABLE_ERRORS = ("overloaded_error", "api_error", "rate_limit_error", "timeout_error")
+# ... errors of the account or the job's configuration (a key without permission, unpaid billing, a model
+# the workspace cannot see): the input is fine, so they neither refuse it nor count against max_attempts,
+# and the collect that loads them stops and says what to fix.
+ACCOUNT_ERRORS = ("authentication_error", "billing_error", "permission_error", "not_found_error")
 
 
 def outcomes_select(where: str) -> str:
@@ -142,13 +152,14 @@ def outcomes_select(where: str) -> str:
     `responses` rows matching `where`. Changing what counts as retryable needs a migration that
     rebuilds `input_outcomes` with it."""
     errors = ", ".join("'" + e + "'" for e in RETRYABLE_ERRORS)
+    account = ", ".join("'" + e + "'" for e in ACCOUNT_ERRORS)
     retryable = f"(status IN ('expired', 'canceled') OR (status = 'errored' AND coalesce(error_type, 'api_error') IN ({errors})))"
     return f"""
         SELECT job, input_hash,
                bool_or(status = 'succeeded') AS succeeded,
                count(*) FILTER (WHERE {retryable}) AS retryable,
                count(*) FILTER (WHERE status = 'parse_failed') AS parse_failed,
-               bool_or(status = 'errored' AND NOT {retryable}) AS invalid
+               bool_or(status = 'errored' AND NOT {retryable} AND coalesce(error_type, '') NOT IN ({account})) AS invalid
         FROM bb_state.responses WHERE {where} GROUP BY job, input_hash
     """
 
@@ -215,7 +226,43 @@ def m004_result_bytes(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def m005_model_info(con: duckdb.DuckDBPyConnection) -> None:
+def m005_unknown_outcomes(con: duckdb.DuckDBPyConnection) -> None:
+    """What reconciling a create against a shared workspace needs: when each create's outcome became
+    unknown (the grace counts from there) and when its first attempt started (the oldest a batch of it
+    can be), whether a batch was adopted (it is confirmed by its answers before anything is loaded),
+    batches proven foreign, and the inputs of creates the API rejected for good. `input_outcomes` is
+    rebuilt because account errors no longer make an input invalid."""
+    con.execute("ALTER TABLE submissions ADD COLUMN outcome_unknown_at TIMESTAMP")
+    con.execute("ALTER TABLE submissions ADD COLUMN first_create_at TIMESTAMP")
+    con.execute("UPDATE submissions SET first_create_at = create_started_at")
+    con.execute("ALTER TABLE submissions ADD COLUMN adopted BOOLEAN DEFAULT false")
+    con.execute("UPDATE submissions SET adopted = coalesce(note LIKE 'adopted%', false)")
+    con.execute(
+        """
+        CREATE TABLE foreign_batches (  -- batches of the workspace proven not to be a submission's
+            batch_id VARCHAR NOT NULL,
+            submission_id VARCHAR NOT NULL,
+            job VARCHAR NOT NULL,
+            request_count BIGINT,
+            created_at TIMESTAMP,
+            found_at TIMESTAMP NOT NULL,
+            why VARCHAR
+        );
+        CREATE TABLE refused_inputs (  -- inputs of a create the API rejected for good (400/413)
+            job VARCHAR NOT NULL,
+            input_hash UHUGEINT NOT NULL,
+            definition_hash VARCHAR NOT NULL,  -- the whole job definition: changing it sends them again
+            submission_id VARCHAR NOT NULL,
+            reason VARCHAR NOT NULL,           -- the API's message
+            refused_at TIMESTAMP NOT NULL
+        )
+        """
+    )
+    con.execute("DELETE FROM input_outcomes")
+    con.execute("INSERT INTO input_outcomes " + outcomes_select("true"))
+
+
+def m006_model_info(con: duckdb.DuckDBPyConnection) -> None:
     """What the Models API said of each model, so that a preflight asks at most once an hour."""
     con.execute(
         """
@@ -231,7 +278,8 @@ def m005_model_info(con: duckdb.DuckDBPyConnection) -> None:
 
 
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
-    m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_model_info]
+    m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_unknown_outcomes,
+    m006_model_info]
 
 
 # DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,
@@ -489,26 +537,58 @@ def _move(
     con.execute(f"UPDATE {table} SET {assignments} WHERE {id_col} = ?", [*sets.values(), ident])
 
 
-def start_create(con: duckdb.DuckDBPyConnection, submission_id: str) -> None:
+def start_create(con: duckdb.DuckDBPyConnection, submission_id: str, now: datetime | None = None) -> None:
     """Journal that the create call is about to go out (the crash window starts here)."""
+    now = now or utcnow()
     _move(con, "submissions", "submission_id", submission_id, "state", ("prepared", "creating"), "creating",
-          {"create_started_at": utcnow()})
+          {"create_started_at": now, "outcome_unknown_at": None})
+    con.execute("UPDATE submissions SET first_create_at = coalesce(first_create_at, ?) WHERE submission_id = ?",
+                [now, submission_id])
 
 
-def record_created(con: duckdb.DuckDBPyConnection, submission_id: str, batch_id: str, note: str | None = None) -> None:
+def mark_outcome_unknown(con: duckdb.DuckDBPyConnection, submission_id: str, at: datetime, why: str) -> None:
+    """The create may or may not have happened (timeout, reset, 5xx, a crash): from `at` on, its batch
+    is looked for in `list` for a whole grace before the file is sent again."""
+    _move(con, "submissions", "submission_id", submission_id, "state", ("creating",), "creating",
+          {"outcome_unknown_at": at, "note": why})
+
+
+def record_created(con: duckdb.DuckDBPyConnection, submission_id: str, batch_id: str, note: str | None = None,
+                   *, adopted: bool = False) -> None:
     _move(con, "submissions", "submission_id", submission_id, "state", ("creating",), "created",
-          {"batch_id": batch_id, "created_at": utcnow(), "note": note})
+          {"batch_id": batch_id, "created_at": utcnow(), "note": note, "adopted": adopted})
 
 
 def refuse_create(con: duckdb.DuckDBPyConnection, submission_id: str, why: str) -> None:
-    """The API answered that it did not create the batch (429/529): the file may be sent again at once."""
-    _move(con, "submissions", "submission_id", submission_id, "state", ("creating",), "prepared", {"note": why})
+    """Nothing was created (429/529, or an account that cannot create): the file is sent again later."""
+    _move(con, "submissions", "submission_id", submission_id, "state", ("creating",), "prepared",
+          {"note": why, "outcome_unknown_at": None})
 
 
 def abandon_submission(con: duckdb.DuckDBPyConnection, submission_id: str, why: str) -> None:
-    """The create certainly did not happen: its rows are no longer in flight."""
+    """The create certainly did not happen and never will as it is: its rows are no longer in flight."""
     _move(con, "submissions", "submission_id", submission_id, "state", ("prepared", "creating"), "abandoned",
           {"note": why})
+
+
+def release_foreign(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) -> str:
+    """A batch adopted on its request count holds another client's answers: it is recorded as foreign
+    (never loaded, cancelled or deleted) and its submission goes back to looking for its own batch.
+    Returns the submission id."""
+    row = con.execute("SELECT b.submission_id, b.job, b.request_count, b.created_at, s.adopted FROM batches b "
+                      "JOIN submissions s USING (submission_id) WHERE b.batch_id = ?", [batch_id]).fetchone()
+    if row is None:
+        raise StateError(f"batches: no row {batch_id!r}")
+    sub, job, count, created, adopted = row
+    if not adopted:
+        raise StateError(f"batch {batch_id} was created by this bridge, not adopted: it cannot be foreign")
+    _move(con, "batches", "batch_id", batch_id, "local_state", ("submitted", "downloaded"), "foreign", {"note": why})
+    con.execute("INSERT INTO foreign_batches VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [batch_id, sub, job, count, created, utcnow(), why])
+    _move(con, "submissions", "submission_id", sub, "state", ("created",), "creating",
+          {"batch_id": None, "created_at": None, "adopted": False,
+           "note": f"batch {batch_id} adopted for it proved foreign; looking for its own batch"})
+    return sub
 
 
 def mark_downloaded(con: duckdb.DuckDBPyConnection, batch_id: str, result_file: str, lines: int, size: int) -> None:

@@ -58,15 +58,20 @@ def jobs_summary(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[s
             ),
             ok AS (SELECT DISTINCT input_hash FROM bb_state.responses WHERE job = $job AND status = 'succeeded'),
             flying AS (
-                SELECT DISTINCT sr.input_hash FROM bb_state.sent_requests sr
+                SELECT sr.input_hash, bool_and(su.state = 'prepared') AS queued,
+                       bool_and(su.state = 'creating') AS unconfirmed
+                FROM bb_state.sent_requests sr
                 JOIN bb_state.submissions su USING (submission_id)
                 LEFT JOIN bb_state.batches b ON b.batch_id = su.batch_id
                 WHERE sr.job = $job AND (su.state IN ('prepared', 'creating')
                       OR (su.state = 'created' AND coalesce(b.local_state, 'submitted') IN ('submitted', 'downloaded')))
+                GROUP BY sr.input_hash
             )
             SELECT count(*) AS keys,
                    count(*) FILTER (WHERE ok.input_hash IS NOT NULL) AS succeeded,
                    count(*) FILTER (WHERE ok.input_hash IS NULL AND f.input_hash IS NOT NULL) AS in_flight,
+                   count(*) FILTER (WHERE ok.input_hash IS NULL AND f.queued) AS waiting_for_queue,
+                   count(*) FILTER (WHERE ok.input_hash IS NULL AND f.unconfirmed) AS create_unconfirmed,
                    count(*) FILTER (WHERE ok.input_hash IS NULL AND f.input_hash IS NULL AND lr.status IS NOT NULL) AS failed,
                    count(*) FILTER (WHERE ok.input_hash IS NULL AND f.input_hash IS NULL AND lr.status IS NULL) AS never_sent
             FROM latest l
@@ -76,7 +81,7 @@ def jobs_summary(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[s
             """,
             {"job": job},
         ).fetchone()
-        keys, ok, flying, failed, never = row
+        keys, ok, flying, queued, unconfirmed, failed, never = row
         failures = dict(con.execute(
             """
             SELECT coalesce(error_type, status), count(*) FROM (
@@ -86,9 +91,12 @@ def jobs_summary(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[s
             """,
             {"job": job},
         ).fetchall())
-        rejected = dict(con.execute(
-            "SELECT reason, count(*) FROM bb_state.rejections WHERE job = ? GROUP BY reason", [job]
-        ).fetchall())
+        rejections = con.execute(
+            "SELECT reason, count(*), list(DISTINCT detail) FILTER (WHERE detail IS NOT NULL)[1:3] "
+            "FROM bb_state.rejections WHERE job = ? GROUP BY reason", [job]
+        ).fetchall()
+        rejected = {reason: n for reason, n, _ in rejections}
+        details = {reason: d for reason, _, d in rejections if d}
         cost, billed, tokens_in, tokens_out, cache_w, cache_r = con.execute(
             """SELECT sum(cost_usd), count(*) FILTER (WHERE status IN ('succeeded', 'parse_failed')),
                       sum(input_tokens), sum(output_tokens), sum(cache_creation_input_tokens),
@@ -120,9 +128,14 @@ def jobs_summary(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[s
             "rows": {
                 "known_keys": keys, "succeeded": ok, "in_flight": flying, "failed": failed,
                 "never_sent": never + sum(rejected.values()),
+                # of in_flight: rows whose batch is not created yet, for lack of room in the processing
+                # queue (BATCH_BRIDGE_MAX_QUEUED_REQUESTS) or after a 429; rows whose create's outcome is
+                # unknown and being looked for in `list`
+                "waiting_for_queue": queued, "create_unconfirmed": unconfirmed,
             },
             "failures_by_type": failures,
-            "not_sent": {k: {"rows": v, "why": REJECTED_REASONS.get(k, k)} for k, v in sorted(rejected.items())},
+            "not_sent": {k: {"rows": v, "why": REJECTED_REASONS.get(k, k), **({"details": details[k]} if k in details else {})}
+                         for k, v in sorted(rejected.items())},
             "cost_usd": (cost or 0.0) if not unknown_cost else None,  # unknown only when a price is missing
             "cost_usd_known_part": cost or 0.0,
             "billed_requests": billed,

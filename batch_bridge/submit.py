@@ -2,23 +2,31 @@
 
 For every batch: the request file is written and a `prepared` journal row committed; the row moves to
 `creating` right before the create call and to `created` with the batch id right after. The create
-runs without SDK retries. When its outcome is unknown (timeout, 5xx, a crash in between), the batch is
-looked for with `list` (created since the call, not yet known, same request count) and adopted;
-only when it is certainly absent is the same file sent again.
+runs without SDK retries: the API has no idempotency key, and a workspace is shared with other clients.
 
-Because adoption can only match on the request count, two submissions with the same count are never
-in the create window at the same time: they are created one after the other (different counts still
-go in parallel). Otherwise a crash after both creates could let each adopt the other's batch.
+When a create's outcome is unknown (timeout, reset, 5xx, a crash in between), the moment is journalled
+(`outcome_unknown_at`) and the batch is looked for with `list`: created since the first attempt began,
+not yet known, with our request count. The file is sent again only once it has been looked for over a
+whole grace (`Settings.reconcile_grace`) counted from that moment, across runs if needed: a run that
+cannot decide yet leaves the submission `creating` and the next run looks again. A new batch can take a
+while to appear in `list` (propagation delay), which is why the grace counts from the unknown outcome.
 
-Two knobs are read from the environment at call time (seconds; both are for operators and tests):
-`BATCH_BRIDGE_RECONCILE_GRACE` (default 60): how long a create of unknown outcome is looked for in
-`list` before the file is sent again; `BATCH_BRIDGE_CREATE_TIMEOUT` (default 600): the create call's
-timeout, after which its outcome is unknown and reconciled.
+Adoption matches on the request count, so it is checked, not assumed: an adopted batch is confirmed by
+its answers (their custom_ids are ours) before anything is loaded (`collect.py`); one that proves
+foreign is released (`state.release_foreign`: never loaded, cancelled or deleted) and the search goes
+on among the other candidates. Two of our submissions with the same count are never in the create window
+together: they are created one after the other (the cut in export.py gives consecutive batches
+different counts, so several can still be created at once).
+
+The bridge keeps its own requests in `in_progress` batches within the workspace's processing-queue limit
+(`Settings.max_queued_requests`); what does not fit stays `prepared` for a later run (or for `run`, as
+batches end), and a 429 on create is waited out briefly or left for the next run, never an error.
+A create the API rejects for good (400, 413) abandons that submission only: its inputs are recorded in
+`refused_inputs` with the API's message (not sent again until the rows or the job change).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import json
 import time
@@ -27,14 +35,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import anthropic
 import duckdb
 
-from . import api, state
+from . import api, collect, state
 from .config import Settings
-from .errors import ApiAuthError, ApiError, ApiRequestRejected, BudgetExceeded, ConfigError
+from .errors import ApiAccountError, ApiRequestRejected, BudgetExceeded
 from .estimate import Estimate, calibration, estimate_job, input_tokens_sql
 from .export import (HASH_VERSION, InputLimit, JobPlan, classify, key_json_sql, measure, stage, warehouse_attached,
                      write_requests)
@@ -43,37 +51,15 @@ from .preflight import JobPreflight, cache_warning, check_jobs
 from .pricing import load_prices
 from .progress import Progress, Silent
 
-# A create whose outcome is unknown is looked for in `list` for this long before the file is resent.
-RECONCILE_GRACE = timedelta(seconds=60)
-CREATE_TIMEOUT = 600.0
-ENV_RECONCILE_GRACE = "BATCH_BRIDGE_RECONCILE_GRACE"
-ENV_CREATE_TIMEOUT = "BATCH_BRIDGE_CREATE_TIMEOUT"
 CLOCK_SKEW = timedelta(minutes=5)
 MAX_CREATE_TRIES = 4
+# A 429 asking for a longer wait than this is left for a later run rather than waited out in this one.
+MAX_WAIT_IN_RUN = 60.0
+# Looks in `list` right after an ambiguous create, before leaving the decision to a later run.
+LOOKS_AFTER_UNKNOWN = 4
 # One adoption at a time in this process, so two threads can never adopt the same orphan.
 _adopt_lock = threading.Lock()
-
-
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
-    if value < 0:
-        raise ConfigError(f"{name}={raw!r} must be >= 0 seconds")
-    return value
-
-
-def reconcile_grace() -> timedelta:
-    """How long a create of unknown outcome is looked for before its file is sent again."""
-    return timedelta(seconds=_env_seconds(ENV_RECONCILE_GRACE, RECONCILE_GRACE.total_seconds()))
-
-
-def create_timeout() -> float:
-    return _env_seconds(ENV_CREATE_TIMEOUT, CREATE_TIMEOUT)
+Outcome = Literal["created", "adopted", "undecided", "deferred", "rejected"]
 
 
 @dataclass
@@ -83,6 +69,16 @@ class SubmitReport:
     batches: list[str] = field(default_factory=list)  # batch ids created (or adopted) by this run
     adopted: list[str] = field(default_factory=list)
     pending_unknown: list[str] = field(default_factory=list)  # submissions still being reconciled
+    waiting_for_queue: list[str] = field(default_factory=list)  # left `prepared`: no room in the queue, or a 429
+    rejected: dict[str, str] = field(default_factory=dict)  # submission id -> the API's message (400/413)
+
+    def absorb(self, other: "SubmitReport") -> None:
+        """Add the create outcomes of another pass over the journal."""
+        self.batches += other.batches
+        self.adopted += other.adopted
+        self.pending_unknown = sorted(set(self.pending_unknown) | set(other.pending_unknown))
+        self.waiting_for_queue = sorted(set(other.waiting_for_queue))
+        self.rejected.update(other.rejected)
 
 
 def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: dict[str, str]) -> None:
@@ -124,7 +120,8 @@ def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: d
         f"""
         INSERT INTO bb_state.rejections
         SELECT $job, {key_json_sql(job, 'c')}, disposition,
-               CASE WHEN disposition = 'too_long' THEN '~' || input_tokens_est || ' input tokens (estimated)' END,
+               CASE WHEN disposition = 'too_long' THEN '~' || input_tokens_est || ' input tokens (estimated)'
+                    ELSE refusal END,
                $now
         FROM bb_classified c
         WHERE disposition NOT IN ('send', 'up_to_date', 'in_flight')
@@ -159,7 +156,7 @@ def plan_jobs(
                 key_types = stage(con, job)
                 classify(con, job, plan, _input_limit(con, job, found))
                 if plan.send_requests:
-                    measure(con, job, plan)
+                    measure(con, job, plan, settings.max_queued_requests)
                 estimates[job.name] = estimate_job(con, job, plan, book)
                 warning = cache_warning(job, estimates[job.name])
                 plan.preflight = found.to_json()
@@ -265,25 +262,31 @@ def prepare_submissions(
 
 
 def _known_batch_ids(settings: Settings) -> set[str]:
+    """Every batch id the bridge has recorded: its own, and those proven foreign."""
     with state.connect(settings) as con:
-        return {r[0] for r in con.execute("SELECT batch_id FROM bb_state.batches").fetchall()}
+        return {r[0] for r in con.execute(
+            "SELECT batch_id FROM bb_state.batches UNION SELECT batch_id FROM bb_state.foreign_batches").fetchall()}
 
 
-def find_orphan(client: anthropic.Anthropic, settings: Settings, started: datetime, request_count: int) -> api.BatchInfo | None:
-    """A batch created since `started` that we do not know and that has our request count."""
+def candidates(client: anthropic.Anthropic, settings: Settings, sub: dict, now: datetime) -> list[api.BatchInfo]:
+    """Batches of the workspace that may be this submission's: created between its first create and the
+    end of its grace, not recorded by us, with its request count. Most plausible first: created after our
+    first create began (the server cannot create it before the request), then nearest to it."""
+    started = sub["first_create_at"] or sub["create_started_at"] or now
+    unknown = sub["outcome_unknown_at"] or now
+    lo, hi = started - CLOCK_SKEW, unknown + timedelta(seconds=settings.reconcile_grace) + CLOCK_SKEW
     known = _known_batch_ids(settings)
-    candidates = [
-        b for b in api.list_since(client, started - CLOCK_SKEW)
-        if b.id not in known and b.total == request_count
-    ]
-    candidates.sort(key=lambda b: b.created_at or started)
-    return candidates[0] if candidates else None
+    found = [b for b in api.list_since(client, lo)
+             if b.id not in known and b.total == sub["request_count"]
+             and b.created_at is not None and b.created_at <= hi]
+    return sorted(found, key=lambda b: (b.created_at < started, abs((b.created_at - started).total_seconds())))
 
 
-def _record_batch(settings: Settings, sub_id: str, job: str, info: api.BatchInfo, note: str | None) -> None:
+def _record_batch(settings: Settings, sub_id: str, job: str, info: api.BatchInfo, note: str | None,
+                  adopted: bool = False) -> None:
     with state.connect(settings) as con:
         con.execute("BEGIN")
-        state.record_created(con, sub_id, info.id, note)
+        state.record_created(con, sub_id, info.id, note, adopted=adopted)
         con.execute(
             "INSERT INTO bb_state.batches (batch_id, job, submission_id, processing_status, local_state, request_count, "
             "processing, succeeded, errored, canceled, expired, created_at, expires_at, ended_at, "
@@ -296,106 +299,244 @@ def _record_batch(settings: Settings, sub_id: str, job: str, info: api.BatchInfo
         con.execute("COMMIT")
 
 
-def _adopt(client: anthropic.Anthropic, settings: Settings, sub: dict, started: datetime, note: str) -> str | None:
-    """Adopt the orphan of an interrupted create, if `list` shows one. Returns its id."""
+def _adopt(client: anthropic.Anthropic, settings: Settings, sub: dict, now: datetime, note: str) -> str | None:
+    """Adopt the most plausible batch of an interrupted create, if `list` shows one. Returns its id.
+
+    Adoption is provisional: the batch's answers confirm it before anything is loaded (collect.py)."""
     with _adopt_lock:
-        orphan = find_orphan(client, settings, started, sub["request_count"])
-        if orphan is None:
+        found = candidates(client, settings, sub, now)
+        if not found:
             return None
-        _record_batch(settings, sub["submission_id"], sub["job"], orphan, note)
-        return orphan.id
+        _record_batch(settings, sub["submission_id"], sub["job"], found[0], note, adopted=True)
+        return found[0].id
+
+
+def _refuse_inputs(settings: Settings, sub: dict, job: Job | None, message: str) -> None:
+    """A create rejected for good: abandon the submission and record its inputs with the API's message,
+    so that they are not sent again as they are and `status` and the rejected rows say why."""
+    with state.connect(settings) as con:
+        con.execute("BEGIN")
+        try:
+            state.abandon_submission(con, sub["submission_id"], f"create rejected: {message}")
+            con.execute(
+                "INSERT INTO bb_state.refused_inputs SELECT job, input_hash, ?, submission_id, ?, ? "
+                "FROM bb_state.sent_requests WHERE submission_id = ?",
+                [job.definition_hash if job else "", message, state.utcnow(), sub["submission_id"]],
+            )
+            # The snapshot's rejected rows gain these keys now, so that `status` tells at once.
+            con.execute(
+                """
+                INSERT INTO bb_state.rejections
+                SELECT k.job, v.key_json, 'create_rejected', ?, ? FROM bb_state.key_inputs k
+                JOIN (SELECT job, custom_id, arg_max(key_json, seen_at) AS key_json FROM bb_state.key_versions
+                      WHERE job = ? GROUP BY ALL) v USING (job, custom_id)
+                WHERE k.job = ? AND k.input_hash IN (SELECT input_hash FROM bb_state.sent_requests WHERE submission_id = ?)
+                """,
+                [message, state.utcnow(), sub["job"], sub["job"], sub["submission_id"]],
+            )
+            con.execute("COMMIT")
+        except Exception:
+            state.rollback(con)
+            raise
+
+
+@dataclass
+class CreateResult:
+    outcome: Outcome
+    batch_id: str | None = None
+    message: str | None = None
+
+
+def _look(client: anthropic.Anthropic, settings: Settings, sub: dict, unknown_at: datetime, note: str,
+          sleep: Callable[[float], None], now: Callable[[], datetime]) -> str | None:
+    """Look for the batch of a create of unknown outcome a few times, at most until its grace is over."""
+    grace = timedelta(seconds=settings.reconcile_grace)
+    for look in range(LOOKS_AFTER_UNKNOWN):
+        found = _adopt(client, settings, sub, now(), note)
+        if found is not None or now() - unknown_at >= grace or look == LOOKS_AFTER_UNKNOWN - 1:
+            return found
+        remaining = (unknown_at + grace - now()).total_seconds()
+        sleep(max(0.0, min(api.backoff(look, None, cap=8.0), remaining)))
+    return None
+
+
+def _journal(settings: Settings, sub_id: str) -> dict:
+    with state.connect(settings) as con:
+        row = con.execute(f"SELECT {', '.join(SUB_COLUMNS)} FROM bb_state.submissions WHERE submission_id = ?",
+                          [sub_id]).fetchone()
+    return dict(zip(SUB_COLUMNS, row))
 
 
 def create_one(
-    client: anthropic.Anthropic, settings: Settings, sub: dict, *, sleep: Callable[[float], None] = time.sleep,
-    now: Callable[[], datetime] = state.utcnow, fault: Callable[[str], None] | None = None,
-) -> tuple[str | None, bool]:
-    """Create (or adopt) the batch of one journalled submission. Returns (batch id or None, adopted)."""
+    client: anthropic.Anthropic, settings: Settings, sub: dict, *, job: Job | None = None,
+    sleep: Callable[[float], None] = time.sleep, now: Callable[[], datetime] = state.utcnow,
+    fault: Callable[[str], None] | None = None,
+) -> CreateResult:
+    """Create (or adopt) the batch of one journalled submission."""
     sub_id, path = sub["submission_id"], Path(sub["request_file"])
-    grace = reconcile_grace()
+    grace = timedelta(seconds=settings.reconcile_grace)
     if sub["state"] == "creating":
-        # A previous run was interrupted during the create call: the batch may exist.
-        started = sub["create_started_at"]
-        adopted = _adopt(client, settings, sub, started, "adopted after an interrupted create")
-        if adopted is not None:
-            return adopted, True
-        if now() - started < grace:
-            return None, False  # too early to be sure it is absent; the next run looks again
+        # An earlier create may exist: interrupted by a crash, of unknown outcome, or its adopted batch
+        # proved foreign. A crash is only known from now on, so its grace counts from now.
+        if sub["outcome_unknown_at"] is None:
+            with state.connect(settings) as con:
+                state.mark_outcome_unknown(con, sub_id, now(), "the create was interrupted; looking for its batch")
+            sub = _journal(settings, sub_id)
+        found = _adopt(client, settings, sub, now(), "adopted after an interrupted create")
+        if found is not None:
+            return CreateResult("adopted", found)
+        if now() - sub["outcome_unknown_at"] < grace:
+            return CreateResult("undecided")
     for attempt in range(MAX_CREATE_TRIES):
         if fault:
             fault("before_journal")
         with state.connect(settings) as con:
-            state.start_create(con, sub_id)
-        started = now()
+            state.start_create(con, sub_id, now())
         if fault:
             fault("before_create")
         try:
-            info = api.create_batch(client, path, timeout=create_timeout())
+            info = api.create_batch(client, path, timeout=settings.create_timeout)
         except api.CreateRefused as e:
+            # 429/529: nothing was created. Wait a short retry-after out; leave a long one to a later run.
             with state.connect(settings) as con:
                 state.refuse_create(con, sub_id, f"create refused: {e.message}")
-            api.sleep_backoff(attempt, e.retry_after, sleep)
+            wait = api.backoff(attempt, e.retry_after)
+            if attempt == MAX_CREATE_TRIES - 1 or wait > MAX_WAIT_IN_RUN:
+                return CreateResult("deferred", message=e.message)
+            sleep(wait)
             continue
-        except (ApiAuthError, ApiRequestRejected) as e:
-            # A definite 4xx (bad key, bad body): nothing was created, so no reconciliation is needed.
+        except ApiAccountError as e:
+            # Nothing was created and nothing will be until the account is fixed: the rows stay sendable.
             with state.connect(settings) as con:
-                state.refuse_create(con, sub_id, f"create rejected: {e.message}")
+                state.refuse_create(con, sub_id, f"create refused: {e.message}")
             raise
-        except api.CreateOutcomeUnknown:
-            # The server may have created it. Look for it a few times before sending the file again.
-            for look in range(4):
-                adopted = _adopt(client, settings, sub, started, "adopted after an ambiguous create")
-                if adopted is not None:
-                    return adopted, True
-                if look < 3:
-                    api.sleep_backoff(look, None, sleep, cap=8.0)
-            if now() - started < grace:
-                return None, False  # leave it `creating`: the next run reconciles
-            continue
+        except ApiRequestRejected as e:
+            # A definite 4xx for this body (400, 413): nothing was created, and the same file never will be.
+            _refuse_inputs(settings, sub, job, e.message)
+            return CreateResult("rejected", message=e.message)
+        except api.CreateOutcomeUnknown as e:
+            unknown_at = now()
+            with state.connect(settings) as con:
+                state.mark_outcome_unknown(con, sub_id, unknown_at, f"create outcome unknown: {e.message}")
+            sub = _journal(settings, sub_id)
+            found = _look(client, settings, sub, unknown_at, "adopted after an ambiguous create", sleep, now)
+            if found is not None:
+                return CreateResult("adopted", found)
+            if now() - unknown_at < grace:
+                return CreateResult("undecided")  # the next run looks again
+            continue  # looked for over the whole grace: it was not created
         if fault:
             fault("after_create")
         _record_batch(settings, sub_id, sub["job"], info, None)
-        return info.id, False
-    raise ApiError(f"submission {sub_id}: the API refused the create {MAX_CREATE_TRIES} times; it stays journalled "
-                   "and the next run tries again")
+        return CreateResult("created", info.id)
+    return CreateResult("undecided" if sub_id in _creating(settings) else "deferred",
+                        message=f"no batch after {MAX_CREATE_TRIES} creates; the next run goes on")
+
+
+def _creating(settings: Settings) -> set[str]:
+    with state.connect(settings) as con:
+        return {r[0] for r in con.execute("SELECT submission_id FROM bb_state.submissions WHERE state = 'creating'").fetchall()}
+
+
+SUB_COLUMNS = ("submission_id", "job", "state", "request_file", "request_count", "create_started_at",
+               "first_create_at", "outcome_unknown_at")
 
 
 def pending_submissions(settings: Settings, jobs: list[str] | None = None) -> list[dict]:
     with state.connect(settings) as con:
         rows = con.execute(
-            "SELECT submission_id, job, state, request_file, request_count, create_started_at FROM bb_state.submissions "
+            f"SELECT {', '.join(SUB_COLUMNS)} FROM bb_state.submissions "
             "WHERE state IN ('prepared', 'creating') ORDER BY prepared_at, submission_id"
         ).fetchall()
-    cols = ["submission_id", "job", "state", "request_file", "request_count", "create_started_at"]
-    subs = [dict(zip(cols, r)) for r in rows]
+    subs = [dict(zip(SUB_COLUMNS, r)) for r in rows]
     return [s for s in subs if jobs is None or s["job"] in jobs]
 
 
+def queued_requests(settings: Settings) -> int:
+    """Requests of ours that may be in the workspace's processing queue: batches not seen ended, and
+    creates whose outcome is unknown."""
+    with state.connect(settings) as con:
+        return int(con.execute(
+            """
+            SELECT (SELECT coalesce(sum(request_count), 0) FROM bb_state.batches
+                    WHERE local_state = 'submitted' AND processing_status <> 'ended')
+                 + (SELECT coalesce(sum(request_count), 0) FROM bb_state.submissions WHERE state = 'creating')
+            """
+        ).fetchone()[0])
+
+
+def _fit_queue(settings: Settings, subs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(submissions to send now, those left for lack of queue room). Creates of unknown outcome are
+    always looked after (they are counted in the queue already); prepared ones go first come, first
+    served while they fit. A submission larger than the whole limit (cut before it was lowered) goes
+    alone into an empty queue, so that nothing waits forever."""
+    queued = queued_requests(settings)
+    room = settings.max_queued_requests - queued
+    now_, later = [s for s in subs if s["state"] == "creating"], []
+    for s in (s for s in subs if s["state"] == "prepared"):
+        alone = queued == 0 and not any(x["state"] == "prepared" for x in now_)
+        if not later and (s["request_count"] <= room or alone):
+            now_.append(s)
+            room -= s["request_count"]
+        else:
+            later.append(s)
+    return now_, later
+
+
 def send_pending(
-    client: anthropic.Anthropic, settings: Settings, *, jobs: list[str] | None = None, progress: Progress = Silent(),
+    client: anthropic.Anthropic, settings: Settings, *, jobs: list[str] | None = None,
+    job_defs: dict[str, Job] | None = None, progress: Progress = Silent(),
     sleep: Callable[[float], None] = time.sleep, fault: Callable[[str], None] | None = None,
 ) -> SubmitReport:
-    """Create a batch for every journalled submission (also those left by an interrupted run)."""
+    """Create a batch for every journalled submission that fits the processing queue (also those left
+    by an interrupted run)."""
     report = SubmitReport()
-    subs = pending_submissions(settings, jobs)
-    if not subs:
-        return report
-    done = 0
+    subs, later = _fit_queue(settings, pending_submissions(settings, jobs))
+    if later and queued_requests(settings):
+        # What the state says is queued may have ended since it was last polled (`submit` alone does
+        # not collect): ask the API before leaving anything for a later run.
+        collect.refresh(client, settings)
+        subs, later = _fit_queue(settings, pending_submissions(settings, jobs))
+    report.waiting_for_queue = [s["submission_id"] for s in later]
+    if subs:
+        _send(client, settings, subs, report, job_defs or {}, progress, sleep, fault)
+    if report.waiting_for_queue:
+        waiting = {s["submission_id"]: s for s in pending_submissions(settings, jobs)}
+        n = sum(waiting[s]["request_count"] for s in report.waiting_for_queue if s in waiting)
+        progress.step(f"{n:,} request(s) in {len(report.waiting_for_queue)} batch(es) wait for room in the processing "
+                      f"queue (the bridge keeps at most {settings.max_queued_requests:,} requests queued, "
+                      "BATCH_BRIDGE_MAX_QUEUED_REQUESTS); a later run sends them")
+    return report
 
-    # Submissions with the same request count go one after the other (see the module docstring).
+
+def _send(client: anthropic.Anthropic, settings: Settings, subs: list[dict], report: SubmitReport,
+          job_defs: dict[str, Job], progress: Progress, sleep: Callable[[float], None],
+          fault: Callable[[str], None] | None) -> None:
+    done = 0
+    # Submissions with the same request count go one after the other (see the module docstring); once
+    # the API answers 429 (the workspace's queue is full) no further create is tried in this run.
     groups: dict[int, list[dict]] = {}
     for s in subs:
         groups.setdefault(s["request_count"], []).append(s)
+    queue_full = threading.Event()
 
-    def one_group(group: list[dict]) -> list[tuple[dict, str | None, bool] | Exception]:
-        out: list[tuple[dict, str | None, bool] | Exception] = []
+    def one_group(group: list[dict]) -> list[tuple[dict, CreateResult] | Exception]:
+        out: list[tuple[dict, CreateResult] | Exception] = []
         for sub in group:
+            if queue_full.is_set() and sub["state"] == "prepared":
+                out.append((sub, CreateResult("deferred")))
+                continue
             try:
-                bid, adopted = create_one(client, settings, sub, sleep=sleep, fault=fault)
-            except ApiError as e:
+                res = create_one(client, settings, sub, job=job_defs.get(sub["job"]), sleep=sleep, fault=fault)
+            except ApiAccountError as e:
+                queue_full.set()  # nothing else can be created either
                 out.append(e)
-                break  # the rest of this group stays journalled for the next run
-            out.append((sub, bid, adopted))
+                break
+            out.append((sub, res))
+            if res.outcome == "deferred":
+                queue_full.set()
+            if res.outcome == "undecided":
+                break  # a same-count create may still appear: the rest of this group waits for a later run
         return out
 
     errors: list[Exception] = []
@@ -406,15 +547,21 @@ def send_pending(
                 if isinstance(item, Exception):
                     errors.append(item)
                     continue
-                sub, bid, adopted = item
+                sub, res = item
                 done += 1
-                if bid is None:
+                if res.outcome in ("created", "adopted"):
+                    report.batches.append(res.batch_id)
+                    if res.outcome == "adopted":
+                        report.adopted.append(res.batch_id)
+                elif res.outcome == "undecided":
                     report.pending_unknown.append(sub["submission_id"])
+                elif res.outcome == "deferred":
+                    report.waiting_for_queue.append(sub["submission_id"])
                 else:
-                    report.batches.append(bid)
-                    if adopted:
-                        report.adopted.append(bid)
+                    report.rejected[sub["submission_id"]] = res.message or ""
+                    progress.step(f"error: the API rejected the batch of submission {sub['submission_id']} "
+                                  f"({sub['request_count']:,} requests) for good: {res.message}; its rows are "
+                                  "recorded as not sent (create_rejected) and the other batches go on")
                 progress.tick("batches submitted", done, len(subs))
     if errors:
         raise errors[0]
-    return report

@@ -125,7 +125,7 @@ def main() -> None:
             reset("downloaded")
             p = Stamps()
             t0 = time.perf_counter()
-            loaded = collect.load_downloaded(s, by_name, progress=p)
+            loaded = collect.load_downloaded(s, by_name, progress=p).loaded
             t1 = time.perf_counter()
             with state.connect(s) as con:
                 for j in jobs:

@@ -119,13 +119,12 @@ def assert_converged(s, emulator) -> None:
 
 
 @pytest.mark.parametrize("point", SUBMIT_POINTS)
-def test_kill_during_submit_then_rerun_converges(proj, emulator, monkeypatch, point):
+def test_kill_during_submit_then_rerun_converges(proj, emulator, point):
     crash(proj, "submit", point, emulator)
     if point == "after_create":  # the batch exists on the API; its id was never recorded
         assert emulator.counters()["batches_created"] >= 1
         assert state_rows(proj, "SELECT count(*) FROM bb_state.submissions WHERE state = 'creating'")[0][0] >= 1
-    monkeypatch.setenv("BATCH_BRIDGE_RECONCILE_GRACE", "0")  # a create that never happened is resent at once
-    sub, w = rerun(proj)
+    sub, w = rerun(proj.with_(reconcile_grace=0))  # a create that never happened is resent at once
     if point == "after_create":
         assert sub.adopted, "the orphaned batch is found with list and adopted"
     assert w.collected == {"items": ROWS}

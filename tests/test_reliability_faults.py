@@ -35,8 +35,7 @@ def project_root(tmp_path_factory):
 def proj(project_root, emulator, monkeypatch):
     s = settings_for(project_root, emulator.base_url)
     reset_home(s)
-    for var in ("BATCH_BRIDGE_RECONCILE_GRACE", "BATCH_BRIDGE_CREATE_TIMEOUT", bridge.ENV_FAULT):
-        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv(bridge.ENV_FAULT, raising=False)
     return s
 
 
@@ -83,36 +82,41 @@ def test_create_refused_is_retried_honouring_retry_after(proj, emulator, statuse
 
 def test_gets_are_retried_by_the_sdk_honouring_retry_after(proj, emulator):
     submit(proj)
+    emulator.stats.reset()
+    # 1.5 s: longer than the SDK's own first backoffs (0.4-1 s), so only an honoured retry-after waits it.
     emulator.set_faults(http_errors=[429, 500, 529, 500], http_error_endpoints=("retrieve", "results", "list"),
-                        retry_after=0.2)
-    t0 = time.monotonic()
+                        retry_after=1.5)
     run(proj)
-    assert time.monotonic() - t0 >= 0.8  # four retry-after pauses of 0.2 s
     fired = emulator.counters()["faults_fired"]
     assert (fired["http_429"], fired["http_500"], fired["http_529"]) == (1, 2, 1)
-    assert emulator.counters()["batches_created"] == BATCHES
+    # Each refused GET was followed by its retry (the SDK's retry count one higher) no sooner than 1.5 s.
+    arrivals = emulator.stats.arrivals()
+    retries = [(t, ep, n) for t, ep, n in arrivals if n > 0]
+    assert len(retries) == 4, arrivals
+    for t, ep, n in retries:
+        before = [u for u, e, m in arrivals if e == ep and m == n - 1 and u < t]
+        assert before and t - before[-1] >= 1.5, (ep, n, t - before[-1] if before else None)
+    assert emulator.counters()["batches_created"] == 0  # (counted since the reset) none created again
     assert_all_answered_once(proj)
 
 
-def test_create_500_is_reconciled_by_list_never_sent_twice(proj, emulator, monkeypatch):
+def test_create_500_is_reconciled_by_list_never_sent_twice(proj, emulator):
     emulator.set_faults(http_errors=[500], http_error_endpoints=("create",))
     report = submit(proj, sleep=Sleeps())
     # The 500 leaves the outcome unknown: within the grace nothing is resent, the next run looks again.
     assert len(report.pending_unknown) == 1 and len(report.batches) == BATCHES - 1
     assert emulator.counters()["batches_created"] == BATCHES - 1
-    monkeypatch.setenv("BATCH_BRIDGE_RECONCILE_GRACE", "0")
-    report = submit(proj, sleep=Sleeps())
+    report = submit(proj.with_(reconcile_grace=0), sleep=Sleeps())
     assert len(report.batches) == 1 and report.pending_unknown == []
     assert emulator.counters()["batches_created"] == BATCHES
     run(proj)
     assert_all_answered_once(proj)
 
 
-def test_create_timeout_finds_the_batch_with_list_and_adopts_it(proj, emulator, monkeypatch):
+def test_create_timeout_finds_the_batch_with_list_and_adopts_it(proj, emulator):
     # The server persists the batch, then answers only after 1.5 s; the client gives up after 0.3 s.
     emulator.set_faults(slow_create_seconds=1.5, slow_create_times=1)
-    monkeypatch.setenv("BATCH_BRIDGE_CREATE_TIMEOUT", "0.3")
-    report = submit(proj, sleep=Sleeps())
+    report = submit(proj.with_(create_timeout=0.3), sleep=Sleeps())
     assert len(report.adopted) == 1 and len(report.batches) == BATCHES
     c = emulator.counters()
     assert (c["create_posts"], c["batches_created"]) == (BATCHES, BATCHES)
@@ -123,10 +127,9 @@ def test_create_timeout_finds_the_batch_with_list_and_adopts_it(proj, emulator, 
     assert_all_answered_once(proj)
 
 
-def test_connection_resets_on_create_and_reads(proj, emulator, monkeypatch):
-    monkeypatch.setenv("BATCH_BRIDGE_RECONCILE_GRACE", "0")
+def test_connection_resets_on_create_and_reads(proj, emulator):
     emulator.set_faults(connection_resets=2, connection_reset_endpoints=("create",))
-    report = submit(proj, sleep=Sleeps())
+    report = submit(proj.with_(reconcile_grace=0), sleep=Sleeps())
     assert len(report.batches) == BATCHES
     emulator.set_faults(connection_resets=3, connection_reset_endpoints=("retrieve", "results", "list"))
     run(proj)

@@ -47,6 +47,9 @@ class Faults:
     http_error_endpoints: tuple[Endpoint, ...] = ()
     # `retry-after` seconds sent with injected 429/5xx answers; None = header left out.
     retry_after: float | None = 0.01
+    # How it is written: "seconds" (`retry-after: 7`), "ms" (`retry-after-ms: 7000`, the SDK reads it
+    # first) or "http-date" (`retry-after: Sun, 29 Nov 2026 16:00:07 GMT`).
+    retry_after_format: Literal["seconds", "ms", "http-date"] = "seconds"
     # `x-should-retry` header on injected errors: None = left out, True/False = "true"/"false".
     should_retry: bool | None = None
     # Connection resets (RST, no response) for the next N matching requests.
@@ -63,6 +66,16 @@ class Faults:
     # K calls and/or during its first X real seconds (anthropic-sdk-python#1432).
     not_found_first_calls: int = 0
     not_found_first_seconds: float = 0.0
+    # Propagation delay: a new batch is missing from `list` (and answers 404 to retrieve/results) for
+    # its first X real seconds, so a client that lost the create's answer cannot find it at once.
+    propagation_seconds: float = 0.0
+    # A create answered with an error *after* its batch was stored (a 5xx after the body was sent):
+    # a queue of statuses served to the next creates, in order.
+    create_errors_after_store: list[int] = field(default_factory=list)
+    # A shared workspace: every create also stores this many batches of "another client" with the same
+    # request count (other custom_ids), created `neighbour_offset_seconds` (emulated) from ours.
+    neighbour_batches: int = 0
+    neighbour_offset_seconds: float = -1.0
 
 
 @dataclass
@@ -93,6 +106,11 @@ class EmulatorConfig:
     # Create bodies above this many bytes are refused with 413 request_too_large.
     max_body_bytes: int = MAX_BODY_BYTES
     max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH
+    # The workspace's processing-queue limit: requests in batches not yet ended, all clients together
+    # (100,000 at Tier 1). A create that would pass it answers 429 rate_limit_error with
+    # `retry-after: queue_retry_after`. None = no limit.
+    queue_limit_requests: int | None = None
+    queue_retry_after: float = 60.0
     # Base URL put into `results_url`; None = built from each request's Host header.
     public_base_url: str | None = None
     # Results are streamed in chunks of this many bytes.
@@ -119,6 +137,8 @@ _RUNTIME_CONFIG_FIELDS = {
     "cache_min_tokens",
     "max_body_bytes",
     "max_requests_per_batch",
+    "queue_limit_requests",
+    "queue_retry_after",
     "public_base_url",
     "results_chunk_bytes",
     "api_key",
@@ -137,8 +157,10 @@ def update_faults(faults: Faults, changes: Mapping[str, Any]) -> None:
                 bad = [v for v in value if v not in ENDPOINTS]
                 if bad:
                     raise ConfigError(f"{key}: unknown endpoint(s) {bad}; valid: {', '.join(ENDPOINTS)}")
-        if key == "http_errors":
+        if key in ("http_errors", "create_errors_after_store"):
             value = [int(v) for v in value]
+        if key == "retry_after_format" and value not in ("seconds", "ms", "http-date"):
+            raise ConfigError(f"retry_after_format: {value!r} is not one of seconds, ms, http-date")
         setattr(faults, key, value)
 
 

@@ -92,6 +92,11 @@ class FaultState:
                 f.slow_create_times -= 1
             return f.slow_create_seconds
 
+    def take_create_error_after_store(self) -> int | None:
+        with self._lock:
+            f = self.faults
+            return f.create_errors_after_store.pop(0) if f.create_errors_after_store else None
+
     def take_results_cut(self) -> int | None:
         with self._lock:
             f = self.faults
@@ -105,7 +110,8 @@ class FaultState:
         """Whether this retrieve/results call of a young batch should answer 404."""
         with self._lock:
             f = self.faults
-            if f.not_found_first_seconds > 0 and time.time() - created_real < f.not_found_first_seconds:
+            young = max(f.not_found_first_seconds, f.propagation_seconds)
+            if young > 0 and time.time() - created_real < young:
                 return True
             if f.not_found_first_calls > 0:
                 calls = self._not_found_calls.get(batch_id, 0)

@@ -56,6 +56,8 @@ class Emulator:
     def configure(self, **changes: Any) -> None:
         """Change runtime config, e.g. `configure(latency=5.0, time_scale=3600)`."""
         update_config(self.config, changes)
+        if "latency" in changes:
+            self.store.reschedule(self.config.latency)
         self.worker.wake()
 
     def clear_cache(self) -> None:

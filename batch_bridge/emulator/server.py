@@ -14,7 +14,9 @@ transport from there and closes it with SO_LINGER 0 (a real RST).
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hmac
+import json
 import logging
 import shutil
 import socket
@@ -164,7 +166,8 @@ class EmulatorApp:
         self, endpoint: Endpoint, handler: Callable[[Request], Awaitable[Response]]
     ) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
-            self.stats.endpoint(endpoint)
+            retry = request.headers.get("x-stainless-retry-count", "0")
+            self.stats.endpoint(endpoint, int(retry) if retry.isdigit() else 0)
             problem = self._auth_problem(request)
             if problem is not None:
                 self.stats.incr("auth_failures")
@@ -197,7 +200,11 @@ class EmulatorApp:
     def _retry_headers(self) -> dict[str, str]:
         f = self.config.faults
         headers: dict[str, str] = {}
-        if f.retry_after is not None:
+        if f.retry_after is not None and f.retry_after_format == "ms":
+            headers["retry-after-ms"] = f"{f.retry_after * 1000:g}"
+        elif f.retry_after is not None and f.retry_after_format == "http-date":
+            headers["retry-after"] = email.utils.formatdate(time.time() + f.retry_after, usegmt=True)
+        elif f.retry_after is not None:
             headers["retry-after"] = f"{f.retry_after:g}"
         if f.should_retry is not None:
             headers["x-should-retry"] = "true" if f.should_retry else "false"
@@ -260,7 +267,20 @@ class EmulatorApp:
             shutil.rmtree(directory, ignore_errors=True)
             self.stats.incr("creates_rejected")
             return error_response(exc.status, exc.error_type, exc.message)
+        limit = self.config.queue_limit_requests
+        if limit is not None and self.store.queued_requests() + count > limit:
+            shutil.rmtree(directory, ignore_errors=True)
+            self.stats.fault("queue_full")
+            return error_response(
+                429, "rate_limit_error",
+                f"Your workspace's processing queue is full: adding {count} requests would exceed its limit of "
+                f"{limit} requests in batches not yet ended. Please try again later.",
+                {"retry-after": f"{self.config.queue_retry_after:g}"},
+            )
         now = self.clock.now()
+        neighbours = self.config.faults.neighbour_batches
+        for k in range(neighbours):  # another client's batches of the same size, stored before ours
+            await anyio.to_thread.run_sync(self._add_neighbour, batch_id, k, now, count)
         batch = self.store.add(batch_id, now, count, now + self.config.latency, time.time())
         self.stats.incr("batches_created")
         self.stats.incr("requests_created", count)
@@ -270,7 +290,27 @@ class EmulatorApp:
             # The batch exists already; a client that gives up now and retries makes a duplicate.
             self.stats.fault("slow_create")
             await asyncio.sleep(delay)
+        status = self.faults.take_create_error_after_store()
+        if status is not None:
+            # The batch exists, but the client is told the create failed: its outcome is unknown to it.
+            self.stats.fault(f"create_{status}_after_store")
+            return error_response(status, error_type_for(status), message_for(status), self._retry_headers())
         return ok(batch.to_api(self.clock.now(), self._base_url(request)))
+
+    def _add_neighbour(self, ours: str, k: int, now: float, count: int) -> None:
+        """Store a batch of another client in the workspace: our requests under its own custom_ids."""
+        bid = new_batch_id()
+        self.store.batch_dir(bid).mkdir()
+        with open(self.store.requests_path(ours), "rb") as src, open(self.store.requests_path(bid), "w") as dst:
+            for i, line in enumerate(src):
+                item = json.loads(line)
+                item["custom_id"] = f"neighbour{k}-{i}"
+                dst.write(json.dumps(item) + "\n")
+        offset = self.config.faults.neighbour_offset_seconds
+        created = now + offset
+        # Created earlier (offset < 0): it has been propagating for that long already.
+        self.store.add(bid, created, count, created + self.config.latency, time.time() + min(0.0, offset))
+        self.stats.incr("neighbour_batches_created")
 
     def _persist(self, upload: Any, requests_path: Any) -> int:
         with self.stats.cpu("create_parse"):
@@ -288,7 +328,9 @@ class EmulatorApp:
         after_id, before_id = q.get("after_id"), q.get("before_id")
         if after_id and before_id:
             return error_response(400, "invalid_request_error", "Use after_id or before_id, not both.")
-        page, has_more = self.store.page(limit, after_id or None, before_id or None)
+        delay = self.config.faults.propagation_seconds
+        page, has_more = self.store.page(limit, after_id or None, before_id or None,
+                                         time.time() - delay if delay > 0 else None)
         now, base = self.clock.now(), self._base_url(request)
         data = [b.to_api(now, base) for b in page]
         return ok(
@@ -412,5 +454,7 @@ class EmulatorApp:
             update_config(self.config, changes)
         except (ConfigError, ValueError, TypeError) as exc:
             return error_response(400, "invalid_request_error", str(exc))
+        if "latency" in changes:
+            self.store.reschedule(self.config.latency)
         self.worker.wake()
         return JSONResponse(config_as_dict(self.config))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -25,6 +25,9 @@ class Stats:
         self._faults: Counter[str] = Counter()
         self._cpu: Counter[str] = Counter()
         self._creates_in_flight = 0  # a gauge, not a counter: `reset()` leaves it alone
+        # The latest requests as (monotonic seconds, endpoint, x-stainless-retry-count): what shows that
+        # a client waited a retry-after out between a refused request and its retry.
+        self._arrivals: deque[tuple[float, str, int]] = deque(maxlen=10_000)
 
     @contextmanager
     def create_in_flight(self) -> Iterator[None]:
@@ -40,9 +43,15 @@ class Stats:
         with self._lock:
             self._counters[name] += n
 
-    def endpoint(self, name: str) -> None:
+    def endpoint(self, name: str, retry_count: int = 0) -> None:
         with self._lock:
             self._endpoints[name] += 1
+            self._arrivals.append((time.monotonic(), name, retry_count))
+
+    def arrivals(self) -> list[tuple[float, str, int]]:
+        """The latest requests, oldest first: (monotonic seconds, endpoint, the SDK's retry count)."""
+        with self._lock:
+            return list(self._arrivals)
 
     def fault(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -70,6 +79,7 @@ class Stats:
             self._endpoints.clear()
             self._faults.clear()
             self._cpu.clear()
+            self._arrivals.clear()
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -84,6 +94,8 @@ class Stats:
                 # POST /v1/messages (synchronous) answered with a message, or with an error
                 "messages_answered": self._counters["messages_answered"],
                 "messages_refused": self._counters["messages_refused"],
+                # batches of "another client" stored by the neighbour_batches fault (not in batches_created)
+                "neighbour_batches_created": self._counters["neighbour_batches_created"],
                 # creates being read or stored right now: a client killed after sending a whole body
                 # still gets its batch created, so a test waits for 0 before counting batches
                 "creates_in_flight": self._creates_in_flight,

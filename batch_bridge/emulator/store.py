@@ -202,10 +202,19 @@ class Store:
         with self._lock:
             return len(self._batches)
 
-    def page(self, limit: int, after_id: str | None, before_id: str | None) -> tuple[list[Batch], bool]:
-        """Newest first; `after_id` pages towards older batches, `before_id` towards newer ones."""
+    def queued_requests(self) -> int:
+        """Requests in batches not yet ended: what the workspace's processing-queue limit counts."""
         with self._lock:
-            ordered = sorted(self._batches.values(), key=lambda b: (b.created_at, b.seq), reverse=True)
+            return sum(b.request_count for b in self._batches.values() if b.processing_status != "ended")
+
+    def page(self, limit: int, after_id: str | None, before_id: str | None,
+             created_real_before: float | None = None) -> tuple[list[Batch], bool]:
+        """Newest first; `after_id` pages towards older batches, `before_id` towards newer ones. Batches
+        created (in real time) after `created_real_before` are not listed yet (propagation delay)."""
+        with self._lock:
+            ordered = sorted((b for b in self._batches.values()
+                              if created_real_before is None or b.created_real <= created_real_before),
+                             key=lambda b: (b.created_at, b.seq), reverse=True)
         ids = [b.id for b in ordered]
         if after_id is not None:
             if after_id not in ids:
@@ -218,6 +227,15 @@ class Store:
             head = ordered[: ids.index(before_id)]
             return head[-limit:] if limit else [], len(head) > limit
         return ordered[:limit], len(ordered) > limit
+
+    def reschedule(self, latency: float) -> None:
+        """A new latency applies to batches still in progress too (due at created_at + latency), so a
+        test or an operator can make waiting batches end now (latency 0) or hold them."""
+        with self._lock:
+            for b in self._batches.values():
+                if b.processing_status == "in_progress":
+                    b.due_at = b.created_at + latency
+                    self.save(b)
 
     def cancel(self, batch: Batch, now: float) -> None:
         """start_canceling + persist."""
