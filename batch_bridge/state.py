@@ -272,9 +272,24 @@ def m006_report_estimates(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("ALTER TABLE submissions ADD COLUMN estimated_sync_usd DOUBLE")
 
 
+def m007_model_info(con: duckdb.DuckDBPyConnection) -> None:
+    """What the Models API said of each model, so that a preflight asks at most once an hour."""
+    con.execute(
+        """
+        CREATE TABLE model_info (
+            api VARCHAR NOT NULL,          -- the API's base URL: the emulator and the real API may differ
+            model VARCHAR NOT NULL,        -- the id as the job names it (an alias or a dated id)
+            info JSON NOT NULL,            -- model_info.ModelFacts
+            fetched_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (api, model)
+        )
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_unknown_outcomes,
-    m006_report_estimates]
+    m006_report_estimates, m007_model_info]
 
 
 # DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,
