@@ -308,6 +308,7 @@ def _create_outcomes(report) -> dict:
     """What a submit left undone, for --json: creates still being reconciled, batches waiting for queue
     room, creates the API rejected for good."""
     return {"pending_reconciliation": report.pending_unknown, "waiting_for_queue": report.waiting_for_queue,
+            "held_for_same_count": report.held,
             "rejected": report.rejected}
 
 

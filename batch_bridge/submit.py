@@ -59,7 +59,7 @@ MAX_WAIT_IN_RUN = 60.0
 LOOKS_AFTER_UNKNOWN = 4
 # One adoption at a time in this process, so two threads can never adopt the same orphan.
 _adopt_lock = threading.Lock()
-Outcome = Literal["created", "adopted", "undecided", "deferred", "rejected"]
+Outcome = Literal["created", "adopted", "undecided", "deferred", "held", "rejected"]
 
 
 @dataclass
@@ -70,6 +70,8 @@ class SubmitReport:
     adopted: list[str] = field(default_factory=list)
     pending_unknown: list[str] = field(default_factory=list)  # submissions still being reconciled
     waiting_for_queue: list[str] = field(default_factory=list)  # left `prepared`: no room in the queue, or a 429
+    # left `prepared` because a create of the same request count is still undecided (see the module docstring)
+    held: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # submission id -> the API's message (400/413)
 
     def absorb(self, other: "SubmitReport") -> None:
@@ -78,6 +80,7 @@ class SubmitReport:
         self.adopted += other.adopted
         self.pending_unknown = sorted(set(self.pending_unknown) | set(other.pending_unknown))
         self.waiting_for_queue = sorted(set(other.waiting_for_queue))
+        self.held = sorted(set(other.held))
         self.rejected.update(other.rejected)
 
 
@@ -574,7 +577,9 @@ def _send(client: anthropic.Anthropic, settings: Settings, subs: list[dict], rep
             if res.outcome == "deferred":
                 queue_full.set()
             if res.outcome == "undecided":
-                break  # a same-count create may still appear: the rest of this group waits for a later run
+                # A same-count create may still appear: the rest of this group waits for a later run.
+                out += [(s, CreateResult("held")) for s in group[group.index(sub) + 1:]]
+                break
         return out
 
     errors: list[Exception] = []
@@ -595,6 +600,8 @@ def _send(client: anthropic.Anthropic, settings: Settings, subs: list[dict], rep
                     report.pending_unknown.append(sub["submission_id"])
                 elif res.outcome == "deferred":
                     report.waiting_for_queue.append(sub["submission_id"])
+                elif res.outcome == "held":
+                    report.held.append(sub["submission_id"])
                 else:
                     report.rejected[sub["submission_id"]] = res.message or ""
                     progress.step(f"error: the API rejected the batch of submission {sub['submission_id']} "
