@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
-Endpoint = Literal["create", "list", "retrieve", "cancel", "delete", "results"]
-ENDPOINTS: tuple[Endpoint, ...] = ("create", "list", "retrieve", "cancel", "delete", "results")
+Endpoint = Literal["create", "list", "retrieve", "cancel", "delete", "results", "count_tokens"]
+# The six Message Batches endpoints: where HTTP-error and reset faults apply when no endpoint is named.
+BATCH_ENDPOINTS: tuple[Endpoint, ...] = ("create", "list", "retrieve", "cancel", "delete", "results")
+ENDPOINTS: tuple[Endpoint, ...] = BATCH_ENDPOINTS + ("count_tokens",)
 ErroredType = Literal["overloaded_error", "api_error"]
 
 # Real limits of the Message Batches API (contract §3).
@@ -39,7 +41,8 @@ class Faults:
     # ... and/or a random fraction of matching requests answered with `http_error_status`.
     http_error_fraction: float = 0.0
     http_error_status: int = 529
-    # Endpoints the HTTP-error and connection-reset faults apply to; empty = all six.
+    # Endpoints the HTTP-error and connection-reset faults apply to; empty = the six batch endpoints
+    # (count_tokens only when named, e.g. ("count_tokens",) for its rate limit).
     http_error_endpoints: tuple[Endpoint, ...] = ()
     # `retry-after` seconds sent with injected 429/5xx answers; None = header left out.
     retry_after: float | None = 0.01
@@ -82,6 +85,9 @@ class EmulatorConfig:
     time_scale: float = 1.0
     # Minimum prefix size (tokens) for a cache breakpoint; None = the real per-model minimum.
     cache_min_tokens: int | None = None
+    # Caching in batches is best-effort: the share of lookups of a cached prefix that hit (drawn per
+    # request from faults.seed); a miss writes the prefix again. 1.0 = every lookup after the first hits.
+    cache_hit_rate: float = 0.7
     # `module:function` of a custom responder, or the callable itself (see responder.py).
     responder: str | Callable[..., Any] | None = None
     # Create bodies above this many bytes are refused with 413 request_too_large.
@@ -110,6 +116,7 @@ _RUNTIME_CONFIG_FIELDS = {
     "cancel_complete_fraction",
     "time_scale",
     "cache_min_tokens",
+    "cache_hit_rate",
     "max_body_bytes",
     "max_requests_per_batch",
     "public_base_url",
