@@ -55,10 +55,12 @@ def crash_point(point: str) -> None:
 # --- plan ---------------------------------------------------------------------------------------
 
 
-def plan(settings: Settings, jobs: list[Job], *, progress: Progress = Silent()) -> tuple[list[JobPlan], dict[str, Estimate]]:
-    """What `submit` would send now; sends and records nothing."""
+def plan(
+    settings: Settings, jobs: list[Job], *, progress: Progress = Silent(), client: anthropic.Anthropic | None = None,
+) -> tuple[list[JobPlan], dict[str, Estimate]]:
+    """What `submit` would send now; sends nothing (input token counts, when a client is given, are kept)."""
     with state.connect(settings) as con:
-        return submit_mod.plan_jobs(con, settings, jobs, progress=progress)
+        return submit_mod.plan_jobs(con, settings, jobs, progress=progress, client=client)
 
 
 def plan_to_json(p: JobPlan, e: Estimate | None) -> dict[str, Any]:
@@ -102,7 +104,8 @@ def submit(
     names = [j.name for j in jobs]
     # Submissions journalled by an interrupted run go first: their rows are in flight already.
     leftover = submit_mod.send_pending(client, settings, jobs=names, progress=progress, sleep=sleep, fault=crash_point)
-    report = submit_mod.prepare_submissions(settings, jobs, max_cost=max_cost, progress=progress, fault=crash_point)
+    report = submit_mod.prepare_submissions(settings, jobs, max_cost=max_cost, progress=progress, fault=crash_point,
+                                            client=client)
     crash_point("after_prepare")
     sent = submit_mod.send_pending(client, settings, jobs=names, progress=progress, sleep=sleep, fault=crash_point)
     report.batches = leftover.batches + sent.batches

@@ -178,6 +178,8 @@ def _plan_text(data: dict) -> str:
             lines.append(f"  tokens             in {e['input_tokens']:,} + cache write {e['cache_write_tokens']:,} "
                          f"+ cache read {e['cache_read_tokens']:,}; out ~{e['output_tokens']:,}")
             lines.append(f"  how                {e['method']}")
+            for w in e.get("warnings") or ():
+                lines.append(f"  warning            {w}")
     return "\n".join(lines) or "no jobs"
 
 
@@ -188,12 +190,17 @@ def _plan_text(data: dict) -> str:
 def plan(project_dir, profiles_dir, target, jobs, as_json):
     """Show what `submit` would send now (rows, batches, bytes, skipped rows and why, cost); sends nothing.
 
+    With ANTHROPIC_API_KEY set, input tokens are counted by the API's free token counting endpoint;
+    without it, estimated offline by a rule (the JSON says which method made each figure).
+
     Example: batch-bridge plan --job review_enrichment --json
     """
     from .bridge import plan as do_plan, plan_to_json
 
     settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
-    plans, estimates = do_plan(settings, job_list, progress=StderrProgress(quiet=as_json))
+    # With a key, input tokens are counted by the API (free); without, plan works offline with its rule.
+    client = _client(settings) if settings.api_key else None
+    plans, estimates = do_plan(settings, job_list, progress=StderrProgress(quiet=as_json), client=client)
     data = {"jobs": [plan_to_json(p, estimates.get(p.job.name)) for p in plans]}
     _emit(data, as_json, _plan_text)
 

@@ -31,6 +31,15 @@ ENV_PRICES = "BATCH_BRIDGE_PRICES"
 ENV_RETENTION_DAYS = "BATCH_BRIDGE_RETENTION_DAYS"
 ENV_CONCURRENCY = "BATCH_BRIDGE_CONCURRENCY"
 ENV_MEMORY_LIMIT = "BATCH_BRIDGE_MEMORY_LIMIT"
+ENV_COUNT_SAMPLE = "BATCH_BRIDGE_COUNT_SAMPLE"
+ENV_CACHE_HIT_RATE = "BATCH_BRIDGE_CACHE_HIT_RATE"
+# Requests of a job whose input tokens `plan` counts with the token counting endpoint: every request
+# when there are no more, else a sample stratified by prompt length. Small enough for the endpoint's
+# lowest rate limit (100 a minute); counts are kept, so the next plan counts only new inputs.
+DEFAULT_COUNT_SAMPLE = 100
+# The share of cache lookups a batch is expected to hit before a job has answers of its own: the middle
+# of the 30-98% the API documents for best-effort caching in batches.
+DEFAULT_CACHE_HIT_RATE = 0.64
 # DuckDB's memory for the bridge's work on rows of ordinary width (it spills to disk beyond); measured in
 # BENCHMARKS.md: a 1M-row job runs within it, and 100,000 answers of 6 KB. Unless the user sets
 # BATCH_BRIDGE_MEMORY_LIMIT, steps over wider rows get room for a few vectors of them on top
@@ -58,6 +67,8 @@ class Settings:
     retention_days: float | None = None  # archives older than this are removed by `purge`
     memory_limit: str = DEFAULT_MEMORY_LIMIT  # DuckDB's memory for the bridge's work; it spills to disk beyond
     memory_limit_set: bool = False  # given by the user (BATCH_BRIDGE_MEMORY_LIMIT): a cap, never raised for wide rows
+    count_sample: int = DEFAULT_COUNT_SAMPLE  # requests per job whose tokens plan counts exactly; 0 = the rule only
+    cache_hit_rate: float = DEFAULT_CACHE_HIT_RATE  # expected cache hits before a job has answers of its own
 
     @property
     def state_path(self) -> Path:
@@ -238,6 +249,12 @@ def resolve(
     concurrency = int(_float(env, ENV_CONCURRENCY, 4))
     if concurrency < 1:
         raise ConfigError(f"{ENV_CONCURRENCY}={concurrency} must be at least 1")
+    count_sample = int(_float(env, ENV_COUNT_SAMPLE, DEFAULT_COUNT_SAMPLE))
+    if count_sample < 0:
+        raise ConfigError(f"{ENV_COUNT_SAMPLE}={count_sample} must be 0 (do not count) or a number of requests")
+    hit_rate = _float(env, ENV_CACHE_HIT_RATE, DEFAULT_CACHE_HIT_RATE)
+    if not 0 <= hit_rate <= 1:
+        raise ConfigError(f"{ENV_CACHE_HIT_RATE}={hit_rate} must be a share between 0 and 1, e.g. 0.64")
     return Settings(
         project_dir=pdir,
         profiles_dir=prdir,
@@ -256,4 +273,6 @@ def resolve(
         retention_days=float(retention) if retention else None,
         memory_limit=_memory(env.get(ENV_MEMORY_LIMIT) or DEFAULT_MEMORY_LIMIT),
         memory_limit_set=bool(env.get(ENV_MEMORY_LIMIT)),
+        count_sample=count_sample,
+        cache_hit_rate=hit_rate,
     )

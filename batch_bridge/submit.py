@@ -35,7 +35,7 @@ import duckdb
 from . import api, state
 from .config import Settings
 from .errors import ApiAuthError, ApiError, ApiRequestRejected, BudgetExceeded, ConfigError
-from .estimate import Estimate, estimate_job
+from .estimate import Counting, Estimate, estimate_job
 from .export import HASH_VERSION, JobPlan, classify, key_json_sql, measure, stage, warehouse_attached, write_requests
 from .jobs import Job
 from .pricing import load_prices
@@ -132,13 +132,24 @@ def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: d
     )
 
 
+def counting_for(settings: Settings, client: anthropic.Anthropic | None) -> Counting | None:
+    """The token counting endpoint of `client` for estimates; None offline or when counting is off."""
+    if client is None or settings.count_sample == 0:
+        return None
+    return Counting(lambda params: api.count_tokens(client, params), api.endpoint_of(client),
+                    sample=settings.count_sample, workers=settings.concurrency)
+
+
 def plan_jobs(
     con: duckdb.DuckDBPyConnection, settings: Settings, jobs: list[Job], *, progress: Progress = Silent(),
     prepare: Callable[[Job, JobPlan, duckdb.DuckDBPyConnection, dict[str, str]], None] | None = None,
+    client: anthropic.Anthropic | None = None,
 ) -> tuple[list[JobPlan], dict[str, Estimate]]:
-    """Stage and classify every job (warehouse attached read-only); optionally prepare submissions."""
+    """Stage and classify every job (warehouse attached read-only); optionally prepare submissions.
+    With a client, input tokens are counted by the API (see estimate.py); without, a rule estimates them."""
     plans, estimates = [], {}
     book = load_prices(settings.prices_file)
+    counting = counting_for(settings, client)
     by_catalog: dict[str, list[Job]] = {}
     for j in jobs:
         by_catalog.setdefault(j.relation.database, []).append(j)
@@ -150,7 +161,10 @@ def plan_jobs(
                 classify(con, job, plan)
                 if plan.send_requests:
                     measure(con, job, plan)
-                estimates[job.name] = estimate_job(con, job, plan, book)
+                estimates[job.name] = estimate_job(con, job, plan, book, counting,
+                                                   cache_hit_rate=settings.cache_hit_rate)
+                for warning in estimates[job.name].warnings:
+                    progress.step(f"{job.name}: warning: {warning}")
                 progress.step(
                     f"{job.name}: {plan.staged:,} rows staged, {plan.send_keys:,} to send as "
                     f"{plan.send_requests:,} requests in {len(plan.chunks)} batch(es)"
@@ -212,7 +226,7 @@ def _prepare(settings: Settings, run_stamp: str, out: list[str],
 
 def prepare_submissions(
     settings: Settings, jobs: list[Job], *, max_cost: float | None = None, progress: Progress = Silent(),
-    fault: Callable[[str], None] | None = None,
+    fault: Callable[[str], None] | None = None, client: anthropic.Anthropic | None = None,
 ) -> SubmitReport:
     """Plan every job, check budgets, and journal `prepared` submissions with their request files."""
     report = SubmitReport()
@@ -221,11 +235,12 @@ def prepare_submissions(
         # Budgets are checked on a dry plan first, so that a refused job writes nothing at all (and
         # no job is sent when another is refused). Without any budget there is nothing to check.
         if max_cost is not None or any(j.budget_usd is not None for j in jobs):
-            plans, estimates = plan_jobs(con, settings, jobs, progress=Silent())
+            plans, estimates = plan_jobs(con, settings, jobs, progress=Silent(), client=client)
             for plan in plans:
                 check_budget(plan.job, estimates[plan.job.name], max_cost)
         names: list[str] = []
-        plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names, fault))
+        plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names, fault),
+                                     client=client)
     report.plans, report.estimates = plans, estimates
     return report
 
