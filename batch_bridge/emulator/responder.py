@@ -68,7 +68,7 @@ def _reply_text(ctx: Context) -> str:
     words = ctx.text.split(maxsplit=12)
     head = " ".join(words[:12]) + ("..." if len(words) > 12 else "")
     sentences = [summary(ctx, 0x7E47 + k, 30) for k in range(1 + int(6 * length_draw(ctx, 0x5E7) ** 2))]
-    return f"{' '.join(sentences)} It has {sum(ctx.counts.values())} words and begins: \"{head}\""
+    return f"It has {sum(ctx.counts.values())} words and begins: \"{head}\" {' '.join(sentences)}"
 
 
 def default_responder(params: Mapping[str, Any], custom_id: str) -> dict[str, Any]:
