@@ -193,7 +193,6 @@ def test_estimate_is_close_to_billed_cost_and_learns_from_history(tmp_path, emul
                                          "summary": {"type": "string"}},
         "required": ["sentiment", "summary"], "additionalProperties": False}), n=200)
     _, est = bridge.plan(s, bridge.load_jobs(s), client=api.build_client(s))
-    print(est["items"])
     first = est["items"].batch_usd
     run(s)
     billed = sum(r["cost_usd"] for r in current(s, "items"))
@@ -202,7 +201,6 @@ def test_estimate_is_close_to_billed_cost_and_learns_from_history(tmp_path, emul
     # New rows of the same shape: the estimate now uses observed answers and gets closer.
     load_staging(s, "SELECT 'k' || i AS id, 'text number ' || i || ' about pricing' AS prompt FROM range(400) t(i)")
     _, est2 = bridge.plan(s, bridge.load_jobs(s), client=api.build_client(s))
-    print(est2["items"])
     assert "earlier answers" in est2["items"].method
     run(s)
     con = duckdb.connect()
