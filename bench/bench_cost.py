@@ -61,6 +61,36 @@ def _estimate_line(label: str, e, billed: float) -> str:
             f"{how}; cache hit rate {hit['value']:.0%} {hit['method']}")
 
 
+def _ratios(s, job) -> None:
+    """Run 1's answers priced three ways (see the module doc)."""
+    book = load_prices(None)
+    con = duckdb.connect()
+    cur = s.results_dir(job.name) / "current.parquet"
+    rows = con.execute(
+        f"""SELECT model, input_tokens, coalesce(cache_creation_input_tokens, 0), coalesce(cache_read_input_tokens, 0),
+                   output_tokens, cost_usd, deduplicated
+            FROM read_parquet('{cur}') WHERE status = 'succeeded'"""
+    ).fetchall()
+    con.close()
+    naive = sum(book.cost(m, input_tokens=i + cw + cr, output_tokens=o, batch=False) for m, i, cw, cr, o, _, _ in rows)
+    sent = [r for r in rows if not r[6]]
+    w1h = job.cache_ttl == "1h"
+    sync_same = sum(
+        book.cost(m, input_tokens=i, output_tokens=o, cache_1h=cw if w1h else 0, cache_5m=0 if w1h else cw,
+                  cache_read=cr, batch=False)
+        for m, i, cw, cr, o, _, _ in sent
+    )
+    actual = sum(r[5] for r in rows)
+    reads = sum(1 for r in sent if r[3])
+    print(f"job {job.name} ({job.model}), run 1: {len(rows):,} rows answered by {len(sent):,} requests "
+          f"({len(rows) - len(sent):,} deduplicated); {reads / len(sent):.1%} of requests read the prompt cache")
+    print(f"  naive synchronous, every row, no caching   ${naive:9.4f}")
+    print(f"  synchronous, same requests and caching      ${sync_same:9.4f}")
+    print(f"  batch_bridge billed                         ${actual:9.4f}")
+    print(f"  ratio billed / naive                        {actual / naive:9.3f}x")
+    print(f"  ratio billed / synchronous same requests    {actual / sync_same:9.3f}x")
+
+
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bb-cost-"))
     try:
@@ -79,6 +109,7 @@ def main() -> None:
             plans, est = bridge.plan(s, jobs, client=client)
             bridge.run(s, jobs, client)
             billed1 = _billed(s, jobs[0])
+            _ratios(s, jobs[0])
             # Run 2: every review edited, so every row is sent again; the plan now has run 1's answers.
             _edit_reviews(root / "dbt_project" / "seeds" / "reviews.csv")
             dbt_runner.invoke(s, ["build", "--selector", "bb_upstream", "--quiet"])
@@ -87,31 +118,7 @@ def main() -> None:
             bridge.run(s, jobs, client)
             billed2 = _billed(s, jobs[0])
         job = jobs[0]
-        book = load_prices(None)
-        con = duckdb.connect()
-        cur = s.results_dir(job.name) / "current.parquet"
-        rows = con.execute(
-            f"""SELECT model, input_tokens, coalesce(cache_creation_input_tokens, 0), coalesce(cache_read_input_tokens, 0),
-                       output_tokens, cost_usd, deduplicated
-                FROM read_parquet('{cur}') WHERE status = 'succeeded'"""
-        ).fetchall()
-        naive = sum(book.cost(m, input_tokens=i + cw + cr, output_tokens=o, batch=False) for m, i, cw, cr, o, _, _ in rows)
-        sent = [r for r in rows if not r[6]]
-        w1h = job.cache_ttl == "1h"
-        sync_same = sum(
-            book.cost(m, input_tokens=i, output_tokens=o, cache_1h=cw if w1h else 0, cache_5m=0 if w1h else cw,
-                      cache_read=cr, batch=False)
-            for m, i, cw, cr, o, _, _ in sent
-        )
-        actual = sum(r[5] for r in rows)
         e = est[job.name]
-        print(f"job {job.name} ({job.model}), {len(rows):,} rows answered by {len(sent):,} requests "
-              f"({len(rows) - len(sent):,} deduplicated)")
-        print(f"  naive synchronous, every row, no caching   ${naive:9.4f}")
-        print(f"  synchronous, same requests and caching      ${sync_same:9.4f}")
-        print(f"  batch_bridge billed                         ${actual:9.4f}")
-        print(f"  ratio billed / naive                        {actual / naive:9.3f}x")
-        print(f"  ratio billed / synchronous same requests    {actual / sync_same:9.3f}x")
         print(f"  upper bound of the run 1 plan (max_tokens, 30% cache hits) ${e.batch_usd_max:.4f}")
         print("plan estimate before sending, against what that run was billed:")
         print(_estimate_line("run 1 (no history)", e, billed1))

@@ -34,7 +34,7 @@ TOKENIZER_RELPATH = Path("share") / "batch_bridge" / "claude-tokenizer.json"
 TOOL_PROMPT_AUTO = 346
 TOOL_PROMPT_FORCED = 313
 SCHEMA_INSTRUCTIONS = 50
-PIECE_CHARS = 256
+PIECE_CHARS = 64
 _PIECE_CUT = re.compile(r"(?<=\S) (?=\S)")
 IMAGE_TOKENS = 1600
 PDF_TOKENS = 2000
