@@ -170,6 +170,8 @@ def test_usage_counts_with_the_claude_tokenizer_not_characters(client: anthropic
         "cjk": "東京の天気は晴れです。明日は雨が降るかもしれません。傘を持って行ってください。",
         "code": "def f(xs):\n    return {k: [v ** 2 for v in vs] for k, vs in xs.items() if vs}\n",
         "digits": "31415926535897932384626433832795028841971693993751058209749445923078164062862089986",
+        # Plain ASCII is split into words by the emulator itself; the count must be the tokenizer's.
+        "ascii": "It's  a\ttest\r\n  of   <EOT> spaces!!! e.g. U.S.A. don't 'QUOTED' x=3.14159;\n\n I'M  ok " * 20,
         # Long texts are counted in pieces (cut before a space); the sum must equal the whole's count.
         "long": " ".join(f"naïve café {i} x{i * 7919}  spaced\tout, it's 東京{i} ﬁne ｆｕｌｌ😀" for i in range(120)),
     }

@@ -36,6 +36,12 @@ TOOL_PROMPT_FORCED = 313
 SCHEMA_INSTRUCTIONS = 50
 PIECE_CHARS = 64
 _PIECE_CUT = re.compile(r"(?<=\S) (?=\S)")
+# The byte-level pre-tokenizer's pattern (GPT-2's) for ASCII text whose only controls are \t \n \r:
+# letters, digits and whitespace written out instead of \p{L}, \p{N} and \s.
+_ASCII_WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^ \t\n\rA-Za-z0-9]+|[ \t\n\r]+(?![^ \t\n\r])|[ \t\n\r]+")
+_NOT_PLAIN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Byte-level alphabet: a byte that is not printable ASCII becomes chr(256 + b) (GPT-2's bytes_to_unicode).
+_BYTE_LEVEL = {b: chr(256 + b) for b in range(33)}
 IMAGE_TOKENS = 1600
 PDF_TOKENS = 2000
 
@@ -64,14 +70,33 @@ class BpeCounter:
         self._primer = self._count("\n\nAssistant:")
         # Shared texts (system prompts, few-shot turns, schemas) recur in every request of a job, and
         # pieces of long texts recur too (the tokenizer's regex pre-tokenizer costs ~1 ms per 1,000 chars).
-        self._piece = lru_cache(maxsize=65536)(self._count)
+        self._piece = lru_cache(maxsize=8192)(self._count)
+        self._words: dict[str, int] = {}
+        self._added = [t.content for t in self._tok.get_added_tokens_decoder().values()]
 
     def _count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids) if text else 0
 
+    def _ascii_count(self, text: str) -> int:
+        """Plain ASCII text (the usual prompt): split into words by the byte-level pre-tokenizer's own
+        pattern, here run by Python's `re` (exact for ASCII, and ~5x faster than the tokenizer's), and
+        the BPE of each distinct word counted once."""
+        words = self._words
+        total = 0
+        for w in _ASCII_WORDS.findall(text):
+            n = words.get(w)
+            if n is None:
+                if len(words) > 200_000:
+                    words.clear()
+                n = words[w] = len(self._tok.model.tokenize(w.translate(_BYTE_LEVEL)))
+            total += n
+        return total
+
     def text(self, text: str) -> int:
         """Tokens of `text`: the sum over pieces cut before a single space between two non-spaces, where
         the byte-level pre-tokenizer always starts a new word, so the sum equals the count of the whole."""
+        if text.isascii() and not _NOT_PLAIN.search(text) and not any(a in text for a in self._added):
+            return self._ascii_count(text)
         if len(text) <= PIECE_CHARS:
             return self._piece(text)
         total, start, n = 0, 0, len(text)
