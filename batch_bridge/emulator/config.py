@@ -147,6 +147,8 @@ def update_config(config: EmulatorConfig, changes: Mapping[str, Any]) -> None:
     for key, value in changes.items():
         if key == "faults":
             update_faults(config.faults, value)
+        elif key == "cache_hit_rate" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            raise ConfigError(f"cache_hit_rate: {value!r} is not a share between 0 and 1 (e.g. 0.7)")
         elif key in _RUNTIME_CONFIG_FIELDS:
             setattr(config, key, value)
         else:
