@@ -18,6 +18,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from batch_bridge.emulator import EmulatorConfig, run_emulator
+from batch_bridge.emulator.config import ConfigError
 from batch_bridge.emulator.runner import Emulator
 from batch_bridge.emulator.schema_gen import generate
 from batch_bridge.emulator.tokens import tokenizer_path
@@ -276,6 +277,8 @@ def test_cache_hits_are_best_effort_at_the_configured_rate(emu: Emulator, client
     emu.configure(cache_hit_rate=1.0)
     usages = [r.message.usage for r in run_batch(client, items).values()]
     assert sum(1 for u in usages if u.cache_creation_input_tokens) == 1
+    with pytest.raises(ConfigError, match="cache_hit_rate: 1.5 is not a share between 0 and 1"):
+        emu.configure(cache_hit_rate=1.5)
 
 
 def test_short_prefixes_are_not_cached_unless_the_minimum_is_lowered(emu: Emulator, client: anthropic.Anthropic) -> None:
