@@ -43,7 +43,7 @@ import duckdb
 from . import api, collect, state
 from .config import Settings
 from .errors import ApiAccountError, ApiRequestRejected, BudgetExceeded
-from .estimate import Estimate, calibration, estimate_job, input_tokens_sql
+from .estimate import Counting, Estimate, calibration, estimate_job, input_tokens_sql
 from .export import (HASH_VERSION, InputLimit, JobPlan, WarehouseAccess, classify, key_json_sql, measure, stage,
                      warehouse_attached, write_requests)
 from .jobs import Job, quote_literal
@@ -137,18 +137,29 @@ def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: d
     )
 
 
+def counting_for(settings: Settings, client: anthropic.Anthropic | None) -> Counting | None:
+    """The token counting endpoint of `client` for estimates; None offline or when counting is off."""
+    if client is None or settings.count_sample == 0:
+        return None
+    return Counting(lambda params: api.count_tokens(client, params), api.endpoint_of(client),
+                    sample=settings.count_sample, workers=settings.concurrency)
+
+
 def plan_jobs(
     con: duckdb.DuckDBPyConnection, settings: Settings, jobs: list[Job], *, progress: Progress = Silent(),
     prepare: Callable[[Job, JobPlan, duckdb.DuckDBPyConnection, dict[str, str]], None] | None = None,
     warehouse: WarehouseAccess | None = None, preflights: dict[str, JobPreflight] | None = None,
+    client: anthropic.Anthropic | None = None,
 ) -> tuple[list[JobPlan], dict[str, Estimate]]:
     """Stage and classify every job (warehouse attached read-only, or read through `warehouse`);
     optionally prepare submissions.
 
     With the preflight's findings, rows longer than the model's context window are `too_long`, and
-    each plan carries the findings (with a warning when a cache marked in the job cannot work)."""
+    each plan carries the findings (with a warning when a cache marked in the job cannot work). With a
+    client, input tokens are counted by the API (see estimate.py); without, a rule estimates them."""
     plans, estimates = [], {}
     book = load_prices(settings.prices_file)
+    counting = counting_for(settings, client)
     by_catalog: dict[str, list[Job]] = {}
     for j in jobs:
         by_catalog.setdefault(j.relation.database, []).append(j)
@@ -162,7 +173,10 @@ def plan_jobs(
                 classify(con, job, plan, _input_limit(con, job, found))
                 if plan.send_requests:
                     measure(con, job, plan, settings.max_queued_requests)
-                estimates[job.name] = estimate_job(con, job, plan, book)
+                estimates[job.name] = estimate_job(con, job, plan, book, counting,
+                                                   cache_hit_rate=settings.cache_hit_rate)
+                for warning in estimates[job.name].warnings:
+                    progress.step(f"{job.name}: warning: {warning}")
                 warning = cache_warning(job, estimates[job.name])
                 plan.preflight = found.to_json()
                 if warning:
@@ -290,12 +304,13 @@ def prepare_submissions(
         # Budgets are checked on a dry plan first, so that a refused job writes nothing at all (and
         # no job is sent when another is refused). Without any budget there is nothing to check.
         if max_cost is not None or any(j.budget_usd is not None for j in jobs):
-            plans, estimates = plan_jobs(con, settings, jobs, progress=Silent(), warehouse=warehouse, preflights=found)
+            plans, estimates = plan_jobs(con, settings, jobs, progress=Silent(), warehouse=warehouse, preflights=found,
+                                         client=client)
             for plan in plans:
                 check_budget(plan.job, estimates[plan.job.name], max_cost)
         names: list[str] = []
         plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names, fault),
-                                     warehouse=warehouse, preflights=found)
+                                     warehouse=warehouse, preflights=found, client=client)
         record_estimates(con, plans, estimates, names)
     report_preflight(plans, progress)
     report.plans, report.estimates = plans, estimates
