@@ -209,7 +209,8 @@ def test_f_motherduck_path_is_passed_through_and_nothing_on_disk_is_needed(world
     assert s.dbt_env()["BATCH_BRIDGE_WAREHOUSE"] == "md:shop_prod?motherduck_token="
     # Commands that need no warehouse work with nothing on disk; the source points at the project's home.
     out = bridge(monkeypatch, shop, "sources")
-    assert "env_var('BATCH_BRIDGE_HOME', '.batch_bridge')" in out and "name: item_labels" in out
+    (src,) = yaml.safe_load(out)["sources"]
+    assert "env_var('BATCH_BRIDGE_HOME', '.batch_bridge')" in src["config"]["meta"] and "name: item_labels" in out
     assert not list(world.rglob("*.duckdb")) and not list(world.rglob("md:*"))
 
 

@@ -6,6 +6,7 @@ needed to generate the YAML (the end-to-end use is in test_layouts.py and test_i
 
 from __future__ import annotations
 
+import jinja2.nativetypes
 import pytest
 import yaml
 
@@ -45,8 +46,13 @@ def test_one_table_per_job_with_every_published_column_typed_tests_and_freshness
     assert src["name"] == "batch_bridge"
     assert src["config"]["loaded_at_field"] == "collected_at"
     assert src["config"]["freshness"]["warn_after"] == {"count": 1, "period": "day"}
-    assert src["config"]["meta"]["external_location"] == (
-        "read_parquet('{{ env_var('BATCH_BRIDGE_HOME', '.batch_bridge') }}/results/{name}/current.parquet')")
+    # One Jinja expression serves both ways of running: dbt renders it per target (natively, to a dict).
+    render = jinja2.nativetypes.NativeEnvironment().from_string(src["config"]["meta"]).render
+    env_var = lambda name, default=None: default  # noqa: E731 - BATCH_BRIDGE_HOME unset
+    assert render(env_var=env_var, target={"type": "duckdb"}) == {
+        "external_location": "read_parquet('.batch_bridge/results/{name}/current.parquet')"}
+    plugin = {"type": "duckdb", "plugins": [{"module": "batch_bridge.dbt_plugin", "alias": "batch_bridge"}]}
+    assert render(env_var=env_var, target=plugin) == {"plugin": "batch_bridge"}
     notes, memos = src["tables"]
     cols = {c["name"]: c for c in notes["columns"]}
     assert list(cols) == ["shop", "note_id", *COLUMNS_AFTER_KEYS[:4], "tone", "tags", "score", *COLUMNS_AFTER_KEYS[4:]]
