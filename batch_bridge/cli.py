@@ -124,17 +124,24 @@ def common(fn: Callable) -> Callable:
     return project_options(fn)
 
 
+def lane_option(fn: Callable) -> Callable:
+    """--lane: where this run's requests go, over each job's `lane` field."""
+    return click.option("--lane", type=click.Choice(["batch", "sync", "auto"]),
+                        help="batch, sync (synchronous Messages calls) or auto, for this run [job's lane; batch]")(fn)
+
+
 def _settings(project_dir: str | None, profiles_dir: str | None, target: str | None, **kw: Any):
     from .config import resolve
 
     return resolve(project_dir=project_dir, profiles_dir=profiles_dir, target=target, **kw)
 
 
-def _setup(project_dir, profiles_dir, target, jobs, **kw):
+def _setup(project_dir, profiles_dir, target, jobs, lane=None, **kw):
     from .bridge import load_jobs
+    from .jobs import with_lane
 
     settings = _settings(project_dir, profiles_dir, target, **kw)
-    return settings, load_jobs(settings, jobs)
+    return settings, with_lane(load_jobs(settings, jobs), lane)
 
 
 def _client(settings):
@@ -204,9 +211,10 @@ def plan(project_dir, profiles_dir, target, jobs, as_json):
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @common
 @click.option("--max-cost", type=float, help="refuse (and send nothing) if the estimate exceeds this many USD")
+@lane_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @handle_errors
-def submit(project_dir, profiles_dir, target, jobs, max_cost, as_json):
+def submit(project_dir, profiles_dir, target, jobs, max_cost, lane, as_json):
     """Export the rows that need an answer and submit them; returns once batches are created.
 
     Example: batch-bridge submit --max-cost 5
@@ -214,15 +222,16 @@ def submit(project_dir, profiles_dir, target, jobs, max_cost, as_json):
     from .bridge import plan_to_json, submit as do_submit
     from .state import exclusive
 
-    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, lane)
     progress = StderrProgress()
     with exclusive(settings):
         report = do_submit(settings, job_list, _client(settings), max_cost=max_cost, progress=progress)
     data = {
-        "batches": report.batches, "adopted": report.adopted, **_create_outcomes(report),
+        "batches": report.batches, "adopted": report.adopted, **_create_outcomes(report), **_sync_lane(report),
         "jobs": [plan_to_json(p, report.estimates.get(p.job.name)) for p in report.plans],
     }
-    _emit(data, as_json, lambda d: f"submitted {len(d['batches'])} batch(es)" + "".join(f"\n  {b}" for b in d["batches"]))
+    _emit(data, as_json, lambda d: f"submitted {len(d['batches'])} batch(es)" + "".join(f"\n  {b}" for b in d["batches"])
+          + _sync_text(d))
     _exit_if_rejected(report.rejected)
 
 
@@ -231,6 +240,17 @@ def _create_outcomes(report) -> dict:
     room, creates the API rejected for good."""
     return {"pending_reconciliation": report.pending_unknown, "waiting_for_queue": report.waiting_for_queue,
             "rejected": report.rejected}
+
+
+def _sync_lane(report) -> dict:
+    """What the sync lane did, for --json: calls answered per job, runs ended, answers loaded."""
+    return {"sync_lane": {"answered": report.sync.answered, "runs": report.sync.runs, "calls": report.sync.calls,
+                          "loaded": report.sync_loaded}}
+
+
+def _sync_text(d: dict) -> str:
+    answered = d["sync_lane"]["answered"]
+    return ("\nanswered synchronously: " + ", ".join(f"{k}: {v:,}" for k, v in answered.items())) if answered else ""
 
 
 def _exit_if_rejected(rejected: dict[str, str]) -> None:
@@ -276,19 +296,22 @@ def collect(project_dir, profiles_dir, target, jobs, as_json):
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @common
 @click.option("--max-cost", type=float, help="refuse (and send nothing) if the estimate exceeds this many USD")
+@lane_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @handle_errors
-def sync(project_dir, profiles_dir, target, jobs, max_cost, as_json):
+def sync(project_dir, profiles_dir, target, jobs, max_cost, lane, as_json):
     """Collect what has ended, then submit what is new; never waits. The command an hourly schedule runs.
 
     Example: batch-bridge sync --project-dir dbt_project
     """
     from .bridge import sync as do_sync
 
-    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, lane)
     c, s = do_sync(settings, job_list, _client(settings), max_cost=max_cost, progress=StderrProgress())
-    data = {"collect": _collect_json(c), "submitted": s.batches, "adopted": s.adopted, **_create_outcomes(s)}
-    _emit(data, as_json, lambda d: _collect_text(d["collect"]) + f"\nsubmitted {len(d['submitted'])} batch(es)")
+    data = {"collect": _collect_json(c), "submitted": s.batches, "adopted": s.adopted, **_create_outcomes(s),
+            **_sync_lane(s)}
+    _emit(data, as_json, lambda d: _collect_text(d["collect"]) + f"\nsubmitted {len(d['submitted'])} batch(es)"
+          + _sync_text(d))
     _exit_if_rejected(s.rejected)
 
 
@@ -319,21 +342,22 @@ def wait(project_dir, profiles_dir, target, jobs, timeout, poll_interval, as_jso
 @click.option("--max-cost", type=float, help="refuse (and send nothing) if the estimate exceeds this many USD")
 @click.option("--timeout", type=float, help="stop waiting after this many seconds (exit 3; run again to resume)")
 @click.option("--poll-interval", type=float, help="seconds between polls [BATCH_BRIDGE_POLL_INTERVAL, 30]")
+@lane_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @handle_errors
-def run(project_dir, profiles_dir, target, jobs, max_cost, timeout, poll_interval, as_json):
+def run(project_dir, profiles_dir, target, jobs, max_cost, timeout, poll_interval, lane, as_json):
     """Submit, wait, and collect each batch as it ends: for pipelines that can wait.
 
     Example: batch-bridge run --poll-interval 5 --timeout 7200
     """
     from .bridge import run as do_run
 
-    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, poll_interval=poll_interval)
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, lane, poll_interval=poll_interval)
     s, w = do_run(settings, job_list, _client(settings), max_cost=max_cost, timeout=timeout, progress=StderrProgress())
     data = {"submitted": s.batches, "adopted": s.adopted, "polls": w.polls, "loaded": w.collected,
-            **_create_outcomes(s)}
+            **_create_outcomes(s), **_sync_lane(s)}
     _emit(data, as_json, lambda d: f"submitted {len(d['submitted'])} batch(es); loaded "
-          + (", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new"))
+          + (", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new") + _sync_text(d))
     _exit_if_rejected(s.rejected)
 
 
@@ -434,9 +458,10 @@ def report(project_dir, profiles_dir, target, jobs, out, since):
 @click.option("--max-cost", type=float, help="refuse (and send nothing) if the estimate exceeds this many USD")
 @click.option("--timeout", type=float, help="with --wait: stop waiting after this many seconds (exit 3)")
 @click.option("--poll-interval", type=float, help="with --wait: seconds between polls")
+@lane_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @handle_errors
-def pipeline(project_dir, profiles_dir, target, jobs, wait_, max_cost, timeout, poll_interval, as_json):
+def pipeline(project_dir, profiles_dir, target, jobs, wait_, max_cost, timeout, poll_interval, lane, as_json):
     """A whole scheduled run: dbt build (upstream of the jobs), sync (or --wait: run), dbt build (downstream).
 
     Upstream/downstream are the project's selectors bb_upstream/bb_downstream when defined, otherwise
@@ -445,11 +470,11 @@ def pipeline(project_dir, profiles_dir, target, jobs, wait_, max_cost, timeout, 
     """
     from .pipeline import run_pipeline
 
-    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, poll_interval=poll_interval)
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, lane, poll_interval=poll_interval)
     r = run_pipeline(settings, job_list, _client(settings), wait=wait_, max_cost=max_cost, timeout=timeout,
                      progress=StderrProgress())
     data = {"upstream": r.upstream, "downstream": r.downstream, "submitted": r.submitted, "loaded": r.loaded,
-            "rejected": r.rejected}
+            "answered_sync": r.answered_sync, "rejected": r.rejected}
     _emit(data, as_json, lambda d: f"submitted {len(d['submitted'])} batch(es); loaded "
           + (", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new"))
     _exit_if_rejected(r.rejected)

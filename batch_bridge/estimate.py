@@ -49,9 +49,17 @@ class Estimate:
     batch_usd_max: float | None  # if every answer used max_tokens
     sync_usd: float | None  # the same work through synchronous calls, without caching
     method: str  # how the numbers were obtained, for people reading `plan`
+    sync_lane_usd: float | None = None  # the sync lane: standard prices, the prefix cached once then read
+    lane: str = "batch"  # the lane the requests take (lanes.route)
+
+    @property
+    def lane_usd(self) -> float | None:
+        """Expected cost in the lane the requests take: what budgets are held to."""
+        return self.sync_lane_usd if self.lane == "sync" else self.batch_usd
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "lane_usd": self.lane_usd}
+
 
 
 def tokens(nchars: float) -> int:
@@ -186,4 +194,16 @@ def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: 
         batch_usd_max=cost(out_max, True, True),
         sync_usd=book.cost(job.model, input_tokens=total_input, output_tokens=out_total, batch=False) if price else None,
         method=method,
+        sync_lane_usd=_sync_lane_cost(book, job, total_input, out_total, cached_prefix if cache_write else 0, n),
+        lane=plan.lane,
     )
+
+
+def _sync_lane_cost(book: PriceBook, job: Job, total_input: int, out_total: int, prefix: int, n: int) -> float | None:
+    """Standard prices; a cacheable prefix is written by the first call and read by the others."""
+    if not n:
+        return 0.0 if book.lookup(job.model) else None
+    write, read = (prefix, prefix * (n - 1)) if prefix else (0, 0)
+    return book.cost(job.model, input_tokens=max(0, total_input - write - read), output_tokens=out_total,
+                     cache_5m=write if job.cache_ttl == "5m" else 0, cache_1h=write if job.cache_ttl == "1h" else 0,
+                     cache_read=read, batch=False)

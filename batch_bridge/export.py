@@ -78,6 +78,8 @@ class JobPlan:
     prompt_bytes: int = 0  # of the requests to send
     prompt_chars: int = 0
     chunks: list[Chunk] = field(default_factory=list)
+    lane: str = "batch"  # where this run's requests go (lanes.route): batch | sync
+    lane_why: str = ""
 
     @property
     def deduplicated(self) -> int:
