@@ -22,10 +22,12 @@ from typing import Callable, Iterator
 
 import anthropic
 import httpx2
+from anthropic.types import Message
 from anthropic.types.messages import MessageBatch
 
 from .config import Settings
 from .errors import ApiAccountError, ApiAuthError, ApiError, ApiRequestRejected, ConfigError, ResultsError
+from .model_info import ModelFacts, facts_of
 
 CHUNK = 1 << 20
 BODY_HEAD = b'{"requests":['
@@ -301,6 +303,29 @@ def sleep_backoff(attempt: int, retry_after: float | None, sleep: Callable[[floa
                   cap: float = 30.0) -> None:
     """Sleep `backoff(attempt, retry_after, cap)`."""
     sleep(backoff(attempt, retry_after, cap))
+
+
+# --- the Models API and synchronous Messages (preflight and preview) ---------------------------
+
+
+def retrieve_model(client: anthropic.Anthropic, model: str, *, timeout: float) -> ModelFacts:
+    """What the Models API says of `model` (an alias or an id). One try with a short timeout: a
+    preflight must never hold a submission up; NotFound when the API does not know the model."""
+    with translated(f"model {model}"):
+        return facts_of(client.with_options(max_retries=0, timeout=timeout).models.retrieve(model))
+
+
+def list_model_ids(client: anthropic.Anthropic, *, timeout: float) -> list[str]:
+    """Ids of every model the API lists (active and deprecated), for did-you-mean suggestions."""
+    with translated("list models"):
+        return [m.id for m in client.with_options(max_retries=0, timeout=timeout).models.list(limit=1000)]
+
+
+def create_message(client: anthropic.Anthropic, params: dict, *, timeout: float = 120.0) -> Message:
+    """One synchronous Messages call with exactly `params` as the body (the body a batch line carries:
+    posted as is, because the SDK's typed `messages.create` does not take every field, e.g. `top_k`)."""
+    with translated("messages"):
+        return client.with_options(timeout=timeout).post("/v1/messages", body=params, cast_to=Message)
 
 
 # --- synchronous Messages calls (the sync lane) -----------------------------------------------

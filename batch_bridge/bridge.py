@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import anthropic
 
-from . import api, collect as collect_mod, state, submit as submit_mod, sync_lane
+from . import api, collect as collect_mod, preflight, state, submit as submit_mod, sync_lane
 from .config import Settings
 from .dbt_runner import load_manifest
 from .errors import CreateRejected, WaitTimeout
@@ -56,10 +56,14 @@ def crash_point(point: str) -> None:
 # --- plan ---------------------------------------------------------------------------------------
 
 
-def plan(settings: Settings, jobs: list[Job], *, progress: Progress = Silent()) -> tuple[list[JobPlan], dict[str, Estimate]]:
-    """What `submit` would send now; sends and records nothing."""
+def plan(
+    settings: Settings, jobs: list[Job], *, progress: Progress = Silent(), client: anthropic.Anthropic | None = None,
+) -> tuple[list[JobPlan], dict[str, Estimate]]:
+    """What `submit` would send now, after the same preflight (without a client: what it could not
+    check is said); sends and records nothing but what the Models API answered."""
     with state.connect(settings) as con:
-        return submit_mod.plan_jobs(con, settings, jobs, progress=progress)
+        found = preflight.check_jobs(con, settings, jobs, client)
+        return submit_mod.plan_jobs(con, settings, jobs, progress=progress, preflights=found)
 
 
 def plan_to_json(p: JobPlan, e: Estimate | None) -> dict[str, Any]:
@@ -83,6 +87,7 @@ def plan_to_json(p: JobPlan, e: Estimate | None) -> dict[str, Any]:
         "batches": [{"requests": c.requests, "bytes": c.body_bytes} for c in p.chunks] if p.lane == "batch" else [],
         "bytes": p.body_bytes,
         "estimate": e.to_json() if e else None,
+        "preflight": p.preflight,
     }
 
 
@@ -114,7 +119,7 @@ def submit(
     leftover = submit_mod.send_pending(client, settings, jobs=names, job_defs=defs, progress=Silent(), sleep=sleep,
                                        fault=crash_point)
     report = submit_mod.prepare_submissions(settings, jobs, max_cost=max_cost, progress=progress, fault=crash_point,
-                                            warehouse=warehouse)
+                                            warehouse=warehouse, client=client)
     crash_point("after_prepare")
     sent = submit_mod.send_pending(client, settings, jobs=names, job_defs=defs, progress=progress, sleep=sleep,
                                    fault=crash_point)

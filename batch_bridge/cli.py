@@ -185,6 +185,11 @@ def _plan_text(data: dict) -> str:
             lines.append(f"  tokens             in {e['input_tokens']:,} + cache write {e['cache_write_tokens']:,} "
                          f"+ cache read {e['cache_read_tokens']:,}; out ~{e['output_tokens']:,}")
             lines.append(f"  how                {e['method']}")
+        pf = j.get("preflight") or {}
+        for w in pf.get("warnings", []):
+            lines.append(f"  warning: {w}")
+        for u in pf.get("unchecked", []):
+            lines.append(f"  not checked: {u}")
     return "\n".join(lines) or "no jobs"
 
 
@@ -195,14 +200,87 @@ def _plan_text(data: dict) -> str:
 def plan(project_dir, profiles_dir, target, jobs, as_json):
     """Show what `submit` would send now (rows, batches, bytes, skipped rows and why, cost); sends nothing.
 
-    Example: batch-bridge plan --job review_enrichment --json
+    Runs the preflight first (the model, its limits and capabilities, the output schema): a job the API
+    would refuse exits 2. Example: batch-bridge plan --job review_enrichment --json
     """
     from .bridge import plan as do_plan, plan_to_json
 
     settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
-    plans, estimates = do_plan(settings, job_list, progress=StderrProgress(quiet=as_json))
+    client = _client(settings) if settings.api_key else None  # without a key the preflight says what it skipped
+    plans, estimates = do_plan(settings, job_list, progress=StderrProgress(quiet=as_json), client=client)
     data = {"jobs": [plan_to_json(p, estimates.get(p.job.name)) for p in plans]}
     _emit(data, as_json, _plan_text)
+
+
+# --- preview ------------------------------------------------------------------------------------
+
+
+def _money(x: float | None) -> str:
+    return "unknown" if x is None else f"${x:,.4f}"
+
+
+def _preview_text(d: dict) -> str:
+    out = [f"job {d['job']} ({d['model']}): {len(d['rows'])} row(s) at {d['prices']} prices; "
+           f"cost {_money(d['cost_usd'])}"]
+    for w in d["warnings"]:
+        out.append(f"warning: {w}")
+    for r in d["rows"]:
+        q = r["request"]
+        out.append(f"\n--- {r['why']} prompt ({q['prompt_chars']:,} characters), key {json.dumps(r['key'])}")
+        if q["system"]:
+            out.append(f"system:  {q['system']}")
+        if q["few_shot_turns"]:
+            out.append(f"few-shot turns: {q['few_shot_turns']}")
+        out.append(f"prompt:  {q['prompt']}")
+        if r["error"]:
+            out.append(f"error:   {r['error']}")
+            continue
+        out.append(f"answer ({r['stop_reason']}):\n{r['answer']}")
+        if r["parsed"] is not None:
+            out.append("columns: " + json.dumps(r["parsed"], ensure_ascii=False, default=str))
+        if r["parse_error"]:
+            out.append(f"parse failure: {r['parse_error']}")
+        u = r["usage"]
+        out.append(f"tokens:  in {u['input_tokens']:,} (cache write {u['cache_creation_input_tokens']:,}, read "
+                   f"{u['cache_read_input_tokens']:,}), out {u['output_tokens']:,}; cost {_money(r['cost_usd'])}")
+    return "\n".join(out)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@project_options
+@click.option("--job", "job_name", help="the job to preview (needed when the project has several)")
+@click.option("--rows", type=int, default=3, show_default=True,
+              help="how many rows: the longest, the shortest and a typical prompt, then others spread by length")
+@click.option("--key", "keys", multiple=True, help="preview the row with this key (repeatable; a JSON array for "
+              "a key of several columns) instead of choosing by length")
+@click.option("--yes", is_flag=True, help="do not ask before spending more than $0.50")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handle_errors
+def preview(project_dir, profiles_dir, target, job_name, rows, keys, yes, as_json):
+    """Send a few rows through the synchronous Messages API and show request, answer, parsed columns, cost.
+
+    Uses the exact request body of each row's batch line, at standard (not batch) prices; records
+    nothing that changes what `sync` sends. Example: batch-bridge preview --job review_enrichment --rows 3
+    """
+    from . import preview as pv
+    from .errors import ConfigError
+
+    settings, job_list = _setup(project_dir, profiles_dir, target, (job_name,) if job_name else ())
+    if len(job_list) != 1:
+        raise ConfigError(f"--job is needed: the project declares {len(job_list)} jobs: "
+                          f"{', '.join(j.name for j in job_list) or '(none)'}")
+    client = _client(settings)
+    plan = pv.prepare(settings, job_list[0], client, rows=rows, keys=tuple(keys))
+    progress = StderrProgress()
+    progress.step(f"previewing {len(plan.rows)} row(s) of {plan.job.name}: at most {_money(plan.max_usd)} "
+                  "at standard prices (if every answer used max_tokens)")
+    over = plan.max_usd is None or plan.max_usd > pv.ASK_ABOVE_USD
+    if over and not yes and sys.stdin.isatty() and sys.stderr.isatty():
+        if not click.confirm(f"spend up to {_money(plan.max_usd)}?", err=True):
+            click.echo("nothing sent", err=True)
+            sys.exit(0)
+    data = pv.send(settings, plan, client).to_json()
+    _emit(data, as_json, _preview_text)
 
 
 # --- submit / collect / sync --------------------------------------------------------------------

@@ -37,6 +37,7 @@ ENV_PRICES = "BATCH_BRIDGE_PRICES"
 ENV_RETENTION_DAYS = "BATCH_BRIDGE_RETENTION_DAYS"
 ENV_CONCURRENCY = "BATCH_BRIDGE_CONCURRENCY"
 ENV_MEMORY_LIMIT = "BATCH_BRIDGE_MEMORY_LIMIT"
+ENV_PREFLIGHT_TIMEOUT = "BATCH_BRIDGE_PREFLIGHT_TIMEOUT"
 ENV_MAX_QUEUED = "BATCH_BRIDGE_MAX_QUEUED_REQUESTS"
 ENV_RECONCILE_GRACE = "BATCH_BRIDGE_RECONCILE_GRACE"
 ENV_CREATE_TIMEOUT = "BATCH_BRIDGE_CREATE_TIMEOUT"
@@ -75,6 +76,7 @@ class Settings:
     retention_days: float | None = None  # archives older than this are removed by `purge`
     memory_limit: str = DEFAULT_MEMORY_LIMIT  # DuckDB's memory for the bridge's work; it spills to disk beyond
     memory_limit_set: bool = False  # given by the user (BATCH_BRIDGE_MEMORY_LIMIT): a cap, never raised for wide rows
+    preflight_timeout: float = 5.0  # seconds the Models API gets (one try) before the preflight goes on without it
     max_queued_requests: int = DEFAULT_MAX_QUEUED  # requests the bridge keeps in in_progress batches at once
     # How long a create of unknown outcome (timeout, reset, 5xx) is looked for in `list`, counted from when
     # its outcome became unknown, before its file is sent again. The API has no idempotency key, and a new
@@ -378,6 +380,7 @@ def resolve(
         retention_days=float(retention) if retention else None,
         memory_limit=_memory(env.get(ENV_MEMORY_LIMIT) or DEFAULT_MEMORY_LIMIT),
         memory_limit_set=bool(env.get(ENV_MEMORY_LIMIT)),
+        preflight_timeout=_float(env, ENV_PREFLIGHT_TIMEOUT, 5.0),
         max_queued_requests=max_queued,
         reconcile_grace=grace,
         create_timeout=create_timeout,

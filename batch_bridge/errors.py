@@ -5,7 +5,9 @@ command later can help (`transient`), so schedulers and our own retry loops neve
 
     BatchBridgeError
     ├── ConfigError            bad flag, environment variable, profile or project (terminal)
-    │   └── JobDefinitionError job YAML under meta.batch_bridge is invalid (terminal)
+    │   ├── JobDefinitionError job YAML under meta.batch_bridge is invalid (terminal)
+    │   └── PreflightRefused   the API would refuse every request of a job (model, limits, schema); nothing sent
+    │       └── UnknownModel   the job's model is not one the Models API knows (with a did-you-mean)
     ├── WarehouseError         the warehouse or staging relation can't be read
     │   └── WarehouseLocked    another process (usually dbt) holds the file (transient)
     ├── StateError             the bridge's own state file is unusable
@@ -53,6 +55,14 @@ class JobDefinitionError(ConfigError):
             f"job {job!r}: meta.batch_bridge.{field} = {value!r} is not valid; allowed: {allowed}",
             hint=hint,
         )
+
+
+class PreflightRefused(ConfigError):
+    """A job's requests would all fail (retired model, no batch support, max_tokens, schema): nothing was sent."""
+
+
+class UnknownModel(PreflightRefused):
+    """The Models API does not know the job's model; the hint suggests the closest one it lists."""
 
 
 class WarehouseError(BatchBridgeError):

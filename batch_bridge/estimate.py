@@ -49,6 +49,8 @@ class Estimate:
     batch_usd_max: float | None  # if every answer used max_tokens
     sync_usd: float | None  # the same work through synchronous calls, without caching
     method: str  # how the numbers were obtained, for people reading `plan`
+    cache_prefix_tokens: int = 0  # the prefix marked for caching (0: none is marked)
+    cache_min_tokens: int | None = None  # the shortest prefix the model caches (None: model not priced)
     sync_lane_usd: float | None = None  # the sync lane: standard prices, the prefix cached once then read
     lane: str = "batch"  # the lane the requests take (lanes.route)
 
@@ -110,12 +112,24 @@ def _schema_tokens(schema: dict[str, Any]) -> float:
     return _answer_chars(schema) / CHARS_PER_TOKEN + 1
 
 
-def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: PriceBook) -> Estimate:
-    n = plan.send_requests
-    price = book.lookup(job.model)
-    # Calibrate on the job's most recent answers only: enough to learn its sizes, and a plan over
-    # millions of answered rows stays fast. They are looked for in the latest collected batches that
-    # hold that many answers, not sorted out of the whole history.
+@dataclass(frozen=True)
+class Calibration:
+    """What the job's latest answers say of its sizes: billed input tokens per estimated one, mean output."""
+
+    seen: int  # answers looked at
+    scale: float  # billed input tokens / estimated ones (1.0 without history)
+    output_mean: float | None
+
+
+def fixed_tokens(job: Job) -> int:
+    """Input tokens every request of the job has besides its prompt text: the shared prefix and framing."""
+    return prefix_tokens(job) + MESSAGE_OVERHEAD_TOKENS
+
+
+def calibration(con: duckdb.DuckDBPyConnection, job: Job) -> Calibration:
+    """Calibrate on the job's most recent answers only: enough to learn its sizes, and a plan over
+    millions of answered rows stays fast. They are looked for in the latest collected batches that
+    hold that many answers, not sorted out of the whole history."""
     hist = con.execute(
         """
         WITH latest AS (
@@ -141,16 +155,31 @@ def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: 
         {"job": job.name, "recent": RECENT_ANSWERS},
     ).fetchone()
     seen, hist_tokens, hist_chars, hist_out = hist
-    shared = prefix_tokens(job)
-    fixed = shared + MESSAGE_OVERHEAD_TOKENS  # the row's own user message framing
-    per_row_estimate = tokens(plan.prompt_chars) + fixed * n
-    method = "input: characters / 4 of every text, plus framing and schema"
     scale = 1.0
     if seen and hist_tokens and hist_chars is not None:
-        guessed = tokens(hist_chars) + fixed * seen
+        guessed = tokens(hist_chars) + fixed_tokens(job) * seen
         if guessed:
             scale = hist_tokens / guessed
-            method += f", scaled x{scale:.2f} by {seen:,} earlier answers"
+    return Calibration(int(seen or 0), scale, float(hist_out) if seen and hist_out is not None else None)
+
+
+def input_tokens_sql(job: Job, scale: float, chars: str) -> str:
+    """SQL of one request's input tokens by the same rule as `estimate_job`, from the SQL `chars` of
+    its prompt: for checking rows against the context window set-wise."""
+    return f"((ceil({chars} / {CHARS_PER_TOKEN!r}) + {fixed_tokens(job)}) * {scale!r})"
+
+
+def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: PriceBook) -> Estimate:
+    n = plan.send_requests
+    price = book.lookup(job.model)
+    cal = calibration(con, job)
+    seen, scale = cal.seen, cal.scale
+    shared = prefix_tokens(job)
+    fixed = fixed_tokens(job)  # the shared prefix and the row's own user message framing
+    per_row_estimate = tokens(plan.prompt_chars) + fixed * n
+    method = "input: characters / 4 of every text, plus framing and schema"
+    if scale != 1.0:
+        method += f", scaled x{scale:.2f} by {seen:,} earlier answers"
     total_input = int(per_row_estimate * scale)
     # The cacheable prefix: system prompt and few-shot turns (the schema and tools are in it too).
     cached_prefix = int(shared * scale) if job.cache_ttl != "none" and (job.system or job.few_shot) else 0
@@ -161,8 +190,8 @@ def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: 
         cache_read = cached_prefix * (n - min(batches, n))
         method += f"; shared prefix of ~{cached_prefix:,} tokens cached ({job.cache_ttl})"
     uncached = max(0, total_input - cache_write - cache_read)
-    if seen and hist_out is not None:
-        out_each = min(float(hist_out), job.max_tokens)
+    if cal.output_mean is not None:
+        out_each = min(cal.output_mean, job.max_tokens)
         method += f"; output: mean of {seen:,} earlier answers"
     elif job.answer_schema is not None:
         out_each = min(_schema_tokens(job.answer_schema), job.max_tokens)
@@ -194,6 +223,8 @@ def estimate_job(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: 
         batch_usd_max=cost(out_max, True, True),
         sync_usd=book.cost(job.model, input_tokens=total_input, output_tokens=out_total, batch=False) if price else None,
         method=method,
+        cache_prefix_tokens=cached_prefix,
+        cache_min_tokens=price.min_cache_tokens if price else None,
         sync_lane_usd=_sync_lane_cost(book, job, total_input, out_total, cached_prefix if cache_write else 0, n),
         lane=plan.lane,
     )

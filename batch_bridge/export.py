@@ -43,6 +43,7 @@ REJECTED_REASONS = {
     "duplicate_key": "the key appears on more than one row (none of them is sent)",
     "empty_prompt": "the prompt is NULL or blank",
     "too_large": "the request is larger than a batch may be",
+    "too_long": "the prompt is longer than the model's context window (max_input_tokens)",
     "invalid_request": "the API answered invalid_request_error for this exact input; change the input or job",
     "attempts_exhausted": "retryable failures reached max_attempts for this input",
     "parse_failed": "the answer did not match the output schema (retry_parse_failed is false)",
@@ -68,6 +69,17 @@ class Chunk:
     body_bytes: int
 
 
+@dataclass(frozen=True)
+class InputLimit:
+    """The model's context window and how a row's input tokens are counted, as SQL over a `bb_staged`
+    row `s` (`estimate.input_tokens_sql`: the calibrated rule). A counter that asks the API
+    (count_tokens) plugs in here with SQL that reads its counts, e.g. from a temp table it filled
+    for the rows the rule puts near the limit."""
+
+    max_input_tokens: int
+    tokens_sql: str
+
+
 @dataclass
 class JobPlan:
     job: Job
@@ -80,6 +92,7 @@ class JobPlan:
     chunks: list[Chunk] = field(default_factory=list)
     lane: str = "batch"  # where this run's requests go (lanes.route): batch | sync
     lane_why: str = ""
+    preflight: dict | None = None  # what the preflight found (preflight.JobPreflight.to_json)
 
     @property
     def deduplicated(self) -> int:
@@ -308,6 +321,7 @@ def _staged_select(job: Job, source: str) -> str:
         SELECT {names}, bb_rowid, custom_id, custom_id IS NULL AS key_null, prompt_empty,
                CASE WHEN NOT prompt_empty THEN md5_number({quote_literal(job.static_hash)} || bb_prompt) END AS input_hash,
                coalesce(strlen(bb_prompt), 0) AS prompt_bytes,
+               CASE WHEN NOT prompt_empty THEN length(bb_prompt) END AS prompt_chars,
                CASE WHEN NOT prompt_empty THEN {fingerprint_sql('bb_prompt')} END AS fingerprint
         FROM (
             SELECT {keys}, s.bb_rowid, {prompt_sql(job)} AS bb_prompt, {custom_id_sql(job)} AS custom_id, {empty} AS prompt_empty
@@ -381,8 +395,10 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
     return {k: columns[k] for k in job.key}
 
 
-def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
-    """Pass 2: one disposition per staged row, in `bb_classified`; counts (hits included) into `plan`."""
+def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, input_limit: InputLimit | None = None) -> None:
+    """Pass 2: one disposition per staged row, in `bb_classified`; counts (hits included) into `plan`.
+
+    With an `input_limit`, a row whose input would exceed the model's context window is `too_long`."""
     prefix, suffix = job.params_split()
     # A request line is {"custom_id":<id>,"params":<prefix><json prompt><suffix>}; JSON escaping can only
     # grow the prompt, so a prompt whose raw bytes already exceed the cap can never fit.
@@ -391,6 +407,8 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
     # Failures that count against max_attempts; parse failures count only when they are retried.
     failures = "coalesce(o.retryable, 0)" + (" + coalesce(o.parse_failed, 0)" if job.retry_parse_failed else "")
     unparsable = "false" if job.retry_parse_failed else "coalesce(o.parse_failed, 0) > 0"
+    tokens = f"CAST({input_limit.tokens_sql} AS BIGINT)" if input_limit else "NULL::BIGINT"
+    window = input_limit.max_input_tokens if input_limit else None
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE bb_classified AS
@@ -404,6 +422,7 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
         )
         SELECT s.*,
                {failures} AS failures,
+               {tokens} AS input_tokens_est,
                CASE
                  WHEN s.key_null THEN 'null_key'
                  WHEN d.custom_id IS NOT NULL THEN 'duplicate_key'
@@ -415,6 +434,7 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
                  WHEN {unparsable} THEN 'parse_failed'
                  WHEN {failures} >= $max_attempts THEN 'attempts_exhausted'
                  WHEN s.prompt_bytes > $limit THEN 'too_large'
+                 WHEN $window IS NOT NULL AND {tokens} > $window THEN 'too_long'
                  ELSE '{SEND}'
                END AS disposition,
                r.refusal
@@ -425,7 +445,8 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
         LEFT JOIN (SELECT input_hash, any_value(reason) AS refusal FROM bb_state.refused_inputs
                    WHERE job = $job AND definition_hash = $definition GROUP BY input_hash) r ON r.input_hash = s.input_hash
         """,
-        {"job": job.name, "max_attempts": job.max_attempts, "limit": limit, "definition": job.definition_hash},
+        {"job": job.name, "max_attempts": job.max_attempts, "limit": limit, "window": window,
+         "definition": job.definition_hash},
     )
     rows = con.execute("SELECT disposition, count(*) FROM bb_classified GROUP BY ALL").fetchall()
     plan.dispositions = {d: n for d, n in rows}
@@ -454,11 +475,16 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan) -> None:
     plan.send_requests, plan.prompt_bytes = int(n), int(pb)
 
 
-def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id") -> str:
+def params_sql(job: Job, alias: str = "s") -> str:
+    """SQL of a row's request params as JSON text: the body of its batch line, and of a preview call."""
     prefix, suffix = job.params_split()
+    return f"{quote_literal(prefix)} || CAST(to_json({prompt_sql(job, alias)}) AS VARCHAR) || {quote_literal(suffix)}"
+
+
+def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id") -> str:
     return (
         f"""'{{"custom_id":' || CAST(to_json({custom_id}) AS VARCHAR) || ',"params":' || """
-        f"{quote_literal(prefix)} || CAST(to_json({prompt_sql(job, alias)}) AS VARCHAR) || {quote_literal(suffix)} || '}}'"
+        f"{params_sql(job, alias)} || '}}'"
     )
 
 

@@ -275,7 +275,22 @@ def m006_report_estimates(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("ALTER TABLE submissions ADD COLUMN estimated_sync_usd DOUBLE")
 
 
-def m007_lanes(con: duckdb.DuckDBPyConnection) -> None:
+def m007_model_info(con: duckdb.DuckDBPyConnection) -> None:
+    """What the Models API said of each model, so that a preflight asks at most once an hour."""
+    con.execute(
+        """
+        CREATE TABLE model_info (
+            api VARCHAR NOT NULL,          -- the API's base URL: the emulator and the real API may differ
+            model VARCHAR NOT NULL,        -- the id as the job names it (an alias or a dated id)
+            info JSON NOT NULL,            -- model_info.ModelFacts
+            fetched_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (api, model)
+        )
+        """
+    )
+
+
+def m008_lanes(con: duckdb.DuckDBPyConnection) -> None:
     """The lane of each submission, batch and answer (`batch` or `sync`): synchronous answers go through
     the same journal and the same loader as batches (a sync submission's answers file stands in for a
     batch's result file), so one column is all that tells them apart, for cost and for `status`."""
@@ -286,7 +301,7 @@ def m007_lanes(con: duckdb.DuckDBPyConnection) -> None:
 
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_unknown_outcomes,
-    m006_report_estimates, m007_lanes]
+    m006_report_estimates, m007_model_info, m008_lanes]
 
 
 # DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,

@@ -43,10 +43,11 @@ import duckdb
 from . import api, collect, lanes, state
 from .config import Settings
 from .errors import ApiAccountError, ApiRequestRejected, BudgetExceeded
-from .estimate import Estimate, estimate_job
-from .export import (HASH_VERSION, JobPlan, WarehouseAccess, classify, key_json_sql, measure, stage, warehouse_attached,
-                     write_requests)
+from .estimate import Estimate, calibration, estimate_job, input_tokens_sql
+from .export import (HASH_VERSION, InputLimit, JobPlan, WarehouseAccess, classify, key_json_sql, measure, stage,
+                     warehouse_attached, write_requests)
 from .jobs import Job, quote_literal
+from .preflight import JobPreflight, cache_warning, check_jobs
 from .pricing import load_prices
 from .progress import Progress, Silent
 from .sync_lane import SyncReport
@@ -121,7 +122,11 @@ def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: d
     con.execute(
         f"""
         INSERT INTO bb_state.rejections
-        SELECT $job, {key_json_sql(job, 'c')}, disposition, refusal, $now FROM bb_classified c
+        SELECT $job, {key_json_sql(job, 'c')}, disposition,
+               CASE WHEN disposition = 'too_long' THEN '~' || input_tokens_est || ' input tokens (estimated)'
+                    ELSE refusal END,
+               $now
+        FROM bb_classified c
         WHERE disposition NOT IN ('send', 'up_to_date', 'in_flight')
         """,
         {"job": job.name, "now": now},
@@ -135,10 +140,13 @@ def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: d
 def plan_jobs(
     con: duckdb.DuckDBPyConnection, settings: Settings, jobs: list[Job], *, progress: Progress = Silent(),
     prepare: Callable[[Job, JobPlan, duckdb.DuckDBPyConnection, dict[str, str]], None] | None = None,
-    warehouse: WarehouseAccess | None = None,
+    warehouse: WarehouseAccess | None = None, preflights: dict[str, JobPreflight] | None = None,
 ) -> tuple[list[JobPlan], dict[str, Estimate]]:
     """Stage and classify every job (warehouse attached read-only, or read through `warehouse`);
-    optionally prepare submissions."""
+    optionally prepare submissions.
+
+    With the preflight's findings, rows longer than the model's context window are `too_long`, and
+    each plan carries the findings (with a warning when a cache marked in the job cannot work)."""
     plans, estimates = [], {}
     book = load_prices(settings.prices_file)
     by_catalog: dict[str, list[Job]] = {}
@@ -149,13 +157,18 @@ def plan_jobs(
         with opened:
             for job in group:
                 plan = JobPlan(job)
+                found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
                 key_types = stage(con, job)
-                classify(con, job, plan)
+                classify(con, job, plan, _input_limit(con, job, found))
                 routed = lanes.route(con, job, plan.send_requests)
                 plan.lane, plan.lane_why = routed.lane, routed.why
                 if plan.send_requests:
                     measure(con, job, plan, settings.max_queued_requests)
                 estimates[job.name] = estimate_job(con, job, plan, book)
+                warning = cache_warning(job, estimates[job.name])
+                plan.preflight = found.to_json()
+                if warning:
+                    plan.preflight["warnings"] = [*plan.preflight["warnings"], warning]
                 where = (f"in {len(plan.chunks)} batch(es)" if plan.lane == "batch"
                          else "as synchronous calls")
                 progress.step(
@@ -166,6 +179,22 @@ def plan_jobs(
                     prepare(job, plan, con, key_types)
                 plans.append(plan)
     return plans, estimates
+
+
+def _input_limit(con: duckdb.DuckDBPyConnection, job: Job, found: JobPreflight) -> InputLimit | None:
+    """The context window to hold each row to, counted by the job's calibrated rule."""
+    if not found.max_input_tokens:
+        return None
+    return InputLimit(found.max_input_tokens, input_tokens_sql(job, calibration(con, job).scale, "s.prompt_chars"))
+
+
+def report_preflight(plans: list[JobPlan], progress: Progress) -> None:
+    """Each job's preflight warnings and what it could not check, as progress lines (stderr)."""
+    for p in plans:
+        for w in (p.preflight or {}).get("warnings", []):
+            progress.step(f"{p.job.name}: warning: {w}")
+        for u in (p.preflight or {}).get("unchecked", []):
+            progress.step(f"{p.job.name}: preflight could not check: {u}")
 
 
 def check_budget(job: Job, estimate: Estimate, max_cost: float | None) -> None:
@@ -256,21 +285,25 @@ def record_estimates(con: duckdb.DuckDBPyConnection, plans: list[JobPlan], estim
 def prepare_submissions(
     settings: Settings, jobs: list[Job], *, max_cost: float | None = None, progress: Progress = Silent(),
     fault: Callable[[str], None] | None = None, warehouse: WarehouseAccess | None = None,
+    client: anthropic.Anthropic | None = None,
 ) -> SubmitReport:
-    """Plan every job, check budgets, and journal `prepared` submissions with their request files."""
+    """Preflight every job, plan it, check budgets, and journal `prepared` submissions with their
+    request files. A job the preflight refuses stops them all before anything is written."""
     report = SubmitReport()
     stamp = state.utcnow().strftime("%Y%m%dT%H%M%SZ")
     with state.connect(settings) as con:
+        found = check_jobs(con, settings, jobs, client)
         # Budgets are checked on a dry plan first, so that a refused job writes nothing at all (and
         # no job is sent when another is refused). Without any budget there is nothing to check.
         if max_cost is not None or any(j.budget_usd is not None for j in jobs):
-            plans, estimates = plan_jobs(con, settings, jobs, progress=Silent(), warehouse=warehouse)
+            plans, estimates = plan_jobs(con, settings, jobs, progress=Silent(), warehouse=warehouse, preflights=found)
             for plan in plans:
                 check_budget(plan.job, estimates[plan.job.name], max_cost)
         names: list[str] = []
         plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names, fault),
-                                     warehouse=warehouse)
+                                     warehouse=warehouse, preflights=found)
         record_estimates(con, plans, estimates, names)
+    report_preflight(plans, progress)
     report.plans, report.estimates = plans, estimates
     return report
 

@@ -16,8 +16,8 @@ SCHEMA = {
     "type": "object",
     "properties": {
         "sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]},
-        "topics": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
-        "score": {"type": "integer", "minimum": 1, "maximum": 5},
+        "topics": {"type": "array", "items": {"type": "string"}},
+        "score": {"type": "integer", "description": "1 to 5"},
     },
     "required": ["sentiment", "topics", "score"],
     "additionalProperties": False,
@@ -136,9 +136,11 @@ def test_errored_and_expired_rows_are_retried_then_capped(project, emulator):
     assert {(r["status"], r["attempt"]) for r in current(s, "items")} == {("succeeded", 3)}
 
 
-def test_invalid_requests_are_reported_and_not_resent(project):
-    s = project(meta=job_meta(model="claude-nonexistent-9"), sql=rows_sql(10))
+def test_invalid_requests_are_reported_and_not_resent(project, emulator):
+    s = project(sql=rows_sql(10))
+    emulator.set_faults(errored_fraction=1.0, errored_types=("invalid_request_error",))
     run(s)
+    emulator.clear_faults()
     rows = current(s, "items")
     assert {(r["status"], r["error_type"]) for r in rows} == {("errored", "invalid_request_error")}
     assert all(r["error_message"] for r in rows)

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from batch_bridge.cli import cli
 from helpers import current, load_staging, settings_for, wait_ended, write_project
 
-COMMANDS = ["plan", "submit", "status", "wait", "collect", "sync", "run", "cancel", "pipeline", "emulator", "dbt",
-            "purge", "dbt-package-path", "report"]
+COMMANDS = ["plan", "preview", "submit", "status", "wait", "collect", "sync", "run", "cancel", "pipeline", "emulator",
+            "dbt", "purge", "dbt-package-path", "report"]
 
 
 def meta(**over):

@@ -18,8 +18,8 @@ RICH_SCHEMA = {
     "type": "object",
     "properties": {
         "label": {"type": "string", "enum": ["a", "b", "c"]},
-        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        "confidence": {"type": "number", "description": "from 0 to 1"},
+        "count": {"type": "integer"},
         "flagged": {"type": "boolean"},
         "tags": {"type": "array", "items": {"type": "string"}},
         "detail": {
@@ -81,7 +81,7 @@ def test_schema_fields_become_typed_columns(tmp_path, emulator):
     assert types["spans"] == "STRUCT(\"start\" BIGINT, \"text\" VARCHAR)[]"
     rows = current(s, "items")
     assert {r["status"] for r in rows} == {"succeeded"}
-    assert all(r["label"] in ("a", "b", "c") and 0 <= r["confidence"] <= 1 for r in rows)
+    assert all(r["label"] in ("a", "b", "c") and isinstance(r["confidence"], float) for r in rows)
     assert all(isinstance(r["detail"]["reason"], str) for r in rows)
     # the output schema was sent as output_config.format
     line = json.loads(next(s.requests_dir.glob("*.jsonl")).read_text().splitlines()[0])

@@ -257,7 +257,9 @@ def test_bad_params_error_only_their_own_request(emu: Emulator, client: anthropi
     for cid in bad:
         result = by_id[cid]
         assert result.type == "errored"
-        assert result.error.error.type == "invalid_request_error"  # type: ignore[union-attr]
+        expected = "not_found_error" if cid == "unknown-model" else "invalid_request_error"  # as the real API answers
+        assert result.error.error.type == expected  # type: ignore[union-attr]
+    assert by_id["unknown-model"].error.error.message == "model: claude-nonexistent-9"  # type: ignore[union-attr]
     assert by_id["too-many-tokens"].error.error.message == (  # type: ignore[union-attr]
         "max_tokens: 100000 > 64000, which is the maximum allowed number of output tokens for claude-haiku-4-5-20251001"
     )

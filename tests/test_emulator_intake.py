@@ -15,8 +15,8 @@ from batch_bridge.emulator import intake
 from batch_bridge.emulator.runner import Emulator
 
 
-def request(cid: str, text: str = "I love this blender") -> dict[str, Any]:
-    params = {"model": "claude-haiku-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": text}]}
+def request(cid: str, text: str = "I love this blender", model: str = "claude-haiku-4-5") -> dict[str, Any]:
+    params = {"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": text}]}
     return {"custom_id": cid, "params": params}
 
 
@@ -56,8 +56,9 @@ def test_layout_of_the_body_does_not_change_the_answers(http: httpx2.Client) -> 
 
 
 def test_a_request_larger_than_a_read_chunk(http: httpx2.Client) -> None:
-    big = "word " * (intake.CHUNK_CHARS // 4)  # ~1.3 MB: spans two reads
-    got = results(http, json.dumps({"requests": [request("small"), request("big", big), request("last")]}).encode())
+    big = "word " * (intake.CHUNK_CHARS // 4)  # ~1.3 MB: spans two reads; ~330,000 tokens, so a 1M-token model
+    got = results(http, json.dumps({"requests": [request("small"), request("big", big, "claude-sonnet-5-5"),
+                                                 request("last")]}).encode())
     assert {cid: r["type"] for cid, r in got.items()} == {"small": "succeeded", "big": "succeeded", "last": "succeeded"}
     assert f"It has {intake.CHUNK_CHARS // 4} words" in got["big"]["message"]["content"][0]["text"]
 

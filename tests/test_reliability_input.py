@@ -15,11 +15,12 @@ import yaml
 
 from batch_bridge import api, bridge, collect as collect_mod, state
 from batch_bridge.emulator import EmulatorConfig, default_responder, run_emulator
-from batch_bridge.errors import JobDefinitionError, ResultsError, WarehouseError
+from batch_bridge.errors import JobDefinitionError, ResultsError, UnknownModel, WarehouseError
 from batch_bridge.jobs import parse_job, quote_ident
 from helpers import PROFILE, current, settings_for, write_project
 
-SCHEMA = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
+SCHEMA = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"],
+          "additionalProperties": False}
 HOSTILE_KEY = 'id"; DROP TABLE victim; --'
 HOSTILE_TABLE = 'stg "odd"; DROP TABLE victim; --'
 HOSTILE_PROP = "note'); DROP TABLE victim; --"
@@ -30,14 +31,15 @@ MODELS = {
     "stg_empty": {"job": "empty", "key": "id", "prompt_column": "prompt"},
     "stg_missing": {"job": "missing", "key": "id", "prompt_column": "prompt"},
     "stg_big": {"job": "big", "key": "id", "prompt_column": "prompt", "max_bytes_per_batch": 2048},
-    "stg_badmodel": {"job": "badmodel", "key": "id", "prompt_column": "prompt", "model": "claude-nonexistent-9"},
+    "stg_badmodel": {"job": "badmodel", "key": "id", "prompt_column": "prompt", "model": "claude-sonet-4-5"},
+    "stg_refused": {"job": "refused", "key": "id", "prompt_column": "prompt"},
     "stg_text": {"job": "text", "key": "id", "prompt_column": "prompt", "output_schema": SCHEMA},
     "stg_lines": {"job": "lines", "key": "id", "prompt_column": "prompt"},
     "stg_shape": {"job": "shape", "key": "id", "prompt_column": "prompt"},
     "stg_blocks": {"job": "blocks", "key": "id", "prompt_column": "prompt"},
     "stg_hostile": {"job": "hostile", "key": HOSTILE_KEY, "prompt_template": "Say {odd col} twice",
                     "output_schema": {"type": "object", "properties": {HOSTILE_PROP: {"type": "string"}},
-                                      "required": [HOSTILE_PROP]}},
+                                      "required": [HOSTILE_PROP], "additionalProperties": False}},
 }
 STAGING = {
     "stg_keys": """SELECT * FROM (VALUES (NULL, 'no key'), ('d', 'dup one'), ('d', 'dup two'),
@@ -46,6 +48,7 @@ STAGING = {
     "stg_empty": "SELECT 'x' AS id, 'y' AS prompt WHERE false",
     "stg_big": "SELECT * FROM (VALUES ('small', 'short text'), ('huge', repeat('long text ', 500))) v(id, prompt)",
     "stg_badmodel": "SELECT 'r' || i AS id, 'text ' || i AS prompt FROM range(3) t(i)",
+    "stg_refused": "SELECT 'r' || i AS id, 'refused text ' || i AS prompt FROM range(3) t(i)",
     "stg_text": "SELECT 'r' || i AS id, 'PLAIN text ' || i AS prompt FROM range(3) t(i)",
     "stg_lines": "SELECT 'r' || i AS id, 'line text ' || i AS prompt FROM range(6) t(i)",
     "stg_shape": "SELECT 'r' || i AS id, 'shape text ' || i AS prompt FROM range(6) t(i)",
@@ -181,12 +184,24 @@ def test_prompt_too_large_for_a_batch_is_recorded_and_the_rest_sent(s):
     assert rejected(s, "big") == {"too_large": 1}
 
 
-def test_unknown_model_is_an_errored_row_with_the_api_reason(s):
-    run(s, "badmodel")
-    rows = current(s, "badmodel")
+def test_unknown_model_is_refused_before_anything_is_sent(s, emu):
+    before = emu.counters()["batches_created"]
+    with pytest.raises(UnknownModel) as e:
+        run(s, "badmodel")
+    assert e.value.exit_code == 2 and "claude-sonet-4-5" in str(e.value) and "did you mean 'claude-sonnet-4-5'?" in str(e.value)
+    assert emu.counters()["batches_created"] == before
+
+
+def test_a_request_the_api_refuses_is_an_errored_row_with_the_api_reason(s, emu):
+    emu.set_faults(errored_fraction=1.0, errored_types=("invalid_request_error",))
+    try:
+        run(s, "refused")
+    finally:
+        emu.clear_faults()
+    rows = current(s, "refused")
     assert {(r["status"], r["error_type"]) for r in rows} == {("errored", "invalid_request_error")}
-    assert all("claude-nonexistent-9" in r["error_message"] for r in rows)
-    p = plan(s, "badmodel")
+    assert all(r["error_message"] for r in rows)
+    p = plan(s, "refused")
     assert p["rows_to_send"] == 0 and p["skipped"]["invalid_request"]["rows"] == 3
 
 

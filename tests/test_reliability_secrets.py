@@ -22,7 +22,8 @@ from helpers import current, load_staging, settings_for, write_project
 KEY = "sk-ant-test-SECRET-1234567890"
 WRONG = "sk-ant-test-WRONGKEY-0987654321"
 META = {"job": "items", "key": "id", "model": "claude-haiku-4-5", "max_tokens": 50, "prompt_column": "prompt",
-        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}}
+        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"],
+                          "additionalProperties": False}}
 
 
 def rows_sql(n: int, offset: int = 0) -> str:

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
-Endpoint = Literal["create", "list", "retrieve", "cancel", "delete", "results"]
-ENDPOINTS: tuple[Endpoint, ...] = ("create", "list", "retrieve", "cancel", "delete", "results")
+Endpoint = Literal["create", "list", "retrieve", "cancel", "delete", "results", "models", "messages"]
+ENDPOINTS: tuple[Endpoint, ...] = ("create", "list", "retrieve", "cancel", "delete", "results", "models", "messages")
+# What an empty endpoint tuple means: the six Message Batches routes. The Models API and the
+# synchronous Messages API get faults only when named, so batch fault tests are not changed by a
+# client that looks a model up first.
+BATCH_ENDPOINTS: tuple[Endpoint, ...] = ENDPOINTS[:6]
 ErroredType = Literal["overloaded_error", "api_error"]
 
 # Real limits of the Message Batches API (contract §3).
@@ -39,7 +43,7 @@ class Faults:
     # ... and/or a random fraction of matching requests answered with `http_error_status`.
     http_error_fraction: float = 0.0
     http_error_status: int = 529
-    # Endpoints the HTTP-error and connection-reset faults apply to; empty = all six.
+    # Endpoints the HTTP-error and connection-reset faults apply to; empty = the six batch ones.
     http_error_endpoints: tuple[Endpoint, ...] = ()
     # `retry-after` seconds sent with injected 429/5xx answers; None = header left out.
     retry_after: float | None = 0.01
@@ -87,6 +91,8 @@ class EmulatorConfig:
     state_dir: Path | None = None
     # Emulated seconds a batch stays `in_progress` before it is processed and `ended`.
     latency: float = 0.0
+    # Real seconds `POST /v1/messages` takes before it answers (the synchronous API's latency).
+    messages_latency: float = 0.0
     # Emulated seconds a batch stays `canceling` after a cancel.
     cancel_latency: float = 0.0
     # Fraction of requests that still complete when a batch is canceled before processing.
@@ -124,6 +130,7 @@ class ConfigError(ValueError):
 _TUPLE_FIELDS = {"errored_types", "http_error_endpoints", "connection_reset_endpoints"}
 _RUNTIME_CONFIG_FIELDS = {
     "latency",
+    "messages_latency",
     "cancel_latency",
     "cancel_complete_fraction",
     "time_scale",

@@ -11,7 +11,7 @@ import random
 import threading
 import time
 
-from .config import EmulatorConfig, Endpoint, Faults
+from .config import BATCH_ENDPOINTS, EmulatorConfig, Endpoint, Faults
 from .ids import fraction
 
 _ERROR_TYPES = {
@@ -60,7 +60,7 @@ class FaultState:
 
     @staticmethod
     def _applies(endpoints: tuple[Endpoint, ...], endpoint: Endpoint) -> bool:
-        return not endpoints or endpoint in endpoints
+        return endpoint in (endpoints or BATCH_ENDPOINTS)
 
     def take_connection_reset(self, endpoint: Endpoint) -> bool:
         with self._lock:

@@ -24,8 +24,8 @@ from .faults import request_outcome
 from .jsonl import dumps as _dumps
 from .jsonl import loads_line
 from .responder import Responder, ResponderError, finish_message
-from .usage import PromptCache
-from .validate import check_params
+from .usage import PromptCache, too_long
+from .validate import params_error
 
 BUCKETS = 16
 CHECK_EVERY = 256  # requests between looks for a cancel or the expiry while processing
@@ -124,9 +124,13 @@ def process_batch(
 def _answer(
     job: Job, responder: Responder, cache: PromptCache, outcome: Outcome, cid: str, params: Any, raw: bytes
 ) -> tuple[str, str]:
-    problem = check_params(params)
+    problem = params_error(params)
     if problem is not None:
-        return "errored", errored_line(cid, "invalid_request_error", problem)
+        return "errored", errored_line(cid, *problem)
+    info = models.lookup(params["model"])
+    long = too_long(params, len(raw), info.max_input_tokens) if info else None
+    if long is not None:
+        return "errored", errored_line(cid, "invalid_request_error", long)
     injected = request_outcome(job.faults, cid)
     if injected == "expired":
         outcome.faults["expired"] += 1
@@ -143,7 +147,6 @@ def _answer(
     if answer.get("type") == "error":
         err = answer.get("error") or {}
         return "errored", errored_line(cid, err.get("type", "api_error"), err.get("message", ""))
-    info = models.lookup(params["model"])
     min_tokens = job.cache_min_tokens
     if min_tokens is None:
         min_tokens = info.cache_min_tokens if info else 1024

@@ -1,4 +1,5 @@
-"""The HTTP surface: six Message Batches routes, admin routes, auth, faults, streaming.
+"""The HTTP surface: six Message Batches routes, the Models API, synchronous Messages, admin routes,
+auth, faults, streaming.
 
 Starlette because it gives true streaming in both directions: a create body is written to
 disk as it arrives (`request.stream()`), and results are sent from disk in large chunks,
@@ -38,6 +39,7 @@ from .ids import new_batch_id, new_request_id
 from .stats import Stats
 from .store import InvalidStateTransition, Store, rfc3339
 from .intake import persist_requests
+from . import sync
 from .validate import EnvelopeError
 from .worker import Worker
 
@@ -140,6 +142,9 @@ class EmulatorApp:
             Route(base + "/{batch_id}", self._guard("delete", self.delete), methods=["DELETE"]),
             Route(base + "/{batch_id}/cancel", self._guard("cancel", self.cancel), methods=["POST"]),
             Route(base + "/{batch_id}/results", self._guard("results", self.results), methods=["GET"]),
+            Route("/v1/models", self._guard("models", self.models_list), methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self._guard("models", self.models_retrieve), methods=["GET"]),
+            Route("/v1/messages", self._guard("messages", self.messages_create), methods=["POST"]),
             Route("/_emulator/stats", self.admin_stats, methods=["GET"]),
             Route("/_emulator/stats/reset", self.admin_reset, methods=["POST"]),
             Route("/_emulator/config", self.admin_get_config, methods=["GET"]),
@@ -403,6 +408,31 @@ class EmulatorApp:
             )
         cut = self.faults.take_results_cut()
         return ResultsResponse(self.store.results_path(batch.id), self.config.results_chunk_bytes, cut, self.stats)
+
+    # --- Models API and synchronous Messages (sync.py) ---------------------------------------
+
+    async def models_list(self, request: Request) -> Response:
+        q = request.query_params
+        lifecycle = q.getlist("lifecycle[]") + q.getlist("lifecycle")
+        return self._answer(*sync.list_models(q, lifecycle))
+
+    async def models_retrieve(self, request: Request) -> Response:
+        return self._answer(*sync.retrieve_model(request.path_params["model_id"]))
+
+    async def messages_create(self, request: Request) -> Response:
+        body = await request.body()
+        if self.config.messages_latency > 0:
+            await asyncio.sleep(self.config.messages_latency)
+        status, answer = await anyio.to_thread.run_sync(
+            sync.create_message, body, self.worker.responder, self.worker.cache, self.config.cache_min_tokens
+        )
+        self.stats.incr("messages_answered" if status == 200 else "messages_refused")
+        return self._answer(status, answer)
+
+    def _answer(self, status: int, body: dict[str, Any]) -> Response:
+        if status != 200:
+            return error_response(status, body["error"]["type"], body["error"]["message"])
+        return ok(body)
 
     # --- admin -------------------------------------------------------------------------------
 

@@ -91,6 +91,9 @@ class Stats:
                 "batches_ended": self._counters["batches_ended"],
                 "requests_processed": self._counters["requests_processed"],
                 "creates_rejected": self._counters["creates_rejected"],
+                # POST /v1/messages (synchronous) answered with a message, or with an error
+                "messages_answered": self._counters["messages_answered"],
+                "messages_refused": self._counters["messages_refused"],
                 # batches of "another client" stored by the neighbour_batches fault (not in batches_created)
                 "neighbour_batches_created": self._counters["neighbour_batches_created"],
                 # creates being read or stored right now: a client killed after sending a whole body

@@ -106,6 +106,17 @@ def prompt_segments(params: Mapping[str, Any]) -> list[Segment]:
     return segs
 
 
+def too_long(params: Mapping[str, Any], body_bytes: int, max_input_tokens: int) -> str | None:
+    """The API's message for a prompt above the model's context window, or None.
+
+    Counted only for bodies longer than the window in bytes: text is at most one token per
+    character, so a shorter body can only exceed it with images or PDFs, which are not looked at."""
+    if body_bytes <= max_input_tokens:
+        return None
+    total = REQUEST_OVERHEAD + sum(s.tokens for s in prompt_segments(params))
+    return f"prompt is too long: {total} tokens > {max_input_tokens} maximum" if total > max_input_tokens else None
+
+
 def _segment_key(source: Any) -> bytes:
     if isinstance(source, str):
         return source.encode()

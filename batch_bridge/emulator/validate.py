@@ -4,8 +4,10 @@
   `intake.persist_requests` on each request while the uploaded body is parsed item by item,
   so a 256 MB body never becomes one Python object. Messages use the pydantic-style path
   the API uses: `requests.3.custom_id: String should match pattern '^[a-zA-Z0-9_-]{1,64}$'`.
-* Params (asynchronous, per request): `check_params` returns the message of an
-  `invalid_request_error` that makes only that request `errored`.
+* Params (asynchronous, per request): `params_error` returns the error type and message that
+  make only that request `errored`: `not_found_error` for a model the API does not know (or has
+  retired), `invalid_request_error` (from `check_params`) for anything else. `POST /v1/messages`
+  answers the same problems at once, as 404 and 400.
 """
 
 from __future__ import annotations
@@ -106,6 +108,19 @@ def _check_content(where: str, content: Any) -> str | None:
         if kind == "tool_result" and not isinstance(block.get("tool_use_id"), str):
             return f"{where}.{j}.tool_use_id: Field required"
     return None
+
+
+def params_error(params: Mapping[str, Any], *, batch: bool = True) -> tuple[str, str] | None:
+    """(error type, message) of the error for these params, or None when they are valid."""
+    model = params.get("model")
+    if isinstance(model, str):
+        info = models.lookup(model)
+        if info is None or info.retired:
+            return "not_found_error", f"model: {model}"
+        if batch and not info.batch:
+            return "invalid_request_error", f"model: {model} does not support the Message Batches API"
+    problem = check_params(params)
+    return ("invalid_request_error", problem) if problem is not None else None
 
 
 def check_params(params: Mapping[str, Any]) -> str | None:
