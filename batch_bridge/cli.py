@@ -175,6 +175,11 @@ def _plan_text(data: dict) -> str:
         lines.append(f"  to send            {j['rows_to_send']:>12,} rows as {j['requests_to_send']:,} requests "
                      f"({j['deduplicated_rows']:,} deduplicated)")
         lines.append(f"  batches            {len(j['batches']):>12,}  ({j['bytes'] / 1e6:,.1f} MB)")
+        money_ = (lambda x: "unknown" if x is None else f"${x:,.4f}")
+        for lane, v in j.get("lanes", {}).items():
+            if v["requests"]:
+                lines.append(f"  {lane + ' lane':<19}{v['requests']:>12,} requests, {money_(v['cost_usd'])} "
+                             f"({'batch' if lane == 'batch' else 'standard'} prices): {j['lane_why']}")
         for reason, v in j["skipped"].items():
             lines.append(f"  skipped: {reason:<18}{v['rows']:>8,}  {v['why']}")
         if e:
@@ -468,6 +473,12 @@ def _status_text(d: dict) -> str:
         cost = "unknown" if j["cost_usd"] is None else f"${j['cost_usd']:,.4f}"
         out.append(f"job {j['job']}: succeeded {r['succeeded']:,}, in flight {r['in_flight']:,}, "
                    f"failed {r['failed']:,}, never sent {r['never_sent']:,}; cost {cost}")
+        lanes = j.get("lanes", {})
+        if lanes.get("sync", {}).get("billed_requests"):
+            out.append("  " + "; ".join(
+                f"{lane} lane: {v['rows_answered']:,} rows answered, "
+                + ("cost unknown" if v["cost_usd"] is None else f"${v['cost_usd']:,.4f}")
+                for lane, v in lanes.items()))
         if r.get("waiting_for_queue"):
             out.append(f"  in flight, waiting for room in the processing queue: {r['waiting_for_queue']:,} rows "
                        "(sent by a later run)")
