@@ -89,6 +89,8 @@ def test_make_demo_entry_point_runs_from_any_directory(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "run 1 submitted 1 batch(es); run 2 submitted 0." in r.stdout
+    # Run 3: five edited reviews through a batch, then with lane auto: synchronously, in the same sync.
+    assert "lane batch -> batch 5 answered in " in r.stdout and "lane auto  -> sync  5 answered in " in r.stdout
     assert "review_insights      2,398 reviews, 2,373 with sentiment" in r.stdout
     page = tmp_path / "home" / "report.html"
     assert f"report (rows, cost, batches, errors): {page}" in r.stdout
