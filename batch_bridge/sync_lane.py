@@ -226,8 +226,15 @@ def _send_run(
     try:
         with ThreadPoolExecutor(max_workers=job.sync_concurrency) as pool:
             flying: deque[Future[None]] = deque()
+            todo = _requests(Path(run["request_file"]), done)
+            if job.cache_ttl != "none":
+                # The first call goes alone and writes the shared prefix to the prompt cache; the others
+                # then read it (sent together at first, each would pay the cache write).
+                for custom_id, params in todo:
+                    one(custom_id, params)
+                    break
             # At most two calls per worker are queued: memory stays flat in the number of requests.
-            for custom_id, params in _requests(Path(run["request_file"]), done):
+            for custom_id, params in todo:
                 if stop:
                     break
                 while len(flying) >= 2 * job.sync_concurrency:
