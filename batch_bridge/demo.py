@@ -58,6 +58,7 @@ def say(msg: str) -> None:
 def summary(settings, job_names: list[str]) -> dict:
     from . import state, status
     from .pricing import load_prices
+    from .report_data import sync_usd_same_tokens
 
     book = load_prices(settings.prices_file)
     with state.connect(settings) as con:
@@ -67,8 +68,7 @@ def summary(settings, job_names: list[str]) -> dict:
     con = duckdb.connect()
     try:
         for j in jobs:
-            cost = j["cost_usd_known_part"] or 0.0
-            j["sync_usd_same_tokens"] = cost / book.batch_discount if book.batch_discount else None
+            j["sync_usd_same_tokens"] = sync_usd_same_tokens(j, book)
             # Naive: one synchronous call per enriched row, no prompt caching, no deduplication.
             rows = con.execute(
                 "SELECT model, coalesce(input_tokens, 0) + coalesce(cache_creation_input_tokens, 0) "

@@ -236,3 +236,17 @@ def test_a_sigkill_mid_sync_lane_pays_no_completed_call_twice(tmp_path, emulator
     r = cli_proc(s, env, "sync", "--json")
     assert json.loads(r.stdout)["sync_lane"]["answered"] == {}
     assert stats(emulator)["messages_answered"] - paid_before == n - recorded
+
+
+def test_an_account_failure_stops_the_lane_and_the_next_run_answers_the_rows_once(tmp_path, emulator):
+    s, env = setup(tmp_path, emulator, meta(), n=8)
+    emulator.configure(api_key="sk-another-key")  # every call answers 401
+    r = CliRunner().invoke(cli, ["sync", "--json"], env=env)
+    assert r.exit_code != 0 and "rejected the key" in r.output and "sk-test-lanes" not in r.output
+    rows = json.loads(invoke(["status", "--json"], env).stdout)["jobs"][0]["rows"]
+    assert (rows["in_flight"], rows["succeeded"]) == (8, 0)  # journalled, in the open run: not lost
+    emulator.configure(api_key=None)
+    r = json.loads(invoke(["sync", "--json"], env).stdout)
+    assert r["sync_lane"]["answered"] == {"items": 8} and stats(emulator)["messages_answered"] == 8
+    assert fetch(s, "SELECT count(*) FROM bb_state.submissions") == [(1,)]  # the same run, resumed
+    assert len(current(s, "items")) == 8
