@@ -250,3 +250,12 @@ def test_an_account_failure_stops_the_lane_and_the_next_run_answers_the_rows_onc
     assert r["sync_lane"]["answered"] == {"items": 8} and stats(emulator)["messages_answered"] == 8
     assert fetch(s, "SELECT count(*) FROM bb_state.submissions") == [(1,)]  # the same run, resumed
     assert len(current(s, "items")) == 8
+
+
+def test_a_model_without_batch_support_is_refused_for_batches_and_answered_in_the_sync_lane(tmp_path, emulator):
+    s, env = setup(tmp_path, emulator, meta(model="claude-mythos-preview", lane="batch"), n=3)
+    r = CliRunner().invoke(cli, ["sync"], env=env)
+    assert r.exit_code == 2 and "does not support the Message Batches API" in r.stderr
+    r = json.loads(invoke(["sync", "--lane", "sync", "--json"], env).stdout)
+    assert r["sync_lane"]["answered"] == {"items": 3} and stats(emulator)["create_posts"] == 0
+    assert {x["status"] for x in current(s, "items")} == {"succeeded"}
