@@ -4,12 +4,21 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The emulator's tokenizer: `anthropic/tokenizer.json` from the anthropic 0.25.0 wheel (an older Claude BPE),
+# fetched from the package registry into the virtualenv, never committed (docs/emulator.md, "Token counts").
+TOKENIZER := $(VENV)/share/batch_bridge/claude-tokenizer.json
 
 .PHONY: demo test bench soak install clean seeds
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	test -s $(TOKENIZER) || { tmp=$$(mktemp -d) && \
+	  $(PY) -m pip download --quiet --disable-pip-version-check --no-deps anthropic==0.25.0 -d $$tmp && \
+	  mkdir -p $(dir $(TOKENIZER)) && \
+	  $(PY) -c "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('anthropic/tokenizer.json'))" \
+	    $$tmp/anthropic-0.25.0-py3-none-any.whl $(TOKENIZER).part && mv $(TOKENIZER).part $(TOKENIZER); \
+	  rc=$$?; rm -rf $$tmp; exit $$rc; }
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import anthropic
 import httpx2
@@ -170,6 +170,27 @@ def _api_message(e: anthropic.APIStatusError) -> str:
     body = e.body if isinstance(e.body, dict) else {}
     err = body.get("error") if isinstance(body.get("error"), dict) else {}
     return f"{err.get('type', 'error')}: {err.get('message', e.message)}"
+
+
+# The fields of a request `params` the token counting endpoint takes (not max_tokens, sampling or metadata).
+COUNT_TOKENS_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking", "output_config",
+                       "cache_control")
+
+
+def count_tokens(client: anthropic.Anthropic, params: dict[str, Any]) -> int:
+    """Input tokens of a batch request's `params`, from the free token counting endpoint.
+
+    One retry (the SDK honours retry-after): the endpoint has its own rate limit, and a plan that hits it
+    falls back to its rule instead of waiting (the counts it got are kept for the next plan)."""
+    body = {k: params[k] for k in COUNT_TOKENS_FIELDS if k in params}
+    with translated("count_tokens"):
+        return int(client.with_options(max_retries=1).messages.count_tokens(**body).input_tokens)
+
+
+def endpoint_of(client: anthropic.Anthropic) -> str:
+    """Which API a client talks to (its base URL, without credentials): counts of one are not another's."""
+    url = client.base_url
+    return f"{url.scheme}://{url.host}{':' + str(url.port) if url.port else ''}{url.path}".rstrip("/")
 
 
 def body_size(request_file: Path) -> int:

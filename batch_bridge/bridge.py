@@ -60,10 +60,11 @@ def plan(
     settings: Settings, jobs: list[Job], *, progress: Progress = Silent(), client: anthropic.Anthropic | None = None,
 ) -> tuple[list[JobPlan], dict[str, Estimate]]:
     """What `submit` would send now, after the same preflight (without a client: what it could not
-    check is said); sends and records nothing but what the Models API answered."""
+    check is said); sends nothing, and records only what the Models API answered and the input token
+    counts (kept, so that the next plan asks nothing again)."""
     with state.connect(settings) as con:
         found = preflight.check_jobs(con, settings, jobs, client)
-        return submit_mod.plan_jobs(con, settings, jobs, progress=progress, preflights=found)
+        return submit_mod.plan_jobs(con, settings, jobs, progress=progress, preflights=found, client=client)
 
 
 def plan_to_json(p: JobPlan, e: Estimate | None) -> dict[str, Any]:

@@ -190,6 +190,8 @@ def _plan_text(data: dict) -> str:
             lines.append(f"  tokens             in {e['input_tokens']:,} + cache write {e['cache_write_tokens']:,} "
                          f"+ cache read {e['cache_read_tokens']:,}; out ~{e['output_tokens']:,}")
             lines.append(f"  how                {e['method']}")
+            for w in e.get("warnings") or ():
+                lines.append(f"  warning            {w}")
         pf = j.get("preflight") or {}
         for w in pf.get("warnings", []):
             lines.append(f"  warning: {w}")
@@ -206,12 +208,17 @@ def plan(project_dir, profiles_dir, target, jobs, as_json):
     """Show what `submit` would send now (rows, batches, bytes, skipped rows and why, cost); sends nothing.
 
     Runs the preflight first (the model, its limits and capabilities, the output schema): a job the API
-    would refuse exits 2. Example: batch-bridge plan --job review_enrichment --json
+    would refuse exits 2. With ANTHROPIC_API_KEY set, input tokens are counted by the API's free token
+    counting endpoint; without it, estimated offline by a rule (the JSON says which method made each figure).
+
+    Example: batch-bridge plan --job review_enrichment --json
     """
     from .bridge import plan as do_plan, plan_to_json
 
     settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
-    client = _client(settings) if settings.api_key else None  # without a key the preflight says what it skipped
+    # With a key, input tokens are counted by the API (free); without, plan works offline with its rule,
+    # and the preflight says what it could not check.
+    client = _client(settings) if settings.api_key else None
     plans, estimates = do_plan(settings, job_list, progress=StderrProgress(quiet=as_json), client=client)
     data = {"jobs": [plan_to_json(p, estimates.get(p.job.name)) for p in plans]}
     _emit(data, as_json, _plan_text)
@@ -322,6 +329,7 @@ def _create_outcomes(report) -> dict:
     """What a submit left undone, for --json: creates still being reconciled, batches waiting for queue
     room, creates the API rejected for good."""
     return {"pending_reconciliation": report.pending_unknown, "waiting_for_queue": report.waiting_for_queue,
+            "held_for_same_count": report.held,
             "rejected": report.rejected}
 
 

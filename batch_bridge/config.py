@@ -44,6 +44,15 @@ ENV_CREATE_TIMEOUT = "BATCH_BRIDGE_CREATE_TIMEOUT"
 # The API's cap on a workspace's requests in the processing queue at Tier 1 (200,000 at Tier 2): creates
 # beyond it answer 429, so the bridge keeps its own batches within it.
 DEFAULT_MAX_QUEUED = 100_000
+ENV_COUNT_SAMPLE = "BATCH_BRIDGE_COUNT_SAMPLE"
+ENV_CACHE_HIT_RATE = "BATCH_BRIDGE_CACHE_HIT_RATE"
+# Requests of a job whose input tokens `plan` counts with the token counting endpoint: every request
+# when there are no more, else a sample stratified by prompt length. Small enough for the endpoint's
+# lowest rate limit (100 a minute); counts are kept, so the next plan counts only new inputs.
+DEFAULT_COUNT_SAMPLE = 100
+# The share of cache lookups a batch is expected to hit before a job has answers of its own: the middle
+# of the 30-98% the API documents for best-effort caching in batches.
+DEFAULT_CACHE_HIT_RATE = 0.64
 # DuckDB's memory for the bridge's work on rows of ordinary width (it spills to disk beyond); measured in
 # BENCHMARKS.md: a 1M-row job runs within it, and 100,000 answers of 6 KB. Unless the user sets
 # BATCH_BRIDGE_MEMORY_LIMIT, steps over wider rows get room for a few vectors of them on top
@@ -83,6 +92,8 @@ class Settings:
     # batch can take a while to show in `list`: a longer grace only delays a resend, a shorter one can pay twice.
     reconcile_grace: float = 300.0
     create_timeout: float = 600.0  # seconds; a create not answered by then has an unknown outcome
+    count_sample: int = DEFAULT_COUNT_SAMPLE  # requests per job whose tokens plan counts exactly; 0 = the rule only
+    cache_hit_rate: float = DEFAULT_CACHE_HIT_RATE  # expected cache hits before a job has answers of its own
 
     @property
     def state_path(self) -> Path:
@@ -360,6 +371,12 @@ def resolve(
     concurrency = int(_float(env, ENV_CONCURRENCY, 4))
     if concurrency < 1:
         raise ConfigError(f"{ENV_CONCURRENCY}={concurrency} must be at least 1")
+    count_sample = int(_float(env, ENV_COUNT_SAMPLE, DEFAULT_COUNT_SAMPLE))
+    if count_sample < 0:
+        raise ConfigError(f"{ENV_COUNT_SAMPLE}={count_sample} must be 0 (do not count) or a number of requests")
+    hit_rate = _float(env, ENV_CACHE_HIT_RATE, DEFAULT_CACHE_HIT_RATE)
+    if not 0 <= hit_rate <= 1:
+        raise ConfigError(f"{ENV_CACHE_HIT_RATE}={hit_rate} must be a share between 0 and 1, e.g. 0.64")
     return Settings(
         project_dir=pdir,
         profiles_dir=prdir,
@@ -384,4 +401,6 @@ def resolve(
         max_queued_requests=max_queued,
         reconcile_grace=grace,
         create_timeout=create_timeout,
+        count_sample=count_sample,
+        cache_hit_rate=hit_rate,
     )

@@ -77,6 +77,13 @@ def summary(settings, job_names: list[str]) -> dict:
             ).fetchall()
             naive = [book.cost(m, input_tokens=i, output_tokens=o, batch=False) for m, i, o in rows]
             j["naive_sync_usd"] = None if any(x is None for x in naive) else sum(naive)
+            # Caching in batches is best-effort: the share of requests that read the shared prefix from cache.
+            j["cache_hit_rate"] = con.execute(
+                "SELECT avg(CASE WHEN coalesce(cache_read_input_tokens, 0) > 0 THEN 1.0 ELSE 0.0 END) "
+                f"FROM read_parquet('{settings.results_dir(j['job']) / 'current.parquet'}') "
+                "WHERE status = 'succeeded' AND NOT deduplicated "
+                "AND coalesce(cache_read_input_tokens, 0) + coalesce(cache_creation_input_tokens, 0) > 0"
+            ).fetchone()[0]
     finally:
         con.close()
     return out
@@ -92,6 +99,9 @@ def print_summary(data: dict, settings) -> None:
         click.echo(f"  batches              {data['batches']}")
         click.echo(f"  tokens               input {t['input']:,}, output {t['output']:,}, "
                    f"cache write {t['cache_write']:,}, cache read {t['cache_read']:,}")
+        if j.get("cache_hit_rate") is not None:
+            click.echo(f"  prompt cache         {j['cache_hit_rate']:.1%} of requests read the shared prefix from cache "
+                       "(best-effort in batches; the rest wrote it again), priced in the cost below")
         cost = j["cost_usd_known_part"] or 0.0
         click.echo(f"  cost                 ${cost:,.4f} at batch prices; ${j['sync_usd_same_tokens']:,.4f} for the "
                    "same tokens synchronously")

@@ -593,6 +593,43 @@ def _measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, cap: int) 
     plan.chunks = [Chunk(i, a, b, b - a + 1, body) for i, (a, b, body) in enumerate(ranges)]
 
 
+@dataclass
+class Sample:
+    """Request lines to count, and the strata (groups of similar prompt length) they represent."""
+
+    lines: list[tuple[int, int, int, str]]  # (stratum, input_hash, prompt_chars, request line)
+    strata: dict[int, tuple[int, int]]  # stratum -> (requests, prompt characters) of all requests to send
+
+
+def sample_lines(con: duckdb.DuckDBPyConnection, job: Job, size: int, strata: int = 10) -> Sample:
+    """The exact request lines (as `write_requests` writes them) of a sample of the requests in `bb_lines`:
+    all of them when there are at most `size`, else `size / strata` from each of `strata` groups of
+    similar prompt length. Rows are picked by a hash of their input, so a second plan picks the same ones."""
+    (n,) = con.execute("SELECT count(*) FROM bb_lines").fetchone()
+    groups = 1 if n <= size else max(1, min(strata, size // 2))
+    each = size if groups == 1 else max(2, size // groups)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE bb_strata AS "
+        "SELECT rn, ntile($g) OVER (ORDER BY prompt_chars, input_hash) AS stratum FROM bb_lines",
+        {"g": groups},
+    )
+    counts = {int(k): (int(r), int(c)) for k, r, c in con.execute(
+        "SELECT stratum, count(*), sum(prompt_chars) FROM bb_lines JOIN bb_strata USING (rn) GROUP BY stratum"
+    ).fetchall()}
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE bb_sample AS SELECT l.*, t.stratum FROM bb_lines l JOIN bb_strata t USING (rn) "
+        "QUALIFY row_number() OVER (PARTITION BY t.stratum ORDER BY hash(l.input_hash), l.rn) <= $each",
+        {"each": each},
+    )
+    with joins_as_written(con):
+        rows = con.execute(_lines_query(
+            job, f"q.stratum, q.input_hash, q.prompt_chars, {line_sql(job)} AS line", is_table(con, job), "bb_sample", "q"
+        )).fetchall()
+    con.execute("DROP TABLE bb_sample")
+    con.execute("DROP TABLE bb_strata")
+    return Sample([(int(k), int(h), int(c), line) for k, h, c, line in rows], counts)
+
+
 def write_requests(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_dir: Path, names: list[str]) -> list[Path]:
     """Write one request JSONL per chunk, atomically (temp name, fsync, rename). Returns the paths.
 

@@ -290,7 +290,23 @@ def m007_model_info(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def m008_lanes(con: duckdb.DuckDBPyConnection) -> None:
+def m008_token_counts(con: duckdb.DuckDBPyConnection) -> None:
+    """Input tokens counted by the token counting endpoint, per exact request (its input hash) and API,
+    so that a second plan of the same rows counts nothing again."""
+    con.execute(
+        """
+        CREATE TABLE token_counts (
+            endpoint VARCHAR NOT NULL,     -- the API's base URL: the emulator's counts are not the real API's
+            input_hash UHUGEINT NOT NULL,  -- the request's input hash (sent_requests.input_hash)
+            input_tokens BIGINT NOT NULL,
+            counted_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (endpoint, input_hash)
+        )
+        """
+    )
+
+
+def m009_lanes(con: duckdb.DuckDBPyConnection) -> None:
     """The lane of each submission, batch and answer (`batch` or `sync`): synchronous answers go through
     the same journal and the same loader as batches (a sync submission's answers file stands in for a
     batch's result file), so one column is all that tells them apart, for cost and for `status`."""
@@ -301,7 +317,7 @@ def m008_lanes(con: duckdb.DuckDBPyConnection) -> None:
 
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_unknown_outcomes,
-    m006_report_estimates, m007_model_info, m008_lanes]
+    m006_report_estimates, m007_model_info, m008_token_counts, m009_lanes]
 
 
 # DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,

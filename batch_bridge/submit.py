@@ -43,7 +43,7 @@ import duckdb
 from . import api, collect, lanes, state
 from .config import Settings
 from .errors import ApiAccountError, ApiRequestRejected, BudgetExceeded
-from .estimate import Estimate, calibration, estimate_job, input_tokens_sql
+from .estimate import Counting, Estimate, calibration, estimate_job, input_tokens_sql
 from .export import (HASH_VERSION, InputLimit, JobPlan, WarehouseAccess, classify, key_json_sql, measure, stage,
                      warehouse_attached, write_requests)
 from .jobs import Job, quote_literal
@@ -60,7 +60,7 @@ MAX_WAIT_IN_RUN = 60.0
 LOOKS_AFTER_UNKNOWN = 4
 # One adoption at a time in this process, so two threads can never adopt the same orphan.
 _adopt_lock = threading.Lock()
-Outcome = Literal["created", "adopted", "undecided", "deferred", "rejected"]
+Outcome = Literal["created", "adopted", "undecided", "deferred", "held", "rejected"]
 
 
 @dataclass
@@ -71,6 +71,8 @@ class SubmitReport:
     adopted: list[str] = field(default_factory=list)
     pending_unknown: list[str] = field(default_factory=list)  # submissions still being reconciled
     waiting_for_queue: list[str] = field(default_factory=list)  # left `prepared`: no room in the queue, or a 429
+    # left `prepared` because a create of the same request count is still undecided (see the module docstring)
+    held: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # submission id -> the API's message (400/413)
     sync: SyncReport = field(default_factory=SyncReport)  # the sync lane's calls
     sync_loaded: dict[str, int] = field(default_factory=dict)  # job -> answers loaded (sync runs, ended batches)
@@ -81,6 +83,7 @@ class SubmitReport:
         self.adopted += other.adopted
         self.pending_unknown = sorted(set(self.pending_unknown) | set(other.pending_unknown))
         self.waiting_for_queue = sorted(set(other.waiting_for_queue))
+        self.held = sorted(set(other.held))
         self.rejected.update(other.rejected)
 
 
@@ -137,18 +140,29 @@ def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: d
     )
 
 
+def counting_for(settings: Settings, client: anthropic.Anthropic | None) -> Counting | None:
+    """The token counting endpoint of `client` for estimates; None offline or when counting is off."""
+    if client is None or settings.count_sample == 0:
+        return None
+    return Counting(lambda params: api.count_tokens(client, params), api.endpoint_of(client),
+                    sample=settings.count_sample, workers=settings.concurrency)
+
+
 def plan_jobs(
     con: duckdb.DuckDBPyConnection, settings: Settings, jobs: list[Job], *, progress: Progress = Silent(),
     prepare: Callable[[Job, JobPlan, duckdb.DuckDBPyConnection, dict[str, str]], None] | None = None,
     warehouse: WarehouseAccess | None = None, preflights: dict[str, JobPreflight] | None = None,
+    client: anthropic.Anthropic | None = None,
 ) -> tuple[list[JobPlan], dict[str, Estimate]]:
     """Stage and classify every job (warehouse attached read-only, or read through `warehouse`);
     optionally prepare submissions.
 
     With the preflight's findings, rows longer than the model's context window are `too_long`, and
-    each plan carries the findings (with a warning when a cache marked in the job cannot work)."""
+    each plan carries the findings (with a warning when a cache marked in the job cannot work). With a
+    client, input tokens are counted by the API (see estimate.py); without, a rule estimates them."""
     plans, estimates = [], {}
     book = load_prices(settings.prices_file)
+    counting = counting_for(settings, client)
     by_catalog: dict[str, list[Job]] = {}
     for j in jobs:
         by_catalog.setdefault(j.relation.database, []).append(j)
@@ -164,7 +178,10 @@ def plan_jobs(
                 plan.lane, plan.lane_why = routed.lane, routed.why
                 if plan.send_requests:
                     measure(con, job, plan, settings.max_queued_requests)
-                estimates[job.name] = estimate_job(con, job, plan, book)
+                estimates[job.name] = estimate_job(con, job, plan, book, counting,
+                                                   cache_hit_rate=settings.cache_hit_rate)
+                for warning in estimates[job.name].warnings:
+                    progress.step(f"{job.name}: warning: {warning}")
                 warning = cache_warning(job, estimates[job.name])
                 plan.preflight = found.to_json()
                 if warning:
@@ -296,12 +313,13 @@ def prepare_submissions(
         # Budgets are checked on a dry plan first, so that a refused job writes nothing at all (and
         # no job is sent when another is refused). Without any budget there is nothing to check.
         if max_cost is not None or any(j.budget_usd is not None for j in jobs):
-            plans, estimates = plan_jobs(con, settings, jobs, progress=Silent(), warehouse=warehouse, preflights=found)
+            plans, estimates = plan_jobs(con, settings, jobs, progress=Silent(), warehouse=warehouse, preflights=found,
+                                         client=client)
             for plan in plans:
                 check_budget(plan.job, estimates[plan.job.name], max_cost)
         names: list[str] = []
         plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names, fault),
-                                     warehouse=warehouse, preflights=found)
+                                     warehouse=warehouse, preflights=found, client=client)
         record_estimates(con, plans, estimates, names)
     report_preflight(plans, progress)
     report.plans, report.estimates = plans, estimates
@@ -583,7 +601,9 @@ def _send(client: anthropic.Anthropic, settings: Settings, subs: list[dict], rep
             if res.outcome == "deferred":
                 queue_full.set()
             if res.outcome == "undecided":
-                break  # a same-count create may still appear: the rest of this group waits for a later run
+                # A same-count create may still appear: the rest of this group waits for a later run.
+                out += [(s, CreateResult("held")) for s in group[group.index(sub) + 1:]]
+                break
         return out
 
     errors: list[Exception] = []
@@ -604,6 +624,8 @@ def _send(client: anthropic.Anthropic, settings: Settings, subs: list[dict], rep
                     report.pending_unknown.append(sub["submission_id"])
                 elif res.outcome == "deferred":
                     report.waiting_for_queue.append(sub["submission_id"])
+                elif res.outcome == "held":
+                    report.held.append(sub["submission_id"])
                 else:
                     report.rejected[sub["submission_id"]] = res.message or ""
                     progress.step(f"error: the API rejected the batch of submission {sub['submission_id']} "

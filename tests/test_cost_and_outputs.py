@@ -192,7 +192,7 @@ def test_estimate_is_close_to_billed_cost_and_learns_from_history(tmp_path, emul
         "type": "object", "properties": {"sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]},
                                          "summary": {"type": "string"}},
         "required": ["sentiment", "summary"], "additionalProperties": False}), n=200)
-    _, est = bridge.plan(s, bridge.load_jobs(s))
+    _, est = bridge.plan(s, bridge.load_jobs(s), client=api.build_client(s))
     first = est["items"].batch_usd
     run(s)
     billed = sum(r["cost_usd"] for r in current(s, "items"))
@@ -200,7 +200,7 @@ def test_estimate_is_close_to_billed_cost_and_learns_from_history(tmp_path, emul
     assert est["items"].sync_usd == pytest.approx(2 * est["items"].batch_usd, rel=0.5)
     # New rows of the same shape: the estimate now uses observed answers and gets closer.
     load_staging(s, "SELECT 'k' || i AS id, 'text number ' || i || ' about pricing' AS prompt FROM range(400) t(i)")
-    _, est2 = bridge.plan(s, bridge.load_jobs(s))
+    _, est2 = bridge.plan(s, bridge.load_jobs(s), client=api.build_client(s))
     assert "earlier answers" in est2["items"].method
     run(s)
     con = duckdb.connect()

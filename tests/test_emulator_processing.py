@@ -17,7 +17,7 @@ import pytest
 from batch_bridge.emulator import EmulatorConfig, Faults, run_emulator
 from helpers import wait_ended
 
-LONG_SYSTEM = "You label short product reviews with care and precision. " * 80  # > 1,024 tokens
+LONG_SYSTEM = "You label short product reviews with care and precision. " * 110  # 1,100 tokens: > 1,024
 
 
 def request(cid: str, text: str, **extra: Any) -> dict[str, Any]:
@@ -47,8 +47,9 @@ def run_batches(config: EmulatorConfig) -> tuple[list[dict[str, str]], dict[str,
 
 def test_child_process_gives_the_same_results_as_the_thread() -> None:
     faults = {"seed": 7, "errored_fraction": 0.1, "expired_fraction": 0.05}
-    in_thread, thread_counters = run_batches(EmulatorConfig(faults=Faults(**faults)))
-    in_child, child_counters = run_batches(EmulatorConfig(faults=Faults(**faults), worker_processes=2))
+    # Every cache lookup hits (cache_hit_rate 1.0), so a read in the second batch shows the child kept its cache.
+    in_thread, thread_counters = run_batches(EmulatorConfig(faults=Faults(**faults), cache_hit_rate=1.0))
+    in_child, child_counters = run_batches(EmulatorConfig(faults=Faults(**faults), cache_hit_rate=1.0, worker_processes=2))
 
     assert in_child == in_thread
     assert child_counters["faults_fired"] == thread_counters["faults_fired"] != {}

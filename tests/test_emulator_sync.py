@@ -61,7 +61,7 @@ def test_synchronous_problems_are_http_errors_at_once(emu: Emulator, client: ant
         client.messages.create(**body(model="claude-3-haiku", max_tokens=8000))
     assert "max_tokens: 8000 > 4096" in e.value.message
     with pytest.raises(anthropic.BadRequestError) as e:
-        client.messages.create(**body("word " * 170_000))  # 850,000 characters: above 200,000 tokens
+        client.messages.create(**body("word " * 250_000))  # 250,000 tokens (one per " word"): above 200,000
     assert "prompt is too long: " in e.value.message and "> 200000 maximum" in e.value.message
     assert emu.counters()["messages_refused"] == 4
 
@@ -83,7 +83,7 @@ def test_in_a_batch_a_retired_model_and_a_prompt_too_long_error_only_their_own_r
     batch = client.messages.batches.create(requests=[
         {"custom_id": "ok", "params": body()},
         {"custom_id": "retired", "params": body(model="claude-3-sonnet-20240229")},
-        {"custom_id": "long", "params": body("word " * 170_000)},
+        {"custom_id": "long", "params": body("word " * 250_000)},
         {"custom_id": "nobatch", "params": body(model="claude-mythos-preview")},
     ])
     wait_ended(client, batch.id)

@@ -32,6 +32,7 @@ def _statuses(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--cancel-complete-fraction", default=0.0, show_default=True, type=float, help="Fraction of requests still completed when a batch is canceled.")
 @click.option("--time-scale", default=1.0, show_default=True, type=float, help="Emulated seconds per real second (3600: 1 s is 1 h).")
 @click.option("--cache-min-tokens", default=None, type=int, help="Minimum cacheable prefix (default: the real per-model minimum, e.g. 4096 for Haiku 4.5).")
+@click.option("--cache-hit-rate", default=EmulatorConfig.cache_hit_rate, show_default=True, type=click.FloatRange(0, 1), help="Share of lookups of a cached prefix that hit (caching in batches is best-effort).")
 @click.option("--responder", default=None, help="Custom responder as package.module:function.")
 @click.option("--max-body-bytes", default=EmulatorConfig.max_body_bytes, show_default=True, type=int, help="Create bodies above this get 413.")
 @click.option("--public-base-url", default=None, help="Base URL for results_url (default: from the request's Host header).")

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
-Endpoint = Literal["create", "list", "retrieve", "cancel", "delete", "results", "models", "messages"]
-ENDPOINTS: tuple[Endpoint, ...] = ("create", "list", "retrieve", "cancel", "delete", "results", "models", "messages")
-# What an empty endpoint tuple means: the six Message Batches routes. The Models API and the
-# synchronous Messages API get faults only when named, so batch fault tests are not changed by a
-# client that looks a model up first.
-BATCH_ENDPOINTS: tuple[Endpoint, ...] = ENDPOINTS[:6]
+Endpoint = Literal["create", "list", "retrieve", "cancel", "delete", "results", "models", "messages", "count_tokens"]
+# What an empty endpoint tuple means: the six Message Batches routes. The Models API, the synchronous
+# Messages API and token counting get faults only when named (e.g. ("count_tokens",) for its rate
+# limit), so batch fault tests are not changed by a client that looks a model up or counts first.
+BATCH_ENDPOINTS: tuple[Endpoint, ...] = ("create", "list", "retrieve", "cancel", "delete", "results")
+ENDPOINTS: tuple[Endpoint, ...] = BATCH_ENDPOINTS + ("models", "messages", "count_tokens")
 ErroredType = Literal["overloaded_error", "api_error"]
 
 # Real limits of the Message Batches API (contract §3).
@@ -43,7 +43,8 @@ class Faults:
     # ... and/or a random fraction of matching requests answered with `http_error_status`.
     http_error_fraction: float = 0.0
     http_error_status: int = 529
-    # Endpoints the HTTP-error and connection-reset faults apply to; empty = the six batch ones.
+    # Endpoints the HTTP-error and connection-reset faults apply to; empty = the six batch endpoints
+    # (models, messages and count_tokens only when named).
     http_error_endpoints: tuple[Endpoint, ...] = ()
     # `retry-after` seconds sent with injected 429/5xx answers; None = header left out.
     retry_after: float | None = 0.01
@@ -101,6 +102,9 @@ class EmulatorConfig:
     time_scale: float = 1.0
     # Minimum prefix size (tokens) for a cache breakpoint; None = the real per-model minimum.
     cache_min_tokens: int | None = None
+    # Caching in batches is best-effort: the share of lookups of a cached prefix that hit (drawn per
+    # request from faults.seed); a miss writes the prefix again. 1.0 = every lookup after the first hits.
+    cache_hit_rate: float = 0.7
     # `module:function` of a custom responder, or the callable itself (see responder.py).
     responder: str | Callable[..., Any] | None = None
     # Create bodies above this many bytes are refused with 413 request_too_large.
@@ -135,6 +139,7 @@ _RUNTIME_CONFIG_FIELDS = {
     "cancel_complete_fraction",
     "time_scale",
     "cache_min_tokens",
+    "cache_hit_rate",
     "max_body_bytes",
     "max_requests_per_batch",
     "queue_limit_requests",
@@ -169,6 +174,8 @@ def update_config(config: EmulatorConfig, changes: Mapping[str, Any]) -> None:
     for key, value in changes.items():
         if key == "faults":
             update_faults(config.faults, value)
+        elif key == "cache_hit_rate" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            raise ConfigError(f"cache_hit_rate: {value!r} is not a share between 0 and 1 (e.g. 0.7)")
         elif key in _RUNTIME_CONFIG_FIELDS:
             setattr(config, key, value)
         else:

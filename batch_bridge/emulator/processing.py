@@ -44,6 +44,7 @@ class Job:
     faults: Faults  # a snapshot taken when processing starts
     cancel_complete_fraction: float
     cache_min_tokens: int | None
+    cache_hit_rate: float
     # Processed apart from the prompt cache, in parallel with other batches: stops with
     # CacheNeeded at the first request the cache could apply to (see Worker._dispatch).
     cache_free: bool = False
@@ -150,7 +151,7 @@ def _answer(
     min_tokens = job.cache_min_tokens
     if min_tokens is None:
         min_tokens = info.cache_min_tokens if info else 1024
-    input_usage = cache.account(params, min_tokens)
+    input_usage = cache.account(params, min_tokens, job.cache_hit_rate, ids.fraction(job.faults.seed, "cache", cid))
     message = finish_message(answer, params, input_usage, ids.stable_id("msg", raw))
     try:
         return "succeeded", _dumps({"custom_id": cid, "result": {"type": "succeeded", "message": message}})

@@ -15,8 +15,9 @@ Any other exception makes the request `errored` with `api_error`.
 
 The default responder is a pure function of `params`: a forced tool (`tool_choice`
 `{"type":"tool"}`) gets a `tool_use` block whose input fits the tool's `input_schema`; a
-`json_schema` output format gets JSON text that fits the schema; anything else gets a short
-summary-like sentence built from the prompt.
+`json_schema` output format gets JSON text that fits the schema; anything else gets one to six
+summary-like sentences built from the prompt. Lengths vary from request to request (seeded by the
+prompt), as real answers do: free-text fields from a few words to sixty, lists from none to six items.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any, Callable, Mapping
 
 from . import ids, usage
 from .jsonl import dumps as _dumps
-from .schema_gen import Context, PlanCache, make_context, sentence
+from .schema_gen import Context, PlanCache, length_draw, make_context, summary
+from .tokens import counter
 
 Responder = Callable[[Mapping[str, Any], str], dict[str, Any]]
 
@@ -62,9 +64,11 @@ def prompt_text(params: Mapping[str, Any]) -> str:
 
 
 def _reply_text(ctx: Context) -> str:
+    """One to six sentences (seeded by the prompt): free-text answers vary in length like real ones."""
     words = ctx.text.split(maxsplit=12)
     head = " ".join(words[:12]) + ("..." if len(words) > 12 else "")
-    return f"{sentence(ctx)} It has {sum(ctx.counts.values())} words and begins: \"{head}\""
+    sentences = [summary(ctx, 0x7E47 + k, 30) for k in range(1 + int(6 * length_draw(ctx, 0x5E7) ** 2))]
+    return f"It has {sum(ctx.counts.values())} words and begins: \"{head}\" {' '.join(sentences)}"
 
 
 def default_responder(params: Mapping[str, Any], custom_id: str) -> dict[str, Any]:
@@ -116,7 +120,7 @@ def _apply_limits(content: list[dict[str, Any]], max_tokens: int, stops: list[st
                 text = text[: hit[0]]
             tokens = usage.text_tokens(text)
             if used + tokens > max_tokens:
-                text = text[: (max_tokens - used) * 4]
+                text = counter().cut(text, max_tokens - used)
                 out.append({**block, "text": text})
                 return out, "max_tokens", None, max_tokens
             out.append({**block, "text": text} if hit is not None else block)
@@ -124,7 +128,7 @@ def _apply_limits(content: list[dict[str, Any]], max_tokens: int, stops: list[st
             if hit is not None:
                 return out, "stop_sequence", hit[1], used
         elif kind == "tool_use":
-            tokens = usage.text_tokens(_dumps(block.get("input", {}))) + usage.TOOL_OVERHEAD
+            tokens = usage.text_tokens(_dumps(block.get("input", {}))) + usage.text_tokens(str(block.get("name", "")))
             if used + tokens > max_tokens:
                 # A tool call that does not fit is not emitted at all (a cut call is useless).
                 return out, "max_tokens", None, max_tokens

@@ -27,6 +27,7 @@ from .responder import load_responder
 from .server import EmulatorApp
 from .stats import Stats
 from .store import Store
+from . import tokens
 from .usage import PromptCache
 from .worker import Worker
 
@@ -66,7 +67,7 @@ class Emulator:
 
     def counters(self) -> dict[str, Any]:
         """The same dict `GET /_emulator/stats` returns."""
-        return {**self.stats.snapshot(), "batches": self.store.count()}
+        return {**self.stats.snapshot(), "batches": self.store.count(), "tokenizer": tokens.describe()}
 
 
 def build(config: EmulatorConfig) -> Emulator:
@@ -77,6 +78,7 @@ def build(config: EmulatorConfig) -> Emulator:
     clock = Clock(lambda: config.time_scale, anchor_path=root / "emulator.json")
     store = Store(root)
     stats = Stats()
+    tokens.counter()  # loaded now, so that a missing tokenizer file is logged when the emulator starts
     cache = PromptCache()
     faults = FaultState(config)
     if config.worker_processes and callable(config.responder):

@@ -37,6 +37,7 @@ _POSITIVE_LABELS = frozenset("positive pos good happy great yes satisfied favora
 _NEGATIVE_LABELS = frozenset("negative neg bad unhappy no unsatisfied dissatisfied complaint low poor angry".split())
 _NEUTRAL_LABELS = frozenset("neutral mixed none other unknown medium moderate".split())
 _SENTENCE_NAMES = ("summary", "reason", "explanation", "rationale", "description", "comment", "justification", "text")
+TYPICAL_MAX_ITEMS = 6  # the longest list an array without maxItems gets
 _SCORE_NAMES = ("score", "rating", "stars", "sentiment", "satisfaction")
 # Punctuation and digits become spaces, then str.split: 3x faster than a regex over 2 KB.
 _NON_WORD_CHARS = "!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~0123456789\t\r\n"
@@ -91,6 +92,39 @@ def sentence(ctx: Context) -> str:
     if not topics:
         return f"A short {mood} text."
     return f"A {mood} text about {', '.join(topics)}."
+
+
+_FILLER = (
+    "the writer explains this in some detail", "with a few concrete examples", "and compares it with earlier experience",
+    "although some points stay vague", "which matters for most readers", "over several weeks of use",
+    "as the text makes clear", "while noting one or two reservations", "in plain and direct words",
+    "and ends with a recommendation", "compared to similar products", "after trying it more than once",
+)
+
+
+def length_draw(ctx: Context, salt: int) -> float:
+    """A number in [0, 1) for this prompt and salt; squared by callers so that short answers are common
+    and long ones rare, as real answer lengths are skewed."""
+    return _pick(ctx, salt, 1000) / 1000
+
+
+def summary(ctx: Context, salt: int, max_words: int = 60) -> str:
+    """A free-text summary of the prompt whose length varies from a few words to `max_words` + 4."""
+    words = 4 + int(max_words * length_draw(ctx, salt) ** 2)
+    head = sentence(ctx)
+    parts = [head.rstrip(".")]
+    n = len(head.split())
+    k = _pick(ctx, salt ^ 0x51, len(_FILLER))
+    topics = topic_words(ctx, 8)
+    while n < words:
+        phrase = _FILLER[k % len(_FILLER)]
+        if topics and k % 3 == 0:
+            phrase += f", especially {topics[k % len(topics)]}"
+        parts.append(phrase)
+        n += len(phrase.split())
+        k += 1
+    text = ", ".join(parts)
+    return " ".join(text.split()[:max(words, 3)]).rstrip(",") + "."
 
 
 def _pick(ctx: Context, salt: int, n: int) -> int:
@@ -189,7 +223,7 @@ def _string(schema: dict[str, Any], name: str, salt: int) -> Gen:
         if fmt is not None:
             return fit(fmt)
         if wants_sentence:
-            return fit(sentence(ctx))
+            return fit(summary(ctx, salt))
         topics = topic_words(ctx, 5)
         if topics:
             return fit(topics[_pick(ctx, salt, len(topics))])
@@ -201,20 +235,26 @@ def _string(schema: dict[str, Any], name: str, salt: int) -> Gen:
 def _array(schema: dict[str, Any], root: dict[str, Any], name: str, depth: int, salt: int) -> Gen:
     lo = int(schema.get("minItems", 0))
     hi = schema.get("maxItems")
-    n = max(lo, 2 if hi is None else min(2, int(hi)))
+    # Lists vary in length like real answers: mostly a few items, sometimes none, now and then many.
+    top = max(lo, TYPICAL_MAX_ITEMS if hi is None else min(TYPICAL_MAX_ITEMS, int(hi)))
     if depth > 6:
-        n = lo  # recursive schemas: stop growing
+        top = lo  # recursive schemas: stop growing
+    n = top
     items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
     resolved = _resolve(items, root)
     unique = bool(schema.get("uniqueItems"))
     enum = resolved.get("enum") if isinstance(resolved.get("enum"), list) else None
     item_gens = [_compile(items, root, name, depth + 1, salt + 7919 * (k + 1)) for k in range(n)]
 
+    def count(ctx: Context) -> int:
+        return lo + int((top - lo + 1) * length_draw(ctx, salt ^ 0xA11) ** 1.5) if top > lo else lo
+
     def gen(ctx: Context) -> list[Any]:
+        m = count(ctx)
         if unique and enum:
             start = _pick(ctx, salt, len(enum))
-            return [enum[(start + k) % len(enum)] for k in range(min(n, len(enum)))]
-        values = [g(ctx) for g in item_gens]
+            return [enum[(start + k) % len(enum)] for k in range(min(m, len(enum)))]
+        values = [g(ctx) for g in item_gens[:m]]
         if unique:
             seen: list[Any] = []
             for k, v in enumerate(values):

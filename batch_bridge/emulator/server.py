@@ -39,8 +39,8 @@ from .ids import new_batch_id, new_request_id
 from .stats import Stats
 from .store import InvalidStateTransition, Store, rfc3339
 from .intake import persist_requests
-from . import sync
-from .validate import EnvelopeError
+from . import sync, tokens, usage
+from .validate import EnvelopeError, check_count_params
 from .worker import Worker
 
 log = logging.getLogger("batch_bridge.emulator")
@@ -145,6 +145,7 @@ class EmulatorApp:
             Route("/v1/models", self._guard("models", self.models_list), methods=["GET"]),
             Route("/v1/models/{model_id:path}", self._guard("models", self.models_retrieve), methods=["GET"]),
             Route("/v1/messages", self._guard("messages", self.messages_create), methods=["POST"]),
+            Route("/v1/messages/count_tokens", self._guard("count_tokens", self.count_tokens), methods=["POST"]),
             Route("/_emulator/stats", self.admin_stats, methods=["GET"]),
             Route("/_emulator/stats/reset", self.admin_reset, methods=["POST"]),
             Route("/_emulator/config", self.admin_get_config, methods=["GET"]),
@@ -434,17 +435,29 @@ class EmulatorApp:
             return error_response(status, body["error"]["type"], body["error"]["message"])
         return ok(body)
 
+    async def count_tokens(self, request: Request) -> Response:
+        """`POST /v1/messages/count_tokens`: the input tokens of a request, counted as its batch would be."""
+        try:
+            params = await request.json()
+        except ValueError:
+            return error_response(400, "invalid_request_error", "body: Input should be valid JSON")
+        problem = check_count_params(params)
+        if problem is not None:
+            return error_response(*problem)
+        self.stats.incr("tokens_counted")
+        return ok({"input_tokens": usage.input_tokens(params)})
+
     # --- admin -------------------------------------------------------------------------------
 
     async def admin_stats(self, request: Request) -> Response:
-        return JSONResponse({**self.stats.snapshot(), "batches": self.store.count()})
+        return JSONResponse({**self.stats.snapshot(), "batches": self.store.count(), "tokenizer": tokens.describe()})
 
     async def admin_reset(self, request: Request) -> Response:
         self.stats.reset()
         return JSONResponse(self.stats.snapshot())
 
     async def admin_get_config(self, request: Request) -> Response:
-        return JSONResponse(config_as_dict(self.config))
+        return JSONResponse({**config_as_dict(self.config), "tokenizer": tokens.describe()})
 
     async def admin_set_config(self, request: Request) -> Response:
         try:

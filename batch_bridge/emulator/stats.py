@@ -100,6 +100,8 @@ class Stats:
                 # still gets its batch created, so a test waits for 0 before counting batches
                 "creates_in_flight": self._creates_in_flight,
                 "auth_failures": self._counters["auth_failures"],
+                # answered POST /v1/messages/count_tokens (a count the plan keeps is not asked again)
+                "tokens_counted": self._counters["tokens_counted"],
                 "results_bytes_sent": self._counters["results_bytes_sent"],
                 "http_requests": sum(self._endpoints.values()),
                 "requests_by_endpoint": dict(self._endpoints),

@@ -1,18 +1,18 @@
-"""Deterministic token counts and prompt-cache accounting.
+"""Token counts of a request, and prompt-cache accounting.
 
-Token rule (an approximation of real tokenizers, documented in docs/emulator.md):
-* text: ceil(chars / 4)
-* every message: +4 (role framing); every request: +3
-* every tool: ceil(len(compact JSON of the tool) / 4) + 10
-* a json_schema output format: ceil(len(compact JSON of the schema) / 4) + 20
-* image: 1,600; base64 PDF document: 2,000; any other block: ceil(len(compact JSON) / 4)
+Tokens are counted by `tokens.counter()`: a real BPE tokenizer (the Claude tokenizer file), or, only
+when that file is absent, characters / 4 (see tokens.py and docs/emulator.md). Segments: every tool
+(its JSON, plus the tool-use system prompt once per request), a json_schema output format, system
+blocks, and message blocks (the first block of a message carries its turn marker); the request adds
+the primer of the answer. Images and PDFs cost fixed amounts.
 
 Cache rule: the prompt is a sequence of segments in the API's order (tools, output schema,
 system blocks, message blocks). A block carrying `cache_control` (or the last block, for
 top-level `cache_control`) is a breakpoint whose prefix is everything up to and including it.
-Breakpoints shorter than the model's minimum are ignored. The longest prefix seen before in
-this emulator's lifetime is read from cache; longer ones are written (per ttl, 5m default);
-`input_tokens` is what is left.
+Breakpoints shorter than the model's minimum are ignored. Caching in batches is best-effort: a
+prefix seen before in this emulator's lifetime is read from cache with probability `hit_rate`
+(drawn per request from the fault seed), else written again; longer ones are written (per ttl, 5m
+default); `input_tokens` is what is left.
 """
 
 from __future__ import annotations
@@ -23,19 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .jsonl import dumps_sorted as _compact
-
-REQUEST_OVERHEAD = 3
-MESSAGE_OVERHEAD = 4
-TOOL_OVERHEAD = 10
-SCHEMA_OVERHEAD = 20
-IMAGE_TOKENS = 1600
-PDF_TOKENS = 2000
-
+from .tokens import IMAGE_TOKENS, PDF_TOKENS, counter
 
 
 def text_tokens(text: str) -> int:
-    """ceil(len(text) / 4)."""
-    return (len(text) + 3) // 4
+    """Tokens of a text, by the emulator's tokenizer."""
+    return counter().text(text)
 
 
 def _without_cache_control(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -56,11 +49,11 @@ def _block_tokens(block: Any) -> int:
             return text_tokens(str(source.get("data", "")))
         return PDF_TOKENS
     if kind == "tool_use":
-        return text_tokens(_compact(block.get("input", {}))) + TOOL_OVERHEAD
+        return text_tokens(_compact(block.get("input", {})))
     if kind == "tool_result":
         content = block.get("content", "")
         inner = sum(_block_tokens(b) for b in content) if isinstance(content, list) else text_tokens(str(content))
-        return inner + 5
+        return inner
     if kind == "thinking":
         return text_tokens(block.get("thinking", ""))
     return text_tokens(_compact(_without_cache_control(block)))
@@ -83,12 +76,14 @@ class Segment:
 
 def prompt_segments(params: Mapping[str, Any]) -> list[Segment]:
     """The prompt as ordered, countable segments: tools, output schema, system, messages."""
+    c = counter()
     segs: list[Segment] = []
-    for tool in params.get("tools") or ():
-        segs.append(Segment(text_tokens(_compact(_without_cache_control(tool))) + TOOL_OVERHEAD, tool, _ttl(tool)))
+    for k, tool in enumerate(params.get("tools") or ()):
+        framing = c.tools(params.get("tool_choice")) if k == 0 else 0
+        segs.append(Segment(text_tokens(_compact(_without_cache_control(tool))) + framing, tool, _ttl(tool)))
     fmt = (params.get("output_config") or {}).get("format")
     if isinstance(fmt, dict) and isinstance(fmt.get("schema"), dict):
-        segs.append(Segment(text_tokens(_compact(fmt["schema"])) + SCHEMA_OVERHEAD, fmt, None))
+        segs.append(Segment(text_tokens(_compact(fmt["schema"])) + c.schema(), fmt, None))
     system = params.get("system")
     if isinstance(system, str):
         segs.append(Segment(text_tokens(system), system, None))
@@ -98,12 +93,17 @@ def prompt_segments(params: Mapping[str, Any]) -> list[Segment]:
         content = message.get("content", "")
         role = message.get("role", "")
         if isinstance(content, str):
-            segs.append(Segment(text_tokens(content) + MESSAGE_OVERHEAD, (role, content), None))
+            segs.append(Segment(text_tokens(content) + c.turn(role), (role, content), None))
         else:
             for j, block in enumerate(content):
-                extra = MESSAGE_OVERHEAD if j == 0 else 0
+                extra = c.turn(role) if j == 0 else 0
                 segs.append(Segment(_block_tokens(block) + extra, (role, block), _ttl(block)))
     return segs
+
+
+def input_tokens(params: Mapping[str, Any]) -> int:
+    """All input tokens of a request, as `count_tokens` reports them (caching changes billing, not the count)."""
+    return counter().request() + sum(s.tokens for s in prompt_segments(params))
 
 
 def too_long(params: Mapping[str, Any], body_bytes: int, max_input_tokens: int) -> str | None:
@@ -113,7 +113,7 @@ def too_long(params: Mapping[str, Any], body_bytes: int, max_input_tokens: int) 
     character, so a shorter body can only exceed it with images or PDFs, which are not looked at."""
     if body_bytes <= max_input_tokens:
         return None
-    total = REQUEST_OVERHEAD + sum(s.tokens for s in prompt_segments(params))
+    total = input_tokens(params)
     return f"prompt is too long: {total} tokens > {max_input_tokens} maximum" if total > max_input_tokens else None
 
 
@@ -159,29 +159,32 @@ class PromptCache:
         with self._lock:
             self._seen.clear()
 
-    def account(self, params: Mapping[str, Any], min_tokens: int) -> InputUsage:
-        """Split this prompt's input tokens into uncached / cache write / cache read."""
+    def account(self, params: Mapping[str, Any], min_tokens: int, hit_rate: float = 1.0, draw: float = 0.0) -> InputUsage:
+        """Split this prompt's input tokens into uncached / cache write / cache read.
+
+        A cached prefix is read only when `draw` (this request's number in [0, 1)) is below `hit_rate`;
+        otherwise it is written again, as a best-effort cache that missed does."""
         segs = prompt_segments(params)
-        total = REQUEST_OVERHEAD + sum(s.tokens for s in segs)
+        total = counter().request() + sum(s.tokens for s in segs)
         breakpoints = [i for i, s in enumerate(segs) if s.ttl is not None]
         top = _ttl(params)
         if top is not None and segs and (not breakpoints or breakpoints[-1] != len(segs) - 1):
             breakpoints.append(len(segs) - 1)
         if not breakpoints:
             return InputUsage(input_tokens=total)
-        if REQUEST_OVERHEAD + sum(s.tokens for s in segs[: breakpoints[-1] + 1]) < min_tokens:
+        if sum(s.tokens for s in segs[: breakpoints[-1] + 1]) < min_tokens:
             # Even the longest prefix is below the minimum: nothing can be cached, so skip the
             # hashing (the common case of a short shared system prompt).
             return InputUsage(input_tokens=total)
-        return self._cached(params, segs, breakpoints, top, total, min_tokens)
+        return self._cached(params, segs, breakpoints, top, total, min_tokens, draw < hit_rate)
 
     def _cached(
         self, params: Mapping[str, Any], segs: list[Segment], breakpoints: list[int], top: str | None, total: int,
-        min_tokens: int,
+        min_tokens: int, may_hit: bool,
     ) -> InputUsage:
         h = hashlib.blake2b(str(params.get("model", "")).encode(), digest_size=16)
         prefixes: list[tuple[int, bytes, str]] = []  # (prefix tokens, digest, ttl)
-        running = REQUEST_OVERHEAD
+        running = 0
         wanted = iter(breakpoints)
         target = next(wanted)
         for i, seg in enumerate(segs):
@@ -200,7 +203,7 @@ class PromptCache:
 
         usage = InputUsage(input_tokens=0)
         with self._lock:
-            hit = max((k for k, p in enumerate(prefixes) if p[1] in self._seen), default=-1)
+            hit = max((k for k, p in enumerate(prefixes) if p[1] in self._seen), default=-1) if may_hit else -1
             done = prefixes[hit][0] if hit >= 0 else 0
             usage.cache_read = done
             for tokens, digest, ttl in prefixes[hit + 1 :]:

@@ -215,3 +215,26 @@ def _check_options(params: Mapping[str, Any], max_tokens: int) -> str | None:
     if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops)):
         return "stop_sequences: Input should be a list of non-empty strings"
     return None
+
+
+# What `POST /v1/messages/count_tokens` takes: a Messages request without max_tokens and sampling.
+COUNT_TOKENS_KEYS = frozenset({
+    "model", "messages", "system", "tools", "tool_choice", "thinking", "output_config", "cache_control",
+    "mcp_servers", "context_management", "speed",
+})
+
+
+def check_count_params(params: Any) -> tuple[int, str, str] | None:
+    """(HTTP status, error type, message) of a count_tokens body the API refuses, or None when it is valid."""
+    if not isinstance(params, dict):
+        return 400, "invalid_request_error", "body: Input should be a valid dictionary"
+    for key in params:
+        if key not in COUNT_TOKENS_KEYS:
+            return 400, "invalid_request_error", f"{key}: Extra inputs are not permitted"
+    model = params.get("model")
+    if isinstance(model, str) and models.lookup(model) is None:
+        return 404, "not_found_error", f"model: {model}"
+    info = models.lookup(model) if isinstance(model, str) else None
+    # The same checks as a request, with the largest max_tokens the model allows (count_tokens takes none).
+    problem = check_params({**params, "max_tokens": info.max_output_tokens if info else 1})
+    return (400, "invalid_request_error", problem) if problem else None

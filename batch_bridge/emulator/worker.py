@@ -182,6 +182,7 @@ class Worker(threading.Thread):
             faults=copy.deepcopy(self.config.faults),
             cancel_complete_fraction=self.config.cancel_complete_fraction,
             cache_min_tokens=self.config.cache_min_tokens,
+            cache_hit_rate=self.config.cache_hit_rate,
             cache_free=cache_free,
         )
 
