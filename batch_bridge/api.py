@@ -347,3 +347,35 @@ def create_message(client: anthropic.Anthropic, params: dict, *, timeout: float 
     posted as is, because the SDK's typed `messages.create` does not take every field, e.g. `top_k`)."""
     with translated("messages"):
         return client.with_options(timeout=timeout).post("/v1/messages", body=params, cast_to=Message)
+
+
+# --- synchronous Messages calls (the sync lane) -----------------------------------------------
+
+# HTTP statuses of a Messages call and the API's error type for each, for a failure that carries none.
+_ERROR_TYPE_OF_STATUS = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                         403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                         429: "rate_limit_error", 500: "api_error", 504: "timeout_error", 529: "overloaded_error"}
+
+
+@dataclass(frozen=True)
+class CallFailure:
+    """What a failed synchronous call says, in the API's words: the error type a batch result would
+    carry for the same failure, its message, the HTTP status (None: no answer), and the wait asked."""
+
+    error_type: str
+    message: str
+    status: int | None
+    retry_after: float | None
+
+
+def call_failure(e: ApiError) -> CallFailure:
+    """Read a translated error of a Messages call back into the API's words (see `translated`)."""
+    cause = e.__cause__
+    if isinstance(cause, anthropic.APIStatusError):
+        body = cause.body if isinstance(cause.body, dict) else {}
+        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        kind = err.get("type") or _ERROR_TYPE_OF_STATUS.get(cause.status_code, "api_error")
+        return CallFailure(kind, str(err.get("message", cause.message)), cause.status_code, _retry_after(cause))
+    if isinstance(cause, anthropic.APITimeoutError):
+        return CallFailure("timeout_error", e.message, None, None)
+    return CallFailure("api_error", e.message, None, None)

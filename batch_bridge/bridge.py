@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import anthropic
 
-from . import api, collect as collect_mod, preflight, state, submit as submit_mod
+from . import api, collect as collect_mod, preflight, state, submit as submit_mod, sync_lane
 from .config import Settings
 from .dbt_runner import load_manifest
 from .errors import CreateRejected, WaitTimeout
@@ -35,6 +35,7 @@ CRASH_POINTS = (
     "before_journal",         # about to journal `creating`
     "before_create",          # `creating` journalled, the create POST not sent
     "after_create",           # the batch exists on the API, its id not yet recorded
+    "during_sync",            # sync lane: an answer appended to the run's answers file, others in flight
     "during_download",        # part of a results file written to its .part file
     "after_download",         # results file complete and renamed, not yet marked downloaded
     "during_load",            # rows inserted and batches marked collected, before COMMIT
@@ -77,7 +78,14 @@ def plan_to_json(p: JobPlan, e: Estimate | None) -> dict[str, Any]:
         "up_to_date_rows": p.dispositions.get("up_to_date", 0),
         "in_flight_rows": p.dispositions.get("in_flight", 0),
         "skipped": {k: {"rows": v, "why": REJECTED_REASONS[k]} for k, v in sorted(p.rejected.items())},
-        "batches": [{"requests": c.requests, "bytes": c.body_bytes} for c in p.chunks],
+        "lane": p.lane,
+        "lane_why": p.lane_why,
+        "lanes": {
+            lane: {"requests": p.send_requests if lane == p.lane else 0,
+                   "cost_usd": (e.lane_usd if lane == p.lane else 0.0) if e else None}
+            for lane in ("batch", "sync")
+        },
+        "batches": [{"requests": c.requests, "bytes": c.body_bytes} for c in p.chunks] if p.lane == "batch" else [],
         "bytes": p.body_bytes,
         "estimate": e.to_json() if e else None,
         "preflight": p.preflight,
@@ -118,10 +126,25 @@ def submit(
                                    fault=crash_point)
     report.absorb(leftover)
     report.absorb(sent)
-    _publish_all(settings, jobs)
     if report.batches:
         progress.step(f"submitted {len(report.batches)} batch(es): {', '.join(report.batches)}")
+    _answer_sync_lane(settings, defs, client, report, progress=progress, sleep=sleep)
     return report
+
+
+def _answer_sync_lane(settings: Settings, defs: dict[str, Job], client: anthropic.Anthropic,
+                      report: submit_mod.SubmitReport, *, progress: Progress, sleep: Callable[[float], None]) -> None:
+    """Send the sync lane's requests (runs left by an interrupted command first), load their answers
+    with the batch loader, and publish: the rows are answered within this command."""
+    try:
+        report.sync = sync_lane.send(client, settings, defs, progress=progress, sleep=sleep, fault=crash_point)
+    finally:  # answers written before a failure are loaded now, not on the next run
+        loads = collect_mod.load_downloaded(settings, defs, progress=progress, fault=crash_point)
+        for job, n in loads.loaded.items():
+            report.sync_loaded[job] = report.sync_loaded.get(job, 0) + n
+            progress.step(f"{job}: loaded {n:,} results")
+        _publish_all(settings, list(defs.values()))
+    loads.raise_account_errors()
 
 
 def collect(

@@ -124,17 +124,24 @@ def common(fn: Callable) -> Callable:
     return project_options(fn)
 
 
+def lane_option(fn: Callable) -> Callable:
+    """--lane: where this run's requests go, over each job's `lane` field."""
+    return click.option("--lane", type=click.Choice(["batch", "sync", "auto"]),
+                        help="batch, sync (synchronous Messages calls) or auto, for this run [job's lane; batch]")(fn)
+
+
 def _settings(project_dir: str | None, profiles_dir: str | None, target: str | None, **kw: Any):
     from .config import resolve
 
     return resolve(project_dir=project_dir, profiles_dir=profiles_dir, target=target, **kw)
 
 
-def _setup(project_dir, profiles_dir, target, jobs, **kw):
+def _setup(project_dir, profiles_dir, target, jobs, lane=None, **kw):
     from .bridge import load_jobs
+    from .jobs import with_lane
 
     settings = _settings(project_dir, profiles_dir, target, **kw)
-    return settings, load_jobs(settings, jobs)
+    return settings, with_lane(load_jobs(settings, jobs), lane)
 
 
 def _client(settings):
@@ -168,6 +175,11 @@ def _plan_text(data: dict) -> str:
         lines.append(f"  to send            {j['rows_to_send']:>12,} rows as {j['requests_to_send']:,} requests "
                      f"({j['deduplicated_rows']:,} deduplicated)")
         lines.append(f"  batches            {len(j['batches']):>12,}  ({j['bytes'] / 1e6:,.1f} MB)")
+        money_ = (lambda x: "unknown" if x is None else f"${x:,.4f}")
+        for lane, v in j.get("lanes", {}).items():
+            if v["requests"]:
+                lines.append(f"  {lane + ' lane':<19}{v['requests']:>12,} requests, {money_(v['cost_usd'])} "
+                             f"({'batch' if lane == 'batch' else 'standard'} prices): {j['lane_why']}")
         for reason, v in j["skipped"].items():
             lines.append(f"  skipped: {reason:<18}{v['rows']:>8,}  {v['why']}")
         if e:
@@ -289,9 +301,10 @@ def preview(project_dir, profiles_dir, target, job_name, rows, keys, yes, as_jso
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @common
 @click.option("--max-cost", type=float, help="refuse (and send nothing) if the estimate exceeds this many USD")
+@lane_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @handle_errors
-def submit(project_dir, profiles_dir, target, jobs, max_cost, as_json):
+def submit(project_dir, profiles_dir, target, jobs, max_cost, lane, as_json):
     """Export the rows that need an answer and submit them; returns once batches are created.
 
     Example: batch-bridge submit --max-cost 5
@@ -299,15 +312,16 @@ def submit(project_dir, profiles_dir, target, jobs, max_cost, as_json):
     from .bridge import plan_to_json, submit as do_submit
     from .state import exclusive
 
-    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, lane)
     progress = StderrProgress()
     with exclusive(settings):
         report = do_submit(settings, job_list, _client(settings), max_cost=max_cost, progress=progress)
     data = {
-        "batches": report.batches, "adopted": report.adopted, **_create_outcomes(report),
+        "batches": report.batches, "adopted": report.adopted, **_create_outcomes(report), **_sync_lane(report),
         "jobs": [plan_to_json(p, report.estimates.get(p.job.name)) for p in report.plans],
     }
-    _emit(data, as_json, lambda d: f"submitted {len(d['batches'])} batch(es)" + "".join(f"\n  {b}" for b in d["batches"]))
+    _emit(data, as_json, lambda d: f"submitted {len(d['batches'])} batch(es)" + "".join(f"\n  {b}" for b in d["batches"])
+          + _sync_text(d))
     _exit_if_rejected(report.rejected)
 
 
@@ -317,6 +331,17 @@ def _create_outcomes(report) -> dict:
     return {"pending_reconciliation": report.pending_unknown, "waiting_for_queue": report.waiting_for_queue,
             "held_for_same_count": report.held,
             "rejected": report.rejected}
+
+
+def _sync_lane(report) -> dict:
+    """What the sync lane did, for --json: calls answered per job, runs ended, answers loaded."""
+    return {"sync_lane": {"answered": report.sync.answered, "runs": report.sync.runs, "calls": report.sync.calls,
+                          "loaded": report.sync_loaded}}
+
+
+def _sync_text(d: dict) -> str:
+    answered = d["sync_lane"]["answered"]
+    return ("\nanswered synchronously: " + ", ".join(f"{k}: {v:,}" for k, v in answered.items())) if answered else ""
 
 
 def _exit_if_rejected(rejected: dict[str, str]) -> None:
@@ -362,19 +387,22 @@ def collect(project_dir, profiles_dir, target, jobs, as_json):
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @common
 @click.option("--max-cost", type=float, help="refuse (and send nothing) if the estimate exceeds this many USD")
+@lane_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @handle_errors
-def sync(project_dir, profiles_dir, target, jobs, max_cost, as_json):
+def sync(project_dir, profiles_dir, target, jobs, max_cost, lane, as_json):
     """Collect what has ended, then submit what is new; never waits. The command an hourly schedule runs.
 
     Example: batch-bridge sync --project-dir dbt_project
     """
     from .bridge import sync as do_sync
 
-    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, lane)
     c, s = do_sync(settings, job_list, _client(settings), max_cost=max_cost, progress=StderrProgress())
-    data = {"collect": _collect_json(c), "submitted": s.batches, "adopted": s.adopted, **_create_outcomes(s)}
-    _emit(data, as_json, lambda d: _collect_text(d["collect"]) + f"\nsubmitted {len(d['submitted'])} batch(es)")
+    data = {"collect": _collect_json(c), "submitted": s.batches, "adopted": s.adopted, **_create_outcomes(s),
+            **_sync_lane(s)}
+    _emit(data, as_json, lambda d: _collect_text(d["collect"]) + f"\nsubmitted {len(d['submitted'])} batch(es)"
+          + _sync_text(d))
     _exit_if_rejected(s.rejected)
 
 
@@ -405,21 +433,22 @@ def wait(project_dir, profiles_dir, target, jobs, timeout, poll_interval, as_jso
 @click.option("--max-cost", type=float, help="refuse (and send nothing) if the estimate exceeds this many USD")
 @click.option("--timeout", type=float, help="stop waiting after this many seconds (exit 3; run again to resume)")
 @click.option("--poll-interval", type=float, help="seconds between polls [BATCH_BRIDGE_POLL_INTERVAL, 30]")
+@lane_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @handle_errors
-def run(project_dir, profiles_dir, target, jobs, max_cost, timeout, poll_interval, as_json):
+def run(project_dir, profiles_dir, target, jobs, max_cost, timeout, poll_interval, lane, as_json):
     """Submit, wait, and collect each batch as it ends: for pipelines that can wait.
 
     Example: batch-bridge run --poll-interval 5 --timeout 7200
     """
     from .bridge import run as do_run
 
-    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, poll_interval=poll_interval)
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, lane, poll_interval=poll_interval)
     s, w = do_run(settings, job_list, _client(settings), max_cost=max_cost, timeout=timeout, progress=StderrProgress())
     data = {"submitted": s.batches, "adopted": s.adopted, "polls": w.polls, "loaded": w.collected,
-            **_create_outcomes(s)}
+            **_create_outcomes(s), **_sync_lane(s)}
     _emit(data, as_json, lambda d: f"submitted {len(d['submitted'])} batch(es); loaded "
-          + (", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new"))
+          + (", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new") + _sync_text(d))
     _exit_if_rejected(s.rejected)
 
 
@@ -452,6 +481,12 @@ def _status_text(d: dict) -> str:
         cost = "unknown" if j["cost_usd"] is None else f"${j['cost_usd']:,.4f}"
         out.append(f"job {j['job']}: succeeded {r['succeeded']:,}, in flight {r['in_flight']:,}, "
                    f"failed {r['failed']:,}, never sent {r['never_sent']:,}; cost {cost}")
+        lanes = j.get("lanes", {})
+        if lanes.get("sync", {}).get("billed_requests"):
+            out.append("  " + "; ".join(
+                f"{lane} lane: {v['rows_answered']:,} rows answered, "
+                + ("cost unknown" if v["cost_usd"] is None else f"${v['cost_usd']:,.4f}")
+                for lane, v in lanes.items()))
         if r.get("waiting_for_queue"):
             out.append(f"  in flight, waiting for room in the processing queue: {r['waiting_for_queue']:,} rows "
                        "(sent by a later run)")
@@ -520,9 +555,10 @@ def report(project_dir, profiles_dir, target, jobs, out, since):
 @click.option("--max-cost", type=float, help="refuse (and send nothing) if the estimate exceeds this many USD")
 @click.option("--timeout", type=float, help="with --wait: stop waiting after this many seconds (exit 3)")
 @click.option("--poll-interval", type=float, help="with --wait: seconds between polls")
+@lane_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @handle_errors
-def pipeline(project_dir, profiles_dir, target, jobs, wait_, max_cost, timeout, poll_interval, as_json):
+def pipeline(project_dir, profiles_dir, target, jobs, wait_, max_cost, timeout, poll_interval, lane, as_json):
     """A whole scheduled run: dbt build (upstream of the jobs), sync (or --wait: run), dbt build (downstream).
 
     Upstream/downstream are the project's selectors bb_upstream/bb_downstream when defined, otherwise
@@ -531,11 +567,11 @@ def pipeline(project_dir, profiles_dir, target, jobs, wait_, max_cost, timeout, 
     """
     from .pipeline import run_pipeline
 
-    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, poll_interval=poll_interval)
+    settings, job_list = _setup(project_dir, profiles_dir, target, jobs, lane, poll_interval=poll_interval)
     r = run_pipeline(settings, job_list, _client(settings), wait=wait_, max_cost=max_cost, timeout=timeout,
                      progress=StderrProgress())
     data = {"upstream": r.upstream, "downstream": r.downstream, "submitted": r.submitted, "loaded": r.loaded,
-            "rejected": r.rejected}
+            "answered_sync": r.answered_sync, "rejected": r.rejected}
     _emit(data, as_json, lambda d: f"submitted {len(d['submitted'])} batch(es); loaded "
           + (", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new"))
     _exit_if_rejected(r.rejected)

@@ -108,7 +108,8 @@ def open_batches(settings: Settings, jobs: list[str] | None) -> list[dict]:
     with state.connect(settings) as con:
         rows = con.execute(
             "SELECT batch_id, job, processing_status, created_at, archived_at, request_count, local_state, ended_at "
-            "FROM bb_state.batches WHERE local_state IN ('submitted', 'downloaded') ORDER BY created_at"
+            "FROM bb_state.batches WHERE local_state IN ('submitted', 'downloaded') AND lane = 'batch' "
+            "ORDER BY created_at"
         ).fetchall()
     cols = ["batch_id", "job", "processing_status", "created_at", "archived_at", "request_count", "local_state",
             "ended_at"]
@@ -454,6 +455,8 @@ def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, bo
     nothing)."""
     batch_id, job_name, submission_id, result_file, _ = batch
     select = _extract_sql(job, result_file, batch_id, submission_id)
+    # A sync-lane run's answers file loads like a batch's results; its calls are billed at standard prices.
+    (lane,) = con.execute("SELECT lane FROM bb_state.batches WHERE batch_id = ?", [batch_id]).fetchone()
     # DuckDB estimates a result file at a few dozen rows whatever its size, and would build its hash
     # table from the results, answer text and all: as written, the sent requests are built instead.
     with state.joins_as_written(con):
@@ -467,10 +470,10 @@ def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, bo
                    r.cache_creation_5m, r.cache_creation_1h,
                    CASE WHEN r.price IS NULL AND r.status IN ('succeeded', 'parse_failed') THEN NULL
                         ELSE {cost_sql('r', 'r.price')} END,
-                   r.error_type, r.error_message, r.submitted_at, $now
-            FROM (SELECT *, {price_sql(book, 'model')} AS price FROM ({select})) r
+                   r.error_type, r.error_message, r.submitted_at, $now, $lane
+            FROM (SELECT *, {price_sql(book, 'model', batch=lane != 'sync')} AS price FROM ({select})) r
             """,
-            {"job": job_name, "now": now},
+            {"job": job_name, "now": now, "lane": lane},
         ).fetchone()[0]
 
 

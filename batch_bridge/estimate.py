@@ -65,9 +65,17 @@ class Estimate:
     warnings: list[str] = field(default_factory=list)  # e.g. counting failed and the rule stood in
     cache_prefix_tokens: int = 0  # the prefix marked for caching (0: none is marked)
     cache_min_tokens: int | None = None  # the shortest prefix the model caches (None: model not priced)
+    sync_lane_usd: float | None = None  # the sync lane: standard prices, the prefix cached once then read
+    lane: str = "batch"  # the lane the requests take (lanes.route)
+
+    @property
+    def lane_usd(self) -> float | None:
+        """Expected cost in the lane the requests take: what budgets are held to."""
+        return self.sync_lane_usd if self.lane == "sync" else self.batch_usd
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "lane_usd": self.lane_usd}
+
 
 
 def tokens(nchars: float) -> int:
@@ -388,4 +396,16 @@ def estimate_job(
         warnings=warnings,
         cache_prefix_tokens=cached_prefix,
         cache_min_tokens=price.min_cache_tokens if price else None,
+        sync_lane_usd=_sync_lane_cost(book, job, total_input, out_total, cached_prefix if cache_write else 0, n),
+        lane=plan.lane,
     )
+
+
+def _sync_lane_cost(book: PriceBook, job: Job, total_input: int, out_total: int, prefix: int, n: int) -> float | None:
+    """Standard prices; a cacheable prefix is written by the first call and read by the others."""
+    if not n:
+        return 0.0 if book.lookup(job.model) else None
+    write, read = (prefix, prefix * (n - 1)) if prefix else (0, 0)
+    return book.cost(job.model, input_tokens=max(0, total_input - write - read), output_tokens=out_total,
+                     cache_5m=write if job.cache_ttl == "5m" else 0, cache_1h=write if job.cache_ttl == "1h" else 0,
+                     cache_read=read, batch=False)

@@ -90,6 +90,8 @@ class JobPlan:
     prompt_bytes: int = 0  # of the requests to send
     prompt_chars: int = 0
     chunks: list[Chunk] = field(default_factory=list)
+    lane: str = "batch"  # where this run's requests go (lanes.route): batch | sync
+    lane_why: str = ""
     preflight: dict | None = None  # what the preflight found (preflight.JobPreflight.to_json)
 
     @property

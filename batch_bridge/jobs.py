@@ -13,7 +13,7 @@ import difflib
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .errors import JobDefinitionError
@@ -22,6 +22,12 @@ JOB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 MAX_REQUESTS_PER_BATCH = 100_000
 MAX_BYTES_PER_BATCH = 256_000_000
 CacheTtl = Literal["5m", "1h", "none"]
+# Where a run's requests go: a Message Batch (half price, within 24 hours), synchronous Messages calls
+# (standard price, seconds), or chosen per run from the work at hand (`lanes.route`).
+Lane = Literal["batch", "sync", "auto"]
+LANES: tuple[str, ...] = ("batch", "sync", "auto")
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 # Every field a job may declare, with what it is for. Unknown fields are errors (typos must not be
 # silently ignored: a misspelt `output_schema` would send free-text requests and pay for them).
@@ -46,6 +52,10 @@ FIELDS: dict[str, str] = {
     "retry_parse_failed": "resend answers that do not match the schema (default false)",
     "max_requests_per_batch": "cap per batch (default and maximum 100000)",
     "max_bytes_per_batch": "cap per batch body in bytes (default and maximum 256000000)",
+    "lane": "batch, sync or auto: where a run's requests go (default batch)",
+    "sync_max_requests": "with lane auto: runs of at most this many requests go synchronous (default 100)",
+    "deadline": "with lane auto: a duration like 2h; sooner than batches have taken -> synchronous",
+    "sync_concurrency": "synchronous calls at once (default 4)",
     "enabled": "false to skip this job",
 }
 
@@ -83,6 +93,11 @@ class Job:
     retry_parse_failed: bool = False
     max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH
     max_bytes_per_batch: int = MAX_BYTES_PER_BATCH
+    # Not part of the request nor of any hash: changing the lane never resends an answered row.
+    lane: Lane = "batch"
+    sync_max_requests: int = 100
+    deadline_seconds: float | None = None
+    sync_concurrency: int = 4
 
     @property
     def structured(self) -> bool:
@@ -308,6 +323,22 @@ def parse_job(node: dict[str, Any]) -> Job | None:
     if isinstance(mb, bool) or not isinstance(mb, int) or not 1024 <= mb <= MAX_BYTES_PER_BATCH:
         raise JobDefinitionError(name, "max_bytes_per_batch", mb, f"an integer from 1024 to {MAX_BYTES_PER_BATCH}")
 
+    lane = raw.get("lane", "batch")
+    if lane not in LANES:
+        raise JobDefinitionError(name, "lane", lane, "'batch', 'sync' or 'auto'", hint=_suggest(str(lane), list(LANES)))
+    smr = raw.get("sync_max_requests", 100)
+    if isinstance(smr, bool) or not isinstance(smr, int) or smr < 0:
+        raise JobDefinitionError(name, "sync_max_requests", smr, "an integer >= 0")
+    deadline = raw.get("deadline")
+    deadline_seconds = None
+    if deadline is not None:
+        deadline_seconds = parse_duration(deadline)
+        if deadline_seconds is None or deadline_seconds <= 0:
+            raise JobDefinitionError(name, "deadline", deadline, "a duration such as '90s', '30m', '2h' or '1d'")
+    sc = raw.get("sync_concurrency", 4)
+    if isinstance(sc, bool) or not isinstance(sc, int) or not 1 <= sc <= 256:
+        raise JobDefinitionError(name, "sync_concurrency", sc, "an integer from 1 to 256")
+
     return Job(
         name=name,
         node=node.get("unique_id", model_name),
@@ -328,14 +359,26 @@ def parse_job(node: dict[str, Any]) -> Job | None:
         retry_parse_failed=rpf,
         max_requests_per_batch=mr,
         max_bytes_per_batch=mb,
+        lane=lane,
+        sync_max_requests=smr,
+        deadline_seconds=deadline_seconds,
+        sync_concurrency=sc,
     )
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds of a duration such as '45s', '30m', '2h', '1d' (None when it is not one)."""
+    if not isinstance(value, str):
+        return None
+    m = DURATION.match(value)
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)] if m else None
 
 
 # Result columns the bridge always writes; a schema property with one of these names would clash.
 RESERVED_COLUMNS = (
     "custom_id status output_text output_json stop_reason model input_tokens output_tokens "
     "cache_creation_input_tokens cache_read_input_tokens cost_usd deduplicated is_stale error_type "
-    "error_message attempt batch_id request_custom_id input_hash submitted_at collected_at"
+    "error_message attempt batch_id request_custom_id input_hash submitted_at collected_at lane"
 ).split()
 
 
@@ -388,3 +431,14 @@ def select_jobs(jobs: list[Job], names: tuple[str, ...] | list[str] | None) -> l
             )
         out.append(known[n])
     return out
+
+
+def with_lane(jobs: list[Job], lane: str | None) -> list[Job]:
+    """The jobs with their lane replaced for one run (`--lane`); unchanged when `lane` is None."""
+    if lane is None:
+        return jobs
+    if lane not in LANES:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--lane {lane!r} is not a lane; choose batch, sync or auto")
+    return [replace(j, lane=lane) for j in jobs]  # type: ignore[arg-type]

@@ -33,6 +33,7 @@ class PipelineReport:
     submitted: list[str] = field(default_factory=list)
     loaded: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)  # submission id -> the API's message (400/413)
+    answered_sync: dict[str, int] = field(default_factory=dict)  # job -> synchronous calls answered
     waited: bool = False
 
 
@@ -79,10 +80,13 @@ def run_pipeline(
     invoke(settings, ["build", *quiet, *report.upstream])
     if wait:
         s, w = bridge.run(settings, jobs, client, max_cost=max_cost, timeout=timeout, progress=progress, sleep=sleep)
-        report.submitted, report.loaded = s.batches, w.collected
+        report.submitted, report.loaded = s.batches, dict(w.collected)
     else:
         c, s = bridge.sync(settings, jobs, client, max_cost=max_cost, progress=progress, sleep=sleep)
-        report.submitted, report.loaded = s.batches, c.loaded
+        report.submitted, report.loaded = s.batches, dict(c.loaded)
+    for job, n in s.sync_loaded.items():  # answers of the sync lane, loaded within the same command
+        report.loaded[job] = report.loaded.get(job, 0) + n
+    report.answered_sync = s.sync.answered
     report.rejected = s.rejected
     down = downstream_args(manifest)
     if down is None:

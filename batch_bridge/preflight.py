@@ -122,7 +122,8 @@ def check_jobs(
     remote = _Api(client, settings)
     out: dict[str, JobPreflight] = {}
     for job in jobs:
-        out[job.name] = _check_job(con, job, remote, for_batch)
+        # A job whose lane is `sync` (its field or --lane) never sends a batch: batch support is not needed.
+        out[job.name] = _check_job(con, job, remote, for_batch and job.lane != "sync")
     refused = [p for p in out.values() if p.refusals]
     if refused:
         lines = [f"job {p.job!r}: {r}" for p in refused for r in p.refusals]

@@ -109,7 +109,7 @@ def _map_sql(entries: dict[str, str]) -> str:
     return "MAP {" + ", ".join(f"{quote_literal(k)}: {v}" for k, v in sorted(entries.items())) + "}"
 
 
-def price_sql(book: PriceBook, model: str) -> str:
+def price_sql(book: PriceBook, model: str, *, batch: bool = True) -> str:
     """SQL for the price STRUCT (input, output, write_5m, write_1h, read, discount) of the model named
     by the expression `model`, NULL when the book does not price it; the rules of `PriceBook.lookup`.
 
@@ -117,19 +117,20 @@ def price_sql(book: PriceBook, model: str) -> str:
     id `<name>-YYYYMMDD` it does not name resolves to), not joined as a table: DuckDB cannot estimate
     how many rows a result file holds, and a join would make it build its hash table from the results
     (answer text included) instead of from the few dozen prices."""
+    discount = book.batch_discount if batch else 1.0  # synchronous calls pay standard prices
     names = set(book.models) | set(book.aliases)
     direct, stems = {}, {}
     for n in names:
         if (p := book.lookup(n)) is not None:
-            direct[n] = _price_struct(p, book.batch_discount)
+            direct[n] = _price_struct(p, discount)
         if (stem := book.models.get(book.aliases.get(n, n))) is not None:
-            stems[n] = _price_struct(stem, book.batch_discount)
+            stems[n] = _price_struct(stem, discount)
     return (f"coalesce(({_map_sql(direct)})[{model}], "
             f"({_map_sql(stems)})[regexp_replace({model}, '-[0-9]{{8}}$', '')])")
 
 
 def cost_sql(alias: str = "r", price: str = "price") -> str:
-    """SQL for the billed batch cost of a response row `alias` whose price STRUCT (`price_sql`) is `price`."""
+    """SQL for the billed cost (at the price's discount: batch or standard) of a response row `alias` whose price STRUCT (`price_sql`) is `price`."""
     r, p = alias, price
     return (
         f"CASE WHEN {r}.status IN ('succeeded', 'parse_failed') THEN "

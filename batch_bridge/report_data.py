@@ -74,7 +74,7 @@ def _batches(con: duckdb.DuckDBPyConnection, jobs: list[str], since: datetime | 
         SELECT b.batch_id, b.job, b.processing_status, b.local_state, b.request_count, b.succeeded, b.errored,
                b.canceled, b.expired, b.created_at, b.ended_at, b.collected_at,
                s.estimated_cost_usd, s.estimated_input_tokens, s.estimated_output_tokens,
-               s.estimated_cache_write_tokens, s.estimated_cache_read_tokens, s.estimated_sync_usd,
+               s.estimated_cache_write_tokens, s.estimated_cache_read_tokens, s.estimated_sync_usd, b.lane,
                (SELECT list({'model': u.model, 'answers': u.answers, 'billed': u.billed, 'cost': u.cost,
                              'unpriced': u.unpriced, 'i': u.i, 'o': u.o, 'w5': u.w5, 'w1': u.w1, 'w': u.w, 'r': u.r})
                 FROM usage u WHERE u.batch_id = b.batch_id) AS usage
@@ -87,7 +87,8 @@ def _batches(con: duckdb.DuckDBPyConnection, jobs: list[str], since: datetime | 
     ).fetchall()
     out = []
     for (bid, job, ps, ls, n, ok, err, can, exp, created, ended, collected,
-         est, est_i, est_o, est_w, est_r, est_sync, usage) in rows:
+         est, est_i, est_o, est_w, est_r, est_sync, lane, usage) in rows:
+        discount = 1.0 if lane == "sync" else book.batch_discount  # the sync lane pays standard prices
         parts = dict.fromkeys(COST_PARTS, 0.0)
         tokens = dict.fromkeys(COST_PARTS, 0)
         billed = cost = 0.0
@@ -106,7 +107,7 @@ def _batches(con: duckdb.DuckDBPyConnection, jobs: list[str], since: datetime | 
             p = book.lookup(u["model"] or "")
             if p is None:
                 continue
-            d = book.batch_discount / 1e6
+            d = discount / 1e6
             parts["input"] += i * p.input * d
             parts["output"] += o * p.output * d
             parts["cache_write"] += (w5 * p.write_5m + w1 * p.write_1h) * p.input * d
@@ -125,7 +126,8 @@ def _batches(con: duckdb.DuckDBPyConnection, jobs: list[str], since: datetime | 
             "answers_loaded": answers, "billed_requests": billed_n,
             "cost_usd": billed if known else None, "cost_usd_known_part": billed,
             "cost_parts_usd": parts, "tokens": tokens,
-            "sync_usd": billed / book.batch_discount if known and book.batch_discount else None,
+            "lane": lane,
+            "sync_usd": billed / discount if known and discount else None,
             "cache_hit_rate": tokens["cache_read"] / seen if seen else None,
             "estimate": None if est is None and est_i is None else {
                 "cost_usd": est, "sync_usd": est_sync,
@@ -171,6 +173,16 @@ def per_day(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [days[k] for k in sorted(days)]
 
 
+def sync_usd_same_tokens(summary: dict, book: PriceBook) -> float | None:
+    """What a job's answers would have cost as synchronous calls: its batch lane's cost without the batch
+    discount, plus its sync lane's cost (already at standard prices)."""
+    if not book.batch_discount:
+        return None
+    lanes = summary.get("lanes") or {}
+    sync = (lanes.get("sync") or {}).get("cost_usd") or 0.0
+    return (summary["cost_usd_known_part"] - sync) / book.batch_discount + sync
+
+
 def gather(con: duckdb.DuckDBPyConnection, jobs: list[str], book: PriceBook, since: timedelta | None) -> ReportData:
     """Everything the page shows, for `jobs`, with time-based figures limited to the last `since`."""
     now = utcnow()
@@ -179,7 +191,7 @@ def gather(con: duckdb.DuckDBPyConnection, jobs: list[str], book: PriceBook, sin
     batches = _batches(con, jobs, cutoff, book)
     for j in summaries:
         mine = [b for b in batches if b["job"] == j["job"]]
-        j["sync_usd_same_tokens"] = (j["cost_usd_known_part"] / book.batch_discount) if book.batch_discount else None
+        j["sync_usd_same_tokens"] = sync_usd_same_tokens(j, book)
         j["window"] = {
             "batches": len(mine),
             "cost_usd": sum(b["cost_usd_known_part"] for b in mine),

@@ -27,7 +27,7 @@ COLUMNS_AFTER_KEYS = (
     "custom_id", "status", "output_text", "output_json", "stop_reason", "model", "input_tokens", "output_tokens",
     "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd", "deduplicated", "is_stale",
     "error_type", "error_message", "attempt", "batch_id", "request_custom_id", "input_hash",
-    "submitted_at", "collected_at",
+    "submitted_at", "collected_at", "lane",
 )
 
 # `status` values: the API's result types, and parse_failed (the answer did not match the schema).
@@ -44,17 +44,18 @@ COLUMN_DOCS = {
     "output_tokens": "Output tokens billed.",
     "cache_creation_input_tokens": "Input tokens written to the prompt cache.",
     "cache_read_input_tokens": "Input tokens read from the prompt cache.",
-    "cost_usd": "What this request cost at batch prices; 0 on a deduplicated row, NULL when the model's price is unknown.",
+    "cost_usd": "What this request cost (batch prices in the batch lane, standard prices in the sync lane); 0 on a deduplicated row, NULL when the model's price is unknown.",
     "deduplicated": "True when another key's identical request was sent and its answer is shown here.",
     "is_stale": "True when the row's input changed after this answer: it answers an earlier version of the row.",
     "error_type": "The API's error type, for an errored request.",
     "error_message": "The API's error message, for an errored request.",
     "attempt": "Which send of this input gave the answer (1: the first).",
-    "batch_id": "The Message Batch that answered.",
+    "batch_id": "The Message Batch that answered (sync lane: the run of synchronous calls, msg_run_...).",
     "request_custom_id": "The custom_id the request went out under (another key's, when deduplicated).",
     "input_hash": "Hash of the request's fixed part and the row's prompt, as hex.",
     "submitted_at": "When the batch was submitted (UTC).",
     "collected_at": "When the bridge loaded the answer (UTC); the source's freshness field.",
+    "lane": "How the answer came: batch (a Message Batch, half price) or sync (a synchronous Messages call, standard price).",
 }
 
 
@@ -89,7 +90,7 @@ def _projection(con: duckdb.DuckDBPyConnection, job: Job) -> str:
                h.input_hash <> h.current_hash AS is_stale,
                h.error_type, h.error_message, h.attempt, h.batch_id, h.request_custom_id,
                lpad(lower(hex(h.input_hash)), 32, '0') AS input_hash,
-               h.submitted_at, h.collected_at
+               h.submitted_at, h.collected_at, h.lane
     """
 
 

@@ -9,6 +9,8 @@ State changes are named functions that refuse illegal moves (`InvalidStateTransi
 
 Submission journal (one row per request file; written *before* the create call):
     prepared -> creating -> created
+    prepared -> created                   (sync lane: its calls go out under a local id, `msg_run_...`;
+                                           answers are appended to its answers file as they arrive)
     creating -> creating                  (the create's outcome became unknown: `outcome_unknown_at` is set)
     creating -> prepared                  (the API refused the create with 429/529, or the account cannot
                                            create: nothing exists, the file is sent again later)
@@ -16,7 +18,8 @@ Submission journal (one row per request file; written *before* the create call):
                                            recorded in `refused_inputs` with the API's message)
     created -> creating                   (the batch adopted for it proved foreign: the search goes on)
 Local batch life (`batches.local_state`, beside the API's own `processing_status`):
-    submitted -> downloaded -> collected
+    submitted -> downloaded -> collected  (a sync-lane run: submitted while its calls go out, downloaded
+                                           once its answers file holds an answer to every request)
     downloaded -> submitted               (the result file is unreadable: download it again)
     submitted | downloaded -> lost        (results deleted or past retention; rows go back to pending)
     submitted | downloaded -> foreign     (adopted on its request count, its answers are another
@@ -303,9 +306,18 @@ def m008_token_counts(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def m009_lanes(con: duckdb.DuckDBPyConnection) -> None:
+    """The lane of each submission, batch and answer (`batch` or `sync`): synchronous answers go through
+    the same journal and the same loader as batches (a sync submission's answers file stands in for a
+    batch's result file), so one column is all that tells them apart, for cost and for `status`."""
+    for table in ("submissions", "batches", "responses"):
+        con.execute(f"ALTER TABLE {table} ADD COLUMN lane VARCHAR DEFAULT 'batch'")
+        con.execute(f"UPDATE {table} SET lane = 'batch'")
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_unknown_outcomes,
-    m006_report_estimates, m007_model_info, m008_token_counts]
+    m006_report_estimates, m007_model_info, m008_token_counts, m009_lanes]
 
 
 # DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,
@@ -583,6 +595,35 @@ def record_created(con: duckdb.DuckDBPyConnection, submission_id: str, batch_id:
                    *, adopted: bool = False) -> None:
     _move(con, "submissions", "submission_id", submission_id, "state", ("creating",), "created",
           {"batch_id": batch_id, "created_at": utcnow(), "note": note, "adopted": adopted})
+
+
+def start_sync(con: duckdb.DuckDBPyConnection, submission_id: str, run_id: str, request_count: int,
+               now: datetime | None = None) -> None:
+    """A sync-lane submission starts its calls: it gets a local run id and a `batches` row (lane sync,
+    `in_progress`) whose result file is its answers file, so that the batch loader loads it."""
+    now = now or utcnow()
+    row = con.execute("SELECT job, lane FROM submissions WHERE submission_id = ?", [submission_id]).fetchone()
+    if row is not None and row[1] != "sync":
+        raise InvalidStateTransition("submission", submission_id, f"lane {row[1]}", "sync calls", ("lane sync",))
+    _move(con, "submissions", "submission_id", submission_id, "state", ("prepared",), "created",
+          {"batch_id": run_id, "created_at": now, "create_started_at": now, "first_create_at": now})
+    con.execute(
+        "INSERT INTO batches (batch_id, job, submission_id, processing_status, local_state, request_count, "
+        "processing, created_at, polled_at, lane) VALUES (?, ?, ?, 'in_progress', 'submitted', ?, ?, ?, ?, 'sync')",
+        [run_id, row[0], submission_id, request_count, request_count, now, now],
+    )
+
+
+def end_sync(con: duckdb.DuckDBPyConnection, run_id: str, answers_file: str, lines: int, size: int,
+             counts: dict[str, int]) -> None:
+    """Every request of a sync-lane run has its answer in the answers file: it is ended and ready to load."""
+    now = utcnow()
+    con.execute(
+        "UPDATE batches SET processing_status = 'ended', ended_at = ?, processing = 0, succeeded = ?, errored = ? "
+        "WHERE batch_id = ? AND lane = 'sync'",
+        [now, counts.get("succeeded", 0), counts.get("errored", 0), run_id],
+    )
+    mark_downloaded(con, run_id, answers_file, lines, size)
 
 
 def refuse_create(con: duckdb.DuckDBPyConnection, submission_id: str, why: str) -> None:

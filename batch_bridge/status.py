@@ -38,7 +38,7 @@ def batches(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[str, A
         """
         SELECT b.batch_id, b.job, b.processing_status, b.local_state, b.request_count, b.processing, b.succeeded,
                b.errored, b.canceled, b.expired, b.created_at, b.expires_at, b.ended_at, b.polled_at,
-               b.collected_at, b.note,
+               b.collected_at, b.note, b.lane,
                (SELECT sum(cost_usd) FROM bb_state.responses r WHERE r.batch_id = b.batch_id) AS cost_usd
         FROM bb_state.batches b WHERE list_contains($jobs, b.job) ORDER BY b.created_at
         """,
@@ -46,9 +46,10 @@ def batches(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[str, A
     ).fetchall()
     out = []
     for r in rows:
-        (bid, job, ps, ls, n, proc, ok, err, can, exp, created, expires, ended, polled, collected, note, cost) = r
+        (bid, job, ps, ls, n, proc, ok, err, can, exp, created, expires, ended, polled, collected, note, lane,
+         cost) = r
         out.append({
-            "batch_id": bid, "job": job, "processing_status": ps, "local_state": ls, "state": batch_state(ps, ls),
+            "batch_id": bid, "job": job, "lane": lane, "processing_status": ps, "local_state": ls, "state": batch_state(ps, ls),
             "request_counts": {"processing": proc, "succeeded": ok, "errored": err, "canceled": can, "expired": exp},
             "requests": n,
             "created_at": _iso(created), "expires_at": _iso(expires), "ended_at": _iso(ended),
@@ -151,6 +152,26 @@ def row_counts(con: duckdb.DuckDBPyConnection, job: str) -> dict[str, Any]:
     }
 
 
+def lanes_summary(con: duckdb.DuckDBPyConnection, job: str) -> dict[str, dict[str, Any]]:
+    """Per lane (batch, sync): keys whose current answer came through it, answers billed, and their cost."""
+    rows = {lane: {"rows_answered": 0, "billed_requests": 0, "cost_usd": 0.0} for lane in ("batch", "sync")}
+    for lane, billed, cost, unknown in con.execute(
+        """SELECT lane, count(*) FILTER (WHERE status IN ('succeeded', 'parse_failed')), coalesce(sum(cost_usd), 0),
+                  count(*) FILTER (WHERE cost_usd IS NULL AND status IN ('succeeded', 'parse_failed'))
+           FROM bb_state.responses WHERE job = ? GROUP BY lane""", [job]).fetchall():
+        rows[lane].update(billed_requests=billed, cost_usd=None if unknown else cost)
+    # A key is answered by the lane of the latest successful answer to its current input.
+    for lane, n in con.execute(
+        """
+        WITH answer AS (SELECT input_hash, arg_max(lane, collected_at) AS lane FROM bb_state.responses
+                        WHERE job = $job AND status = 'succeeded' GROUP BY input_hash)
+        SELECT a.lane, count(*) FROM bb_state.key_inputs k JOIN answer a USING (input_hash)
+        WHERE k.job = $job AND k.answered GROUP BY a.lane
+        """, {"job": job}).fetchall():
+        rows[lane]["rows_answered"] = n
+    return rows
+
+
 def jobs_summary(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[str, Any]]:
     out = []
     for job in jobs:
@@ -185,6 +206,7 @@ def jobs_summary(con: duckdb.DuckDBPyConnection, jobs: list[str]) -> list[dict[s
         ).fetchone()
         out.append({
             "job": job,
+            "lanes": lanes_summary(con, job),
             "dedupe": {"rows": dedupe_rows, "saved_usd": dedupe_saved},
             "rows": counted["rows"],
             "failures_by_type": counted["failures_by_type"],

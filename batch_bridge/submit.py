@@ -40,7 +40,7 @@ from typing import Callable, Literal
 import anthropic
 import duckdb
 
-from . import api, collect, state
+from . import api, collect, lanes, state
 from .config import Settings
 from .errors import ApiAccountError, ApiRequestRejected, BudgetExceeded
 from .estimate import Counting, Estimate, calibration, estimate_job, input_tokens_sql
@@ -50,6 +50,7 @@ from .jobs import Job, quote_literal
 from .preflight import JobPreflight, cache_warning, check_jobs
 from .pricing import load_prices
 from .progress import Progress, Silent
+from .sync_lane import SyncReport
 
 CLOCK_SKEW = timedelta(minutes=5)
 MAX_CREATE_TRIES = 4
@@ -73,6 +74,8 @@ class SubmitReport:
     # left `prepared` because a create of the same request count is still undecided (see the module docstring)
     held: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # submission id -> the API's message (400/413)
+    sync: SyncReport = field(default_factory=SyncReport)  # the sync lane's calls
+    sync_loaded: dict[str, int] = field(default_factory=dict)  # job -> answers loaded (sync runs, ended batches)
 
     def absorb(self, other: "SubmitReport") -> None:
         """Add the create outcomes of another pass over the journal."""
@@ -171,6 +174,8 @@ def plan_jobs(
                 found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
                 key_types = stage(con, job)
                 classify(con, job, plan, _input_limit(con, job, found))
+                routed = lanes.route(con, job, plan.send_requests)
+                plan.lane, plan.lane_why = routed.lane, routed.why
                 if plan.send_requests:
                     measure(con, job, plan, settings.max_queued_requests)
                 estimates[job.name] = estimate_job(con, job, plan, book, counting,
@@ -181,9 +186,11 @@ def plan_jobs(
                 plan.preflight = found.to_json()
                 if warning:
                     plan.preflight["warnings"] = [*plan.preflight["warnings"], warning]
+                where = (f"in {len(plan.chunks)} batch(es)" if plan.lane == "batch"
+                         else "as synchronous calls")
                 progress.step(
                     f"{job.name}: {plan.staged:,} rows staged, {plan.send_keys:,} to send as "
-                    f"{plan.send_requests:,} requests in {len(plan.chunks)} batch(es)"
+                    f"{plan.send_requests:,} requests {where}" + (f" ({plan.lane_why})" if plan.send_requests else "")
                 )
                 if prepare is not None:
                     prepare(job, plan, con, key_types)
@@ -211,15 +218,17 @@ def check_budget(job: Job, estimate: Estimate, max_cost: float | None) -> None:
     limits = [(v, n) for v, n in ((job.budget_usd, f"meta.batch_bridge.budget_usd of job {job.name!r}"),
                                   (max_cost, "--max-cost")) if v is not None]
     for limit, name in limits:
-        if estimate.batch_usd is None:
+        if estimate.lane_usd is None:
             raise BudgetExceeded(
                 f"job {job.name!r}: the cost of model {job.model!r} is unknown, so it cannot be held to "
                 f"{name} = ${limit:.2f}; nothing was sent",
                 hint="add the model to a price file (BATCH_BRIDGE_PRICES) or remove the budget",
             )
-        if estimate.batch_usd > limit:
+        if estimate.lane_usd > limit:
+            lane = "synchronous calls at standard prices" if estimate.lane == "sync" else "a batch"
             raise BudgetExceeded(
-                f"job {job.name!r}: estimated cost ${estimate.batch_usd:.4f} for {estimate.requests:,} requests "
+                f"job {job.name!r}: estimated cost ${estimate.lane_usd:.4f} for {estimate.requests:,} requests "
+                f"({lane}) "
                 f"exceeds {name} = ${limit:.2f}; nothing was sent",
                 hint="raise the budget, pass a larger --max-cost, or send fewer rows",
             )
@@ -237,8 +246,8 @@ def _prepare(settings: Settings, run_stamp: str, out: list[str],
             for chunk, name, path in zip(plan.chunks, names, paths):
                 con.execute(
                     "INSERT INTO bb_state.submissions (submission_id, job, state, request_file, request_count, "
-                    "body_bytes, prepared_at) VALUES (?, ?, 'prepared', ?, ?, ?, ?)",
-                    [name, job.name, str(path), chunk.requests, chunk.body_bytes, now],
+                    "body_bytes, prepared_at, lane) VALUES (?, ?, 'prepared', ?, ?, ?, ?, ?)",
+                    [name, job.name, str(path), chunk.requests, chunk.body_bytes, now, plan.lane],
                 )
                 con.execute(
                     "INSERT INTO bb_state.sent_requests SELECT ?, ?, request_custom_id, input_hash, attempt, key_count, prompt_chars "
@@ -271,7 +280,7 @@ def record_estimates(con: duckdb.DuckDBPyConnection, plans: list[JobPlan], estim
             continue
         chunk = plan.chunks[int(index)]
         share = chunk.requests / e.requests
-        rows.append((name, None if e.batch_usd is None else e.batch_usd * share,
+        rows.append((name, None if e.lane_usd is None else e.lane_usd * share,
                      round(e.input_tokens * share), round(e.output_tokens * share),
                      round(e.cache_write_tokens / len(plan.chunks)), round(e.cache_read_tokens * share),
                      None if e.sync_usd is None else e.sync_usd * share))
@@ -502,7 +511,7 @@ def pending_submissions(settings: Settings, jobs: list[str] | None = None) -> li
     with state.connect(settings) as con:
         rows = con.execute(
             f"SELECT {', '.join(SUB_COLUMNS)} FROM bb_state.submissions "
-            "WHERE state IN ('prepared', 'creating') ORDER BY prepared_at, submission_id"
+            "WHERE state IN ('prepared', 'creating') AND lane = 'batch' ORDER BY prepared_at, submission_id"
         ).fetchall()
     subs = [dict(zip(SUB_COLUMNS, r)) for r in rows]
     return [s for s in subs if jobs is None or s["job"] in jobs]
@@ -515,7 +524,7 @@ def queued_requests(settings: Settings) -> int:
         return int(con.execute(
             """
             SELECT (SELECT coalesce(sum(request_count), 0) FROM bb_state.batches
-                    WHERE local_state = 'submitted' AND processing_status <> 'ended')
+                    WHERE local_state = 'submitted' AND processing_status <> 'ended' AND lane = 'batch')
                  + (SELECT coalesce(sum(request_count), 0) FROM bb_state.submissions WHERE state = 'creating')
             """
         ).fetchone()[0])

@@ -128,6 +128,8 @@ def test_make_demo_entry_point_runs_from_any_directory(tmp_path):
     # The emulator's caching is best-effort (70% of lookups hit by default), and the summary shows what it saw.
     hit = re.search(r"prompt cache +([0-9.]+)% of requests read the shared prefix", r.stdout)
     assert hit is not None and 60 <= float(hit.group(1)) <= 80, r.stdout[-2000:]
+    # Run 3: five edited reviews through a batch, then with lane auto: synchronously, in the same sync.
+    assert "lane batch -> batch 5 answered in " in r.stdout and "lane auto  -> sync  5 answered in " in r.stdout
     assert "review_insights      2,398 reviews, 2,373 with sentiment" in r.stdout
     page = tmp_path / "home" / "report.html"
     assert f"report (rows, cost, batches, errors): {page}" in r.stdout

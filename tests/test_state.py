@@ -94,6 +94,8 @@ def test_an_old_state_file_is_migrated_and_plans_the_same(project):
         con.execute("DROP TABLE bb_state.refused_inputs")
         con.execute("DROP TABLE bb_state.model_info")
         con.execute("DROP TABLE bb_state.token_counts")
+        for table in ("submissions", "batches", "responses"):
+            con.execute(f"ALTER TABLE bb_state.{table} DROP COLUMN lane")
         con.execute("DELETE FROM bb_state._migrations WHERE name <> 'm001_initial'")
     load_staging(s, rows_sql(40, "CASE WHEN i = 3 THEN 'review 3 changed' "
                                  "ELSE 'review ' || lpad(i::VARCHAR, 9, '0') || ' is great, really great!' END"))
@@ -101,7 +103,8 @@ def test_an_old_state_file_is_migrated_and_plans_the_same(project):
     assert (p["rows_to_send"], p["up_to_date_rows"]) == (1, 39)
     assert fetch(s, "SELECT name FROM bb_state._migrations") == [
         ("m001_initial",), ("m002_input_outcomes",), ("m003_key_inputs",), ("m004_result_bytes",),
-        ("m005_unknown_outcomes",), ("m006_report_estimates",), ("m007_model_info",), ("m008_token_counts",)]
+        ("m005_unknown_outcomes",), ("m006_report_estimates",), ("m007_model_info",), ("m008_token_counts",),
+        ("m009_lanes",)]
     assert_summaries_match_history(s)
     # Batches collected before m004 get the size of their stored answers (the result file may be gone).
     [(lines, size, answers)] = fetch(
