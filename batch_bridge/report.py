@@ -362,6 +362,12 @@ def _cost_section(key: str, j: dict[str, Any], batches: list[dict[str, Any]]) ->
             f"{metric(key + '.sync_usd', usd(sync))} · saved {metric(key + '.saving_usd', usd(saving))}{pct}</p>"
             f"<p class='kpis'>tokens: input {tk['input']} · output {tk['output']} · cache write {tk['cache_write']} · "
             f"cache read {tk['cache_read']}</p>")
+    lanes = "".join(
+        f" · {lane}: {metric(f'{key}.lanes.{lane}.rows_answered', num(v['rows_answered']))} rows answered, "
+        f"{metric(f'{key}.lanes.{lane}.cost_usd', usd(v['cost_usd']))} billed"
+        + (" (standard prices)" if lane == "sync" else " (batch prices)")
+        for lane, v in (j.get("lanes") or {}).items() if v["billed_requests"] or v["rows_answered"])
+    head += f"<p class='kpis'>by lane{lanes}</p>" if lanes else ""
     w = j["window"]
     est = (f"<p class='kpis'>in this window: {w['batches']} batch(es), billed {usd(w['cost_usd'])}; estimated before "
            f"submission {usd(w['estimate_usd']) if w['estimated_batches'] else 'not recorded'}"

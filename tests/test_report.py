@@ -208,6 +208,11 @@ def test_page_opens_in_chromium_with_every_chart_drawn_and_the_numbers_of_status
     assert count(shown[f"{name}.dedupe.rows"]) == job["dedupe"]["rows"]
     assert count(shown[f"{name}.billed_requests"]) == job["billed_requests"]
     assert money(shown[f"{name}.cost_usd"]) == round(job["cost_usd"], 4) > 0
+    for lane, v in job["lanes"].items():  # per lane (this project answers through batches only)
+        if v["billed_requests"] or v["rows_answered"]:
+            assert count(shown[f"{name}.lanes.{lane}.rows_answered"]) == v["rows_answered"]
+            assert money(shown[f"{name}.lanes.{lane}.cost_usd"]) == round(v["cost_usd"], 4)
+    assert count(shown[f"{name}.lanes.batch.rows_answered"]) == rows["succeeded"]
     # Batch prices are half the synchronous ones: the same tokens would have cost twice as much.
     assert money(shown[f"{name}.sync_usd"]) == round(2 * job["cost_usd"], 4)
 
