@@ -3,6 +3,12 @@
 dbt-duckdb keeps the warehouse file open after `dbtRunner.invoke()` returns (keep_open), which would
 lock the bridge out of the warehouse; every invocation here releases the handle before returning.
 The bridge parses into its own target path so it never disturbs the user's `target/`.
+
+A parse costs seconds and some 70 MB (dbt is imported only for it), and a scheduled `dbt build` has
+usually just written a complete manifest: the bridge reads dbt's own `target/manifest.json` instead
+when it is newer than every project file and the profile, and names the staging relations where this
+target puts them (the warehouse's catalog or an attached one, the target's schema). Otherwise, and
+for anything it cannot vouch for, it parses into its own target path as before.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import Settings
+import yaml
+
+from .config import Settings, catalog_name, read_profile_target
 from .errors import ConfigError, WarehouseError
 
 _lock = threading.Lock()
@@ -92,8 +100,56 @@ def _newest_source_mtime(project_dir: Path) -> float:
     return newest
 
 
+def _dbt_target_manifest(settings: Settings) -> Path:
+    """Where dbt itself writes the manifest: DBT_TARGET_PATH, else the project's `target-path`, else target/."""
+    raw = os.environ.get("DBT_TARGET_PATH")
+    if not raw:
+        project = yaml.safe_load((settings.project_dir / "dbt_project.yml").read_text()) or {}
+        raw = str(project.get("target-path") or "target")
+    path = Path(raw).expanduser()
+    return (path if path.is_absolute() else settings.project_dir / path) / "manifest.json"
+
+
+def _reusable(settings: Settings, manifest: dict[str, Any]) -> bool:
+    """Whether dbt's own manifest names the jobs' staging relations where this target builds them."""
+    if (manifest.get("metadata") or {}).get("adapter_type") != "duckdb":
+        return False
+    try:
+        _, target = read_profile_target(settings.profiles_dir, settings.project_dir, settings.target, dict(os.environ))
+    except ConfigError:
+        return False
+    catalogs = {str(target.get("database") or catalog_name(str(settings.warehouse))), *settings.attached}
+    schema = str(target.get("schema") or "main")
+    for node in (manifest.get("nodes") or {}).values():
+        if "batch_bridge" not in ((node.get("config") or {}).get("meta") or {}):
+            continue
+        if node.get("database") not in catalogs or not (
+                node.get("schema") == schema or str(node.get("schema", "")).startswith(schema + "_")):
+            return False
+    return True
+
+
+def _dbt_manifest(settings: Settings) -> dict[str, Any] | None:
+    """dbt's own manifest when it is fresh (newer than every project file and the profile) and built for
+    this target; None otherwise."""
+    path = _dbt_target_manifest(settings)
+    try:
+        written = path.stat().st_mtime
+    except OSError:
+        return None
+    profile = settings.profiles_dir / "profiles.yml"
+    if written < _newest_source_mtime(settings.project_dir) or (profile.is_file() and written < profile.stat().st_mtime):
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if _reusable(settings, manifest) else None
+
+
 def load_manifest(settings: Settings, *, force_parse: bool = False) -> dict[str, Any]:
-    """The project's manifest, from the bridge's own `dbt parse` when anything changed since."""
+    """The project's manifest: the bridge's own parse when nothing changed since, else dbt's own fresh
+    manifest of this target, else a new `dbt parse` into the bridge's own target path."""
     out = settings.dbt_target_path
     manifest = out / "manifest.json"
     stamp = out / "batch_bridge_parse.json"
@@ -110,6 +166,10 @@ def load_manifest(settings: Settings, *, force_parse: bool = False) -> dict[str,
         and json.loads(stamp.read_text()) == fingerprint
         and manifest.stat().st_mtime >= _newest_source_mtime(settings.project_dir)
     )
+    if not fresh and not force_parse:
+        theirs = _dbt_manifest(settings)
+        if theirs is not None:
+            return theirs
     if not fresh:
         out.mkdir(parents=True, exist_ok=True)
         try:
