@@ -51,6 +51,14 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def start_fresh(settings, label: str) -> None:
+    """Remove the demo's warehouse (and its WAL) and bridge home, so it runs from nothing."""
+    say(f"{label}: starting fresh ({settings.warehouse.name} and {settings.home.name}/ removed)")
+    settings.warehouse.unlink(missing_ok=True)
+    Path(str(settings.warehouse) + ".wal").unlink(missing_ok=True)
+    shutil.rmtree(settings.home, ignore_errors=True)
+
+
 def say(msg: str) -> None:
     click.secho(msg, fg="cyan", bold=True, err=True)
 
@@ -206,10 +214,7 @@ def main(latency: float, keep: bool) -> None:
     os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
     settings = resolve(project_dir=root / "dbt_project", profiles_dir=root / "profiles")
     if not keep:
-        say(f"demo: starting fresh ({settings.warehouse.name} and {settings.home.name}/ removed)")
-        settings.warehouse.unlink(missing_ok=True)
-        Path(str(settings.warehouse) + ".wal").unlink(missing_ok=True)
-        shutil.rmtree(settings.home, ignore_errors=True)
+        start_fresh(settings, "demo")
     proc, url = start_emulator(latency)
     say(f"demo: emulator at {url} (latency {latency:g}s)")
     started = time.monotonic()

@@ -10,7 +10,6 @@ root (or wherever BATCH_BRIDGE_WAREHOUSE / BATCH_BRIDGE_HOME point), apart from 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from .demo import DEMO_KEY, print_summary, repo_root, say, start_emulator, stop, summary
+from .demo import DEMO_KEY, print_summary, repo_root, say, start_emulator, start_fresh, stop, summary
 
 
 def dbt_build(root: Path) -> None:
@@ -49,10 +48,7 @@ def main(latency: float) -> None:
     os.environ.setdefault("BATCH_BRIDGE_HOME", str(root / ".batch_bridge_plugin"))
     os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
     settings = resolve(project_dir=root / "dbt_project", profiles_dir=root / "profiles", target="plugin")
-    say(f"demo-plugin: starting fresh ({settings.warehouse.name} and {settings.home.name}/ removed)")
-    settings.warehouse.unlink(missing_ok=True)
-    Path(str(settings.warehouse) + ".wal").unlink(missing_ok=True)
-    shutil.rmtree(settings.home, ignore_errors=True)
+    start_fresh(settings, "demo-plugin")
     proc, url = start_emulator(latency)
     say(f"demo-plugin: emulator at {url} (latency {latency:g}s)")
     started = time.monotonic()

@@ -201,7 +201,7 @@ def write(settings: Settings, jobs: list[Job], path: Path, name: str = DEFAULT_S
             new = render(settings, jobs, name)
         elif any(isinstance(s, dict) and s.get("name") == name for s in _sources_of(old, path)):
             raise ConfigError(f"{path} already declares a source {name!r} that batch-bridge did not write",
-                              hint=f"remove it (the generated one replaces it), or pass --source-name to use another name")
+                              hint="remove it (the generated one replaces it), or pass --source-name to use another name")
         else:
             new = _insert(old, settings, jobs, name)
         if [s for s in _sources_of(new, path) if not (isinstance(s, dict) and s.get("name") == name)] != before:

@@ -10,7 +10,7 @@ import yaml
 
 from batch_bridge import bridge
 from batch_bridge.dbt_runner import invoke, load_manifest
-from helpers import PROFILE, load_staging, settings_for, write_project
+from helpers import PROFILE, settings_for, write_project
 
 META = {"job": "items", "key": "id", "model": "claude-haiku-4-5", "max_tokens": 50, "prompt_column": "prompt"}
 

@@ -13,7 +13,6 @@ import json
 import math
 import time
 
-import duckdb
 import pytest
 from click.testing import CliRunner
 

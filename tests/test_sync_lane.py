@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 
-import duckdb
 import httpx2
 import pytest
 from click.testing import CliRunner
