@@ -18,20 +18,12 @@ import anthropic
 import duckdb
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--warehouse", required=True)
-    ap.add_argument("--table", default="stg_items")
-    ap.add_argument("--poll-interval", type=float, default=1.0)
-    ap.add_argument("--model", default="claude-haiku-4-5")
-    ap.add_argument("--max-tokens", type=int, default=200)
-    ap.add_argument("--system", default="You label short product reviews.")
-    args = ap.parse_args()
-
+def read_requests(args: argparse.Namespace) -> list[dict]:
+    """One request dict per staging row, read from the warehouse (what any such script starts with)."""
     con = duckdb.connect(args.warehouse, read_only=True)
     rows = con.execute(f'SELECT id, prompt FROM main."{args.table}" ORDER BY id').fetchall()
     con.close()
-    requests = [
+    return [
         {
             "custom_id": str(id_),
             "params": {
@@ -43,6 +35,19 @@ def main() -> None:
         }
         for id_, prompt in rows
     ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--warehouse", required=True)
+    ap.add_argument("--table", default="stg_items")
+    ap.add_argument("--poll-interval", type=float, default=1.0)
+    ap.add_argument("--model", default="claude-haiku-4-5")
+    ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--system", default="You label short product reviews.")
+    args = ap.parse_args()
+
+    requests = read_requests(args)
     client = anthropic.Anthropic()
     batch = client.messages.batches.create(requests=requests)
     while batch.processing_status != "ended":

@@ -15,9 +15,10 @@ import argparse
 import time
 
 import anthropic
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from plain_sdk_script import read_requests
 
 SCHEMA = pa.schema([("custom_id", pa.string()), ("type", pa.string()), ("text", pa.string()),
                     ("input_tokens", pa.int64()), ("output_tokens", pa.int64()), ("error_type", pa.string())])
@@ -35,15 +36,7 @@ def main() -> None:
     ap.add_argument("--system", default="You label short product reviews.")
     args = ap.parse_args()
 
-    con = duckdb.connect(args.warehouse, read_only=True)
-    rows = con.execute(f'SELECT id, prompt FROM main."{args.table}" ORDER BY id').fetchall()
-    con.close()
-    requests = [
-        {"custom_id": str(id_), "params": {"model": args.model, "max_tokens": args.max_tokens, "system": args.system,
-                                           "messages": [{"role": "user", "content": prompt}]}}
-        for id_, prompt in rows
-    ]
-    del rows
+    requests = read_requests(args)  # the same requests as the plain script
     client = anthropic.Anthropic()
     batch = client.messages.batches.create(requests=requests)
     del requests

@@ -319,13 +319,9 @@ class EmulatorApp:
 
     async def list(self, request: Request) -> Response:
         q = request.query_params
-        raw_limit = q.get("limit", "20")
-        try:
-            limit = int(raw_limit)
-        except ValueError:
-            return error_response(400, "invalid_request_error", f"limit: Input should be a valid integer, got {raw_limit!r}")
-        if not 1 <= limit <= 1000:
-            return error_response(400, "invalid_request_error", f"limit: must be between 1 and 1000, got {limit}")
+        limit, problem = sync.page_limit(q.get("limit", "20"))
+        if problem is not None:
+            return error_response(400, "invalid_request_error", problem)
         after_id, before_id = q.get("after_id"), q.get("before_id")
         if after_id and before_id:
             return error_response(400, "invalid_request_error", "Use after_id or before_id, not both.")

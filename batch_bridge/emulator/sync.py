@@ -31,15 +31,22 @@ def _error(status: int, error_type: str, message: str) -> tuple[int, dict[str, A
     return status, {"type": "error", "error": {"type": error_type, "message": message}}
 
 
+def page_limit(raw: str) -> tuple[int, str | None]:
+    """A list endpoint's `limit` (1-1000, default 20), or the API's message for a bad one."""
+    try:
+        limit = int(raw)
+    except ValueError:
+        return 0, f"limit: Input should be a valid integer, got {raw!r}"
+    if not 1 <= limit <= 1000:
+        return 0, f"limit: must be between 1 and 1000, got {limit}"
+    return limit, None
+
+
 def list_models(query: Mapping[str, Any], lifecycle: list[str]) -> tuple[int, dict[str, Any]]:
     """`GET /v1/models`: active and deprecated models (retired only when asked), newest first, paged."""
-    raw_limit = query.get("limit", "20")
-    try:
-        limit = int(raw_limit)
-    except ValueError:
-        return _error(400, "invalid_request_error", f"limit: Input should be a valid integer, got {raw_limit!r}")
-    if not 1 <= limit <= 1000:
-        return _error(400, "invalid_request_error", f"limit: must be between 1 and 1000, got {limit}")
+    limit, problem = page_limit(query.get("limit", "20"))
+    if problem is not None:
+        return _error(400, "invalid_request_error", problem)
     bad = [x for x in lifecycle if x not in LIFECYCLES]
     if bad:
         return _error(400, "invalid_request_error", f"lifecycle: {bad[0]!r} is not one of {', '.join(LIFECYCLES)}")
