@@ -12,22 +12,26 @@ SDK exceptions are translated to our hierarchy here and nowhere else; messages n
 from __future__ import annotations
 
 import email.utils
+import importlib
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import anthropic
 import httpx2
-from anthropic.types import Message
-from anthropic.types.messages import MessageBatch
 
 from .config import Settings
 from .errors import ApiAccountError, ApiAuthError, ApiError, ApiRequestRejected, ConfigError, ResultsError
-from .model_info import ModelFacts, facts_of
+from .model_info import REAL_API, ModelFacts, facts_of
+
+if TYPE_CHECKING:
+    import anthropic
+    from anthropic.types import Message
+    from anthropic.types.messages import MessageBatch
 
 CHUNK = 1 << 20
 BODY_HEAD = b'{"requests":['
@@ -89,20 +93,73 @@ class NotFound(ApiError):
     transient = False
 
 
-def build_client(settings: Settings, *, max_retries: int = 4, timeout: float = 600.0) -> anthropic.Anthropic:
-    """The SDK client. Without ANTHROPIC_BASE_URL it talks to the real API."""
+_preload_lock = threading.Lock()
+_preloading: threading.Thread | None = None
+
+
+def preload() -> threading.Thread:
+    """Start importing the SDK in a thread, for a command that will talk to the API.
+
+    `import anthropic` costs ~1.2 s of CPU (its pydantic types), the largest single cost of a small
+    run. Nothing in the bridge imports it at module level, so a command starts this first and does its
+    DuckDB work (which releases the GIL) meanwhile; the first `build_client` or error translation then
+    finds it imported, or waits for the import to finish (Python's import lock). Not a daemon thread:
+    an interpreter must not exit while a thread is half way through an import."""
+    global _preloading
+    with _preload_lock:
+        if _preloading is None:
+            _preloading = threading.Thread(target=importlib.import_module, args=("anthropic",), name="import-anthropic")
+            _preloading.start()
+        return _preloading
+
+
+def _require_key(settings: Settings) -> None:
     if not settings.api_key:
         raise ConfigError(
             "ANTHROPIC_API_KEY is not set",
             hint="export ANTHROPIC_API_KEY=... (for the local emulator any value works, with "
             "ANTHROPIC_BASE_URL pointing at it)",
         )
+
+
+def build_client(settings: Settings, *, max_retries: int = 4, timeout: float = 600.0) -> anthropic.Anthropic:
+    """The SDK client. Without ANTHROPIC_BASE_URL it talks to the real API."""
+    _require_key(settings)
+    import anthropic  # here, not at the top: see preload()
+
     return anthropic.Anthropic(
         api_key=settings.api_key,
         base_url=settings.base_url,  # None: the SDK's default, the real API
         max_retries=max_retries,
         timeout=httpx2.Timeout(timeout, connect=10.0),
     )
+
+
+class _OnFirstUse:
+    """Stands for the SDK client and builds it at the first attribute asked for (thread-safe: the sync
+    lane's workers share one client)."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build = build
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._build()
+        return getattr(self._client, name)
+
+
+def client_on_first_use(settings: Settings, **kw: Any) -> anthropic.Anthropic:
+    """`build_client`'s checks now, the client when first used, the SDK's import started beside.
+
+    A command's first API call often comes after its DuckDB work (staging, hashing, the request
+    file), so the ~1.2 s import of the SDK runs beside that work instead of before it."""
+    _require_key(settings)
+    preload()
+    return _OnFirstUse(lambda: build_client(settings, **kw))  # type: ignore[return-value]
 
 
 def retry_after(headers: httpx2.Headers | dict[str, str], now: Callable[[], float] = time.time) -> float | None:
@@ -135,6 +192,7 @@ def _retry_after(e: anthropic.APIStatusError) -> float | None:
 @contextmanager
 def translated(what: str) -> Iterator[None]:
     """Map SDK exceptions to ours. The SDK's messages carry the API's words, never the key."""
+    import anthropic
     try:
         yield
     except anthropic.AuthenticationError as e:
@@ -189,7 +247,15 @@ def count_tokens(client: anthropic.Anthropic, params: dict[str, Any]) -> int:
 
 def endpoint_of(client: anthropic.Anthropic) -> str:
     """Which API a client talks to (its base URL, without credentials): counts of one are not another's."""
-    url = client.base_url
+    return _endpoint(client.base_url)
+
+
+def endpoint_for(settings: Settings) -> str:
+    """`endpoint_of` the client `build_client(settings)` makes, without making it (nor importing the SDK)."""
+    return _endpoint(httpx2.URL(settings.base_url or REAL_API))
+
+
+def _endpoint(url: httpx2.URL) -> str:
     return f"{url.scheme}://{url.host}{':' + str(url.port) if url.port else ''}{url.path}".rstrip("/")
 
 
@@ -217,6 +283,8 @@ def _body_chunks(request_file: Path) -> Iterator[bytes]:
 
 def create_batch(client: anthropic.Anthropic, request_file: Path, *, timeout: float = 600.0) -> BatchInfo:
     """One create POST, never retried by the SDK. Raises CreateRefused or CreateOutcomeUnknown."""
+    import anthropic
+    from anthropic.types.messages import MessageBatch
     try:
         batch = client.with_options(max_retries=0).post(
             "/v1/messages/batches",
@@ -272,6 +340,7 @@ def download_results(
     client: anthropic.Anthropic, batch: BatchInfo, dest: Path, *, on_bytes: Callable[[int], None] | None = None
 ) -> int:
     """Stream a batch's results into `dest` (atomically, via a .part file). Returns the line count."""
+    import anthropic
     if not batch.results_url:
         raise ResultsError(f"batch {batch.id} has no results_url yet (processing_status={batch.processing_status})")
     tmp = dest.with_name(dest.name + ".part")
@@ -345,6 +414,7 @@ def list_model_ids(client: anthropic.Anthropic, *, timeout: float) -> list[str]:
 def create_message(client: anthropic.Anthropic, params: dict, *, timeout: float = 120.0) -> Message:
     """One synchronous Messages call with exactly `params` as the body (the body a batch line carries:
     posted as is, because the SDK's typed `messages.create` does not take every field, e.g. `top_k`)."""
+    from anthropic.types import Message
     with translated("messages"):
         return client.with_options(timeout=timeout).post("/v1/messages", body=params, cast_to=Message)
 
@@ -370,6 +440,7 @@ class CallFailure:
 
 def call_failure(e: ApiError) -> CallFailure:
     """Read a translated error of a Messages call back into the API's words (see `translated`)."""
+    import anthropic
     cause = e.__cause__
     if isinstance(cause, anthropic.APIStatusError):
         body = cause.body if isinstance(cause.body, dict) else {}

@@ -13,9 +13,8 @@ import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import anthropic
 
 from . import api, collect as collect_mod, preflight, state, submit as submit_mod, sync_lane
 from .config import Settings
@@ -26,6 +25,9 @@ from .export import REJECTED_REASONS, JobPlan, WarehouseAccess
 from .jobs import Job, jobs_from_manifest, select_jobs
 from .progress import Progress, Silent
 from .results import publish
+
+if TYPE_CHECKING:  # the SDK costs ~1 s to import: api.preload() brings it in beside other work
+    import anthropic
 
 ENV_FAULT = "BATCH_BRIDGE_FAULT"  # test-only: name of a crash point at which the process kills itself
 # Every crash point, in the order a `run` reaches them (submit, then collect).
@@ -114,6 +116,14 @@ def submit(
 ) -> submit_mod.SubmitReport:
     """Export and submit what is needed; returns as soon as batches are created. `warehouse` replaces
     the read-only ATTACH of the warehouse (the dbt plugin reads through dbt's connection)."""
+    with state.kept_open(settings):
+        return _submit(settings, jobs, client, max_cost=max_cost, progress=progress, sleep=sleep, warehouse=warehouse)
+
+
+def _submit(
+    settings: Settings, jobs: list[Job], client: anthropic.Anthropic, *, max_cost: float | None,
+    progress: Progress, sleep: Callable[[float], None], warehouse: WarehouseAccess | None,
+) -> submit_mod.SubmitReport:
     names = [j.name for j in jobs]
     defs = {j.name: j for j in jobs}
     # Submissions journalled by an interrupted run go first: their rows are in flight already.
@@ -137,7 +147,8 @@ def _answer_sync_lane(settings: Settings, defs: dict[str, Job], client: anthropi
     """Send the sync lane's requests (runs left by an interrupted command first), load their answers
     with the batch loader, and publish: the rows are answered within this command."""
     try:
-        report.sync = sync_lane.send(client, settings, defs, progress=progress, sleep=sleep, fault=crash_point)
+        with state.let_go(settings):  # calls go out for as long as the lane has rows
+            report.sync = sync_lane.send(client, settings, defs, progress=progress, sleep=sleep, fault=crash_point)
     finally:  # answers written before a failure are loaded now, not on the next run
         loads = collect_mod.load_downloaded(settings, defs, progress=progress, fault=crash_point)
         for job, n in loads.loaded.items():
@@ -152,11 +163,12 @@ def collect(
     sleep: Callable[[float], None] = time.sleep,
 ) -> collect_mod.CollectReport:
     """Fetch and load every ended batch, then publish the results source once."""
-    try:
-        report = collect_mod.collect(client, settings, {j.name: j for j in jobs}, progress=progress, sleep=sleep,
-                                     fault=crash_point)
-    finally:  # also after a failed load: what earlier loads committed must reach the results source
-        _publish_all(settings, jobs)
+    with state.kept_open(settings):
+        try:
+            report = collect_mod.collect(client, settings, {j.name: j for j in jobs}, progress=progress, sleep=sleep,
+                                         fault=crash_point)
+        finally:  # also after a failed load: what earlier loads committed must reach the results source
+            _publish_all(settings, jobs)
     for job, n in report.loaded.items():
         progress.step(f"{job}: loaded {n:,} results")
     report.loads.raise_account_errors()  # after publishing: what was loaded is kept
@@ -212,43 +224,46 @@ def _wait(
     start = clock()
     interval = settings.poll_interval
     while True:
-        unconfirmed: list[str] = []  # young batches answering 404 (propagation delay): still in flight
-        infos = collect_mod.refresh(client, settings, names, unconfirmed=unconfirmed)
-        report.polls += 1
-        ended = [i for i in infos if i.processing_status == "ended"]
-        running = [i.id for i in infos if i.processing_status != "ended"] + unconfirmed
-        requests = sum(i.total for i in infos)
-        progress.tick("batches ended", len(ended), len(infos) + len(unconfirmed))
-        if collect_as_ended and ended:
-            collect_mod.download_ended(client, settings, ended, progress=progress, sleep=sleep, fault=crash_point)
-            loads = collect_mod.load_downloaded(settings, by_name, progress=progress, fault=crash_point)
-            for job, n in loads.loaded.items():
-                report.collected[job] = report.collected.get(job, 0) + n
-                progress.step(f"{job}: loaded {n:,} results")
-            loads.raise_account_errors()
-        pending = submit_mod.pending_submissions(settings, names) if submit_pending else []
-        if pending:
-            sent = submit_mod.send_pending(client, settings, jobs=names, job_defs=by_name, progress=progress,
-                                           sleep=sleep, fault=crash_point)
-            report.submitted += sent.batches
-            report.rejected.update(sent.rejected)
-            pending = submit_mod.pending_submissions(settings, names)
-            running += [b for b in sent.batches if b not in running]
-        report.ended, report.open = len(ended), len(running)
-        if not running and not pending:
-            return report
-        elapsed = clock() - start
-        if timeout is not None and elapsed >= timeout:
-            waiting = f"; {len(pending)} more batch(es) not yet created" if pending else ""
-            raise WaitTimeout(
-                f"{len(running)} of {len(infos) + len(unconfirmed)} batch(es) still in progress after {elapsed:.0f}s "
-                f"({requests:,} requests in them){waiting}",
-                hint="nothing is lost: run `batch-bridge collect` or `wait` again later",
-            )
-        young = young_batch_pause([i for i in infos if i.processing_status != "ended"], unconfirmed)
-        pause = min(interval, young)
-        pause = pause if timeout is None else min(pause, max(0.0, timeout - elapsed))
-        sleep(pause)
+        # Each poll holds the state open for its steps; the sleep between polls does not.
+        with state.kept_open(settings):
+            unconfirmed: list[str] = []  # young batches answering 404 (propagation delay): still in flight
+            infos = collect_mod.refresh(client, settings, names, unconfirmed=unconfirmed)
+            report.polls += 1
+            ended = [i for i in infos if i.processing_status == "ended"]
+            running = [i.id for i in infos if i.processing_status != "ended"] + unconfirmed
+            requests = sum(i.total for i in infos)
+            progress.tick("batches ended", len(ended), len(infos) + len(unconfirmed))
+            if collect_as_ended and ended:
+                collect_mod.download_ended(client, settings, ended, progress=progress, sleep=sleep, fault=crash_point)
+                loads = collect_mod.load_downloaded(settings, by_name, progress=progress, fault=crash_point)
+                for job, n in loads.loaded.items():
+                    report.collected[job] = report.collected.get(job, 0) + n
+                    progress.step(f"{job}: loaded {n:,} results")
+                loads.raise_account_errors()
+            pending = submit_mod.pending_submissions(settings, names) if submit_pending else []
+            if pending:
+                sent = submit_mod.send_pending(client, settings, jobs=names, job_defs=by_name, progress=progress,
+                                               sleep=sleep, fault=crash_point)
+                report.submitted += sent.batches
+                report.rejected.update(sent.rejected)
+                pending = submit_mod.pending_submissions(settings, names)
+                running += [b for b in sent.batches if b not in running]
+            report.ended, report.open = len(ended), len(running)
+            if not running and not pending:
+                return report
+            elapsed = clock() - start
+            if timeout is not None and elapsed >= timeout:
+                waiting = f"; {len(pending)} more batch(es) not yet created" if pending else ""
+                raise WaitTimeout(
+                    f"{len(running)} of {len(infos) + len(unconfirmed)} batch(es) still in progress after {elapsed:.0f}s "
+                    f"({requests:,} requests in them){waiting}",
+                    hint="nothing is lost: run `batch-bridge collect` or `wait` again later",
+                )
+            young = young_batch_pause([i for i in infos if i.processing_status != "ended"], unconfirmed)
+            pause = min(interval, young)
+            pause = pause if timeout is None else min(pause, max(0.0, timeout - elapsed))
+        with state.let_go(settings):  # another process may use the state between polls
+            sleep(pause)
         if young >= interval:  # the interval, not a young batch, set this pause: back off
             interval = min(interval * 1.5, max(settings.max_poll_interval, settings.poll_interval))
 
@@ -284,7 +299,7 @@ def sync(
     progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[collect_mod.CollectReport, submit_mod.SubmitReport]:
     """`collect` then `submit`, never waiting: the one command an hourly schedule runs."""
-    with state.exclusive(settings), _publish_once(settings, jobs):
+    with state.exclusive(settings), state.kept_open(settings), _publish_once(settings, jobs):
         c = collect(settings, jobs, client, progress=progress, sleep=sleep)
         s = submit(settings, jobs, client, max_cost=max_cost, progress=progress, sleep=sleep)
     return c, s
@@ -296,7 +311,8 @@ def run(
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[submit_mod.SubmitReport, WaitReport]:
     """`submit`, then wait and collect each batch as it ends: for pipelines that can wait."""
-    with state.exclusive(settings), _publish_once(settings, jobs):
+    # One hold of the state for the whole command, let go while it waits (see state.kept_open).
+    with state.exclusive(settings), state.kept_open(settings), _publish_once(settings, jobs):
         collect(settings, jobs, client, progress=progress, sleep=sleep)  # anything ended since last time
         s = submit(settings, jobs, client, max_cost=max_cost, progress=progress, sleep=sleep)
         w = wait(settings, jobs, client, timeout=timeout, collect_as_ended=True, progress=progress,

@@ -144,10 +144,14 @@ def _setup(project_dir, profiles_dir, target, jobs, lane=None, **kw):
     return settings, with_lane(load_jobs(settings, jobs), lane)
 
 
-def _client(settings):
-    from .api import build_client
+# Commands that talk to the API (plan counts tokens with it when a key is set).
+API_COMMANDS = frozenset({"plan", "preview", "submit", "collect", "sync", "wait", "run", "cancel", "pipeline"})
 
-    return build_client(settings)
+
+def _client(settings):
+    from .api import client_on_first_use
+
+    return client_on_first_use(settings)
 
 
 @click.group(context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES)
@@ -159,6 +163,10 @@ def cli() -> None:
     A schedule runs, in order:  dbt build (staging) -> batch-bridge sync -> dbt build (downstream)
     or simply:                  batch-bridge pipeline [--wait]
     """
+    if click.get_current_context().invoked_subcommand in API_COMMANDS:
+        from .api import preload
+
+        preload()  # the SDK's import runs beside the project's manifest and the staged rows' DuckDB work
 
 
 # --- plan ---------------------------------------------------------------------------------------

@@ -30,9 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import anthropic
 import duckdb
 
 from . import api, state
@@ -42,6 +41,9 @@ from .jobs import Job, quote_literal
 from .outputs import valid_sql
 from .pricing import PriceBook, cost_sql, load_prices, price_sql
 from .progress import Progress, Silent
+
+if TYPE_CHECKING:  # the SDK costs ~1 s to import: api.preload() brings it in beside other work
+    import anthropic
 
 # A 404 for a batch younger than this is the API's propagation delay, not a deleted batch.
 TRANSIENT_404 = timedelta(minutes=10)
@@ -194,7 +196,8 @@ def download_ended(
         return downloaded, lost
     settings.raw_results_dir.mkdir(parents=True, exist_ok=True)
     errors: list[Exception] = []
-    with ThreadPoolExecutor(max_workers=min(settings.concurrency, len(todo))) as pool:
+    # Downloads take a while: another process may use the state meanwhile (each mark opens it).
+    with state.let_go(settings), ThreadPoolExecutor(max_workers=min(settings.concurrency, len(todo))) as pool:
         futures = {pool.submit(_download_one, client, settings, i, sleep, fault): i for i in todo}
         for n, (fut, info) in enumerate(futures.items(), 1):
             try:

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import anthropic
 
 from . import bridge
 from .config import Settings
 from .dbt_runner import invoke, load_manifest
 from .jobs import Job
 from .progress import Progress, Silent
+
+if TYPE_CHECKING:  # the SDK costs ~1 s to import: api.preload() brings it in beside other work
+    import anthropic
 
 UPSTREAM_SELECTOR = "bb_upstream"
 DOWNSTREAM_SELECTOR = "bb_downstream"

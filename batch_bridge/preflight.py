@@ -18,9 +18,8 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 import duckdb
 
 from . import api, model_info, schema_check
@@ -29,6 +28,9 @@ from .errors import ApiAuthError, ApiError, PreflightRefused, UnknownModel
 from .estimate import Estimate
 from .jobs import Job
 from .model_info import ModelFacts
+
+if TYPE_CHECKING:  # the SDK costs ~1 s to import: api.preload() brings it in beside other work
+    import anthropic
 
 _DATED = re.compile(r"-\d{8}$")
 

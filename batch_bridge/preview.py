@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 import duckdb
 
 from . import api, state
@@ -27,6 +26,9 @@ from .jobs import Job, quote_ident, quote_literal
 from .outputs import field_structures, valid_sql
 from .preflight import check_jobs
 from .pricing import load_prices
+
+if TYPE_CHECKING:  # the SDK costs ~1 s to import: api.preload() brings it in beside other work
+    import anthropic
 
 DEFAULT_ROWS = 3
 ASK_ABOVE_USD = 0.50  # on a terminal, a preview that may cost more is confirmed first

@@ -35,9 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
-import anthropic
 import duckdb
 
 from . import api, collect, lanes, state
@@ -51,6 +50,9 @@ from .preflight import JobPreflight, cache_warning, check_jobs
 from .pricing import load_prices
 from .progress import Progress, Silent
 from .sync_lane import SyncReport
+
+if TYPE_CHECKING:  # the SDK costs ~1 s to import: api.preload() brings it in beside other work
+    import anthropic
 
 CLOCK_SKEW = timedelta(minutes=5)
 MAX_CREATE_TRIES = 4
@@ -144,7 +146,7 @@ def counting_for(settings: Settings, client: anthropic.Anthropic | None) -> Coun
     """The token counting endpoint of `client` for estimates; None offline or when counting is off."""
     if client is None or settings.count_sample == 0:
         return None
-    return Counting(lambda params: api.count_tokens(client, params), api.endpoint_of(client),
+    return Counting(lambda params: api.count_tokens(client, params), api.endpoint_for(settings),
                     sample=settings.count_sample, workers=settings.concurrency)
 
 
@@ -602,7 +604,8 @@ def _send(client: anthropic.Anthropic, settings: Settings, subs: list[dict], rep
         return out
 
     errors: list[Exception] = []
-    with ThreadPoolExecutor(max_workers=min(settings.concurrency, len(groups))) as pool:
+    # Creates (uploads, retries' waits) take a while: another process may use the state meanwhile.
+    with state.let_go(settings), ThreadPoolExecutor(max_workers=min(settings.concurrency, len(groups))) as pool:
         futures = [pool.submit(one_group, g) for g in groups.values()]
         for fut in futures:
             for item in fut.result():

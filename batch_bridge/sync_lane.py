@@ -32,15 +32,17 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import anthropic
 
 from . import api, state
 from .config import Settings
 from .errors import ApiAccountError, ApiError
 from .jobs import Job
 from .progress import Progress, Silent
+
+if TYPE_CHECKING:  # the SDK costs ~1 s to import: api.preload() brings it in beside other work
+    import anthropic
 
 RUN_PREFIX = "msg_run_"
 # Tries of one call within a run for a retryable failure (429, 529, 5xx, timeout) before it is recorded

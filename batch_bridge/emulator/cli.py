@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from .config import ENDPOINTS, EmulatorConfig, Faults
-from .runner import serve
 
 _endpoint = click.Choice(ENDPOINTS)
 
@@ -96,6 +95,8 @@ def emulator(**opts: object) -> None:
     )
     config = EmulatorConfig(faults=faults, **opts)  # type: ignore[arg-type]
     try:
+        from .runner import serve  # uvicorn and the server: only when serving, not for every batch-bridge command
+
         serve(config)
     except (OSError, ValueError, ImportError) as exc:
         raise click.ClickException(f"emulator could not start: {exc}") from exc

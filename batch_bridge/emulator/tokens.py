@@ -41,10 +41,13 @@ TOOL_PROMPT_AUTO = 346
 TOOL_PROMPT_FORCED = 313
 SCHEMA_INSTRUCTIONS = 50
 PIECE_CHARS = 64
+SHORT_TEXT = 2048  # texts up to this long are remembered whole (system prompts, schemas, few-shot turns)
 _PIECE_CUT = re.compile(r"(?<=\S) (?=\S)")
 # The byte-level pre-tokenizer's pattern (GPT-2's) for ASCII text whose only controls are \t \n \r:
 # letters, digits and whitespace written out instead of \p{L}, \p{N} and \s.
-_ASCII_WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^ \t\n\rA-Za-z0-9]+|[ \t\n\r]+(?![^ \t\n\r])|[ \t\n\r]+")
+# Words first (the commonest match): no contraction starts with a letter or a space, so the order of
+# the alternatives that can match at one position is the pattern's own.
+_ASCII_WORDS = re.compile(r" ?[A-Za-z]+|'s|'t|'re|'ve|'m|'ll|'d| ?[0-9]+| ?[^ \t\n\rA-Za-z0-9]+|[ \t\n\r]+(?![^ \t\n\r])|[ \t\n\r]+")
 _NOT_PLAIN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # Byte-level alphabet: a byte that is not printable ASCII becomes chr(256 + b) (GPT-2's bytes_to_unicode).
 _BYTE_LEVEL = {b: chr(256 + b) for b in range(33)}
@@ -63,6 +66,20 @@ class TokenCounter(Protocol):
     def schema(self) -> int: ...
 
 
+class _WordCounts(dict):
+    """BPE token count per pre-tokenized word, filled on first sight (so a lookup is a dict hit in C)."""
+
+    def __init__(self, tokenize: Any) -> None:
+        super().__init__()
+        self._tokenize = tokenize
+
+    def __missing__(self, word: str) -> int:
+        if len(self) > 200_000:
+            self.clear()
+        n = self[word] = len(self._tokenize(word.translate(_BYTE_LEVEL)))
+        return n
+
+
 class BpeCounter:
     """Counts with the Claude BPE."""
 
@@ -77,31 +94,40 @@ class BpeCounter:
         # Shared texts (system prompts, few-shot turns, schemas) recur in every request of a job, and
         # pieces of long texts recur too (the tokenizer's regex pre-tokenizer costs ~1 ms per 1,000 chars).
         self._piece = lru_cache(maxsize=8192)(self._count)
-        self._words: dict[str, int] = {}
+        self._texts: dict[str, int] = {}  # whole short texts: a job's system prompt is counted once
+        self._words = _WordCounts(self._tok.model.tokenize)
         self._added = [t.content for t in self._tok.get_added_tokens_decoder().values()]
+        self._added_start = {a[0] for a in self._added}  # a text without these characters has no added token
 
     def _count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids) if text else 0
+
+    def _has_added(self, text: str) -> bool:
+        return any(c in text for c in self._added_start) and any(a in text for a in self._added)
 
     def _ascii_count(self, text: str) -> int:
         """Plain ASCII text (the usual prompt): split into words by the byte-level pre-tokenizer's own
         pattern, here run by Python's `re` (exact for ASCII, and ~5x faster than the tokenizer's), and
         the BPE of each distinct word counted once."""
-        words = self._words
-        total = 0
-        for w in _ASCII_WORDS.findall(text):
-            n = words.get(w)
-            if n is None:
-                if len(words) > 200_000:
-                    words.clear()
-                n = words[w] = len(self._tok.model.tokenize(w.translate(_BYTE_LEVEL)))
-            total += n
-        return total
+        return sum(map(self._words.__getitem__, _ASCII_WORDS.findall(text)))
 
     def text(self, text: str) -> int:
         """Tokens of `text`: the sum over pieces cut before a single space between two non-spaces, where
         the byte-level pre-tokenizer always starts a new word, so the sum equals the count of the whole."""
-        if text.isascii() and not _NOT_PLAIN.search(text) and not any(a in text for a in self._added):
+        short = len(text) <= SHORT_TEXT
+        if short:
+            n = self._texts.get(text)
+            if n is not None:
+                return n
+        n = self._uncached(text)
+        if short:
+            if len(self._texts) > 4096:
+                self._texts.clear()
+            self._texts[text] = n
+        return n
+
+    def _uncached(self, text: str) -> int:
+        if text.isascii() and not _NOT_PLAIN.search(text) and not self._has_added(text):
             return self._ascii_count(text)
         if len(text) <= PIECE_CHARS:
             return self._piece(text)
