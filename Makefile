@@ -31,6 +31,10 @@ demo: $(STAMP)
 demo-plugin: $(STAMP)
 	$(PY) -m batch_bridge.demo_plugin
 
+# Test files run in parallel, one process per core (pytest-xdist); a file's tests stay in one process.
+# `make test PYTEST_ARGS=...` replaces this (e.g. PYTEST_ARGS='tests/test_cli.py -x').
+PYTEST_ARGS ?= -n auto --dist loadfile
+
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 

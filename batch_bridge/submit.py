@@ -153,7 +153,8 @@ def counting_for(settings: Settings, client: anthropic.Anthropic | None) -> Coun
 def plan_jobs(
     con: duckdb.DuckDBPyConnection, settings: Settings, jobs: list[Job], *, progress: Progress = Silent(),
     prepare: Callable[[Job, JobPlan, duckdb.DuckDBPyConnection, dict[str, str]], None] | None = None,
-    warehouse: WarehouseAccess | None = None, preflights: dict[str, JobPreflight] | None = None,
+    warehouse: WarehouseAccess | None = None,
+    preflights: dict[str, JobPreflight] | Callable[[], dict[str, JobPreflight]] | None = None,
     client: anthropic.Anthropic | None = None,
 ) -> tuple[list[JobPlan], dict[str, Estimate]]:
     """Stage and classify every job (warehouse attached read-only, or read through `warehouse`);
@@ -173,8 +174,10 @@ def plan_jobs(
         with opened:
             for job in group:
                 plan = JobPlan(job)
-                found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
                 key_types = stage(con, job)
+                if callable(preflights):  # still running beside the staging: its answer is needed now
+                    preflights = preflights()
+                found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
                 classify(con, job, plan, _input_limit(con, job, found))
                 routed = lanes.route(con, job, plan.send_requests)
                 plan.lane, plan.lane_why = routed.lane, routed.why
@@ -310,8 +313,12 @@ def prepare_submissions(
     request files. A job the preflight refuses stops them all before anything is written."""
     report = SubmitReport()
     stamp = state.utcnow().strftime("%Y%m%dT%H%M%SZ")
-    with state.connect(settings) as con:
-        found = check_jobs(con, settings, jobs, client)
+    with state.connect(settings) as con, ThreadPoolExecutor(max_workers=1) as pool:
+        # The preflight asks the Models API (after the SDK's import, see api.preload) while the rows are
+        # staged; `plan_jobs` waits for it before classifying, and a refusal stops all before any write.
+        own = con.cursor()  # made here: a connection busy in this thread refuses calls from another
+        checking = pool.submit(_check_apart, own, settings, jobs, client)
+        found = checking.result
         # Budgets are checked on a dry plan first, so that a refused job writes nothing at all (and
         # no job is sent when another is refused). Without any budget there is nothing to check.
         if max_cost is not None or any(j.budget_usd is not None for j in jobs):
@@ -323,9 +330,19 @@ def prepare_submissions(
         plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names, fault),
                                      warehouse=warehouse, preflights=found, client=client)
         record_estimates(con, plans, estimates, names)
+        checking.result()  # resolved by plan_jobs already; raises here if a job list left it unread
     report_preflight(plans, progress)
     report.plans, report.estimates = plans, estimates
     return report
+
+
+def _check_apart(own: duckdb.DuckDBPyConnection, settings: Settings, jobs: list[Job],
+                 client: anthropic.Anthropic | None) -> dict[str, JobPreflight]:
+    """`check_jobs` on a connection of its own, in a thread beside the staging; closes it."""
+    try:
+        return check_jobs(own, settings, jobs, client)
+    finally:
+        own.close()
 
 
 def _known_batch_ids(settings: Settings) -> set[str]:
