@@ -126,11 +126,11 @@ def history_sql(con: duckdb.DuckDBPyConnection, job: Job, batch_ids: list[str] |
     """
 
 
-def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, only: list[int] | None = None) -> None:
+def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, keys: str | None = None) -> None:
     """`bb_picked`: one row per key with the rowid of the answer the results source shows for it: the
     latest answer for its current input, else its latest earlier answer (stale), and the key's bucket
-    (`hash(custom_id) % buckets`). With `only`, just the keys of those buckets, and just their answers
-    are aggregated, so picking one bucket costs time in proportion to the bucket, not to the job.
+    (`hash(custom_id) % buckets`). With `keys` (a relation with a `custom_id` column), just those keys,
+    and just their answers are aggregated: picking a few keys costs milliseconds, whatever the job's size.
 
     Hash aggregates only (latest version per key, the rowid of the latest answer per input), no window
     over history and no row-sized aggregate state, so the cost grows with the number of keys. A table of
@@ -138,11 +138,9 @@ def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, onl
     and the answers streaming past it did not fit 64MB for 150,000 keys; in two they do.
     """
     job_lit = quote_literal(job.name)
-    in_buckets = ""
-    if only is not None:
-        in_buckets = f" AND hash(custom_id) % {int(buckets)} IN ({', '.join(str(int(b)) for b in only) or 'NULL'})"
-    kv = f"(SELECT * FROM bb_state.key_versions WHERE job = {job_lit}{in_buckets})"
-    answers = f" AND input_hash IN (SELECT input_hash FROM {kv})" if only is not None else ""
+    only = f" AND custom_id IN (SELECT custom_id FROM {keys})" if keys is not None else ""
+    kv = f"(SELECT * FROM bb_state.key_versions WHERE job = {job_lit}{only})"
+    answers = f" AND input_hash IN (SELECT input_hash FROM {kv})" if keys is not None else ""
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE bb_picked AS
             WITH latest AS (
@@ -244,29 +242,32 @@ def _marks(con: duckdb.DuckDBPyConnection, table: str, column: str, job: Job, un
     return max_at, rows, before
 
 
-def _dirty_buckets(con: duckdb.DuckDBPyConnection, job: Job, buckets: int, versions_until: object,
-                   responses_until: object) -> list[int]:
-    """Buckets holding a key with a new input, or a key one of whose inputs got a new answer."""
-    rows = con.execute(
+def _dirty_keys(con: duckdb.DuckDBPyConnection, job: Job, buckets: int, versions_until: object,
+                responses_until: object) -> int:
+    """`bb_dirty`: the keys with a new input since the marks, or one of whose inputs got a new answer,
+    with their buckets. Returns how many."""
+    con.execute(
         f"""
-        SELECT DISTINCT hash(custom_id) % {int(buckets)} FROM bb_state.key_versions
+        CREATE OR REPLACE TEMP TABLE bb_dirty AS
+        SELECT DISTINCT custom_id, hash(custom_id) % {int(buckets)} AS bucket FROM bb_state.key_versions
         WHERE job = $job AND (seen_at > coalesce($vu::TIMESTAMP, '-infinity'::TIMESTAMP) OR input_hash IN (
             SELECT input_hash FROM bb_state.responses
             WHERE job = $job AND collected_at > coalesce($ru::TIMESTAMP, '-infinity'::TIMESTAMP)))
-        ORDER BY 1
-        """, {"job": job.name, "vu": versions_until, "ru": responses_until}).fetchall()
-    return [int(r[0]) for r in rows]
+        """, {"job": job.name, "vu": versions_until, "ru": responses_until})
+    return con.execute("SELECT count(*) FROM bb_dirty").fetchone()[0]
 
 
 def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, out: Path,
                      fault: Callable[[str], None]) -> None:
     """Rewrite the buckets whose keys changed since the last publish, or all of them when the marks,
-    the layout or the files cannot be trusted.
+    the layout or the files cannot be trusted, or when most keys changed.
 
-    A partial publish replaces bucket files one by one (each atomically): every key is in one file, so a
-    reader sees each key once, old or new. A full one builds a new directory and swaps it in, so a
-    reader never sees two splits at once. The marks (`state.record_published`) move only after the files:
-    a publish killed in between leaves them behind, and the next one rewrites at least the same buckets."""
+    A changed bucket is merged: its file's rows of unchanged keys, and the changed keys picked again, so
+    one new answer costs a read and a write of one bucket, never a pass over every answer. Its file is
+    replaced atomically: every key is in one file, so a reader sees each key once, old or new. A full
+    rewrite builds a new directory and swaps it in, so a reader never sees two splits at once. The marks
+    (`state.record_published`) move only after the files: a publish killed in between leaves them behind,
+    and the next one merges at least the same keys again (merging a key twice gives the same row)."""
     current, fresh, old = out / CURRENT, out / f".{CURRENT}.new", out / f".{CURRENT}.old"
     shutil.rmtree(fresh, ignore_errors=True)  # left by a publish killed before its swap
     if old.is_dir():
@@ -283,7 +284,7 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
     layout = _layout(con, job)
     v_until, v_rows, v_before = _marks(con, "key_versions", "seen_at", job, row[2] if row else None)
     r_until, r_rows, r_before = _marks(con, "responses", "collected_at", job, row[4] if row else None)
-    dirty: list[int] | None = None  # None: every bucket, into a new directory
+    merge = False
     if row is not None:
         buckets, had_layout, vu, vrows, ru, rrows = row
         have = {p.name for p in current.iterdir()} if current.is_dir() else None
@@ -291,27 +292,50 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
         if (had_layout == layout and want < 2 * buckets and 2 * want > buckets
                 and have == {bucket_file(b, buckets) for b in range(buckets)}
                 and (v_before, r_before) == (vrows, rrows)):  # else rows went back in time or were removed
-            dirty = _dirty_buckets(con, job, buckets, vu, ru)
             want = buckets
-    if dirty == []:
-        return  # nothing new since the marks (so the marks are those of now)
-    pick_current(con, job, want, dirty)
+            changed = _dirty_keys(con, job, buckets, vu, ru)
+            if changed == 0:
+                return  # nothing new since the marks (so the marks are those of now)
+            merge = 2 * changed < keys  # when most keys changed, writing all is cheaper than merging
     try:
-        if dirty is None:
+        if merge:
+            _merge_buckets(con, job, want, current, out, fault)
+        else:
+            pick_current(con, job, want)
             fresh.mkdir()
             for b in range(want):
                 _write(con, current_sql(con, job, b), fresh / bucket_file(b, want))
                 if b == 0:
                     fault("publish_between_buckets")
             _swap(fresh, current, old)
-        else:
-            for b in dirty:
-                _write(con, current_sql(con, job, b), current / bucket_file(b, want), out / f".bucket-{b}.tmp")
-                if b == dirty[0]:
-                    fault("publish_between_buckets")
     finally:
-        con.execute("DROP TABLE IF EXISTS bb_picked")
+        for t in ("bb_picked", "bb_dirty", "bb_changed"):
+            con.execute(f"DROP TABLE IF EXISTS {t}")
     record_published(con, job.name, want, layout, (v_until, v_rows), (r_until, r_rows))
+
+
+def _merge_buckets(con: duckdb.DuckDBPyConnection, job: Job, buckets: int, current: Path, out: Path,
+                   fault: Callable[[str], None]) -> None:
+    """Rewrite each bucket holding a key of `bb_dirty`: its unchanged rows as they are in its file, and
+    the changed keys' rows picked again (`bb_changed`, one join over the answers for all of them)."""
+    pick_current(con, job, buckets, "bb_dirty")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE bb_changed AS {current_sql(con, job)}")
+    cols = [(r[0], r[1]) for r in con.execute("DESCRIBE bb_changed").fetchall()]
+    # The file's rows cast to the types the projection gives now (the layout check says they are the same).
+    from_file = ", ".join(f"CAST({quote_ident(c)} AS {t}) AS {quote_ident(c)}" for c, t in cols)
+    names = ", ".join(quote_ident(c) for c, _ in cols)
+    touched = [r[0] for r in con.execute("SELECT DISTINCT bucket FROM bb_dirty ORDER BY 1").fetchall()]
+    for b in touched:
+        name = bucket_file(b, buckets)
+        query = f"""
+            SELECT {from_file} FROM read_parquet({quote_literal(str(current / name))})
+            WHERE custom_id NOT IN (SELECT custom_id FROM bb_dirty WHERE bucket = {b})
+            UNION ALL
+            SELECT {names} FROM bb_changed WHERE hash(custom_id) % {buckets} = {b}
+        """
+        _write(con, query, current / name, out / f".bucket-{b}.tmp")
+        if b == touched[0]:
+            fault("publish_between_buckets")
 
 
 def _swap(fresh: Path, current: Path, old: Path) -> None:
