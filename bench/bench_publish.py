@@ -12,7 +12,9 @@ Timed, one after the other in one run, each `--repeat` times:
   - one row's input changed (a `key_versions` row and `key_inputs` updated as `submit` records them),
     then `publish`: cold (a new connection: DuckDB's buffers empty; the OS page cache is not dropped)
     and warm (the same connection again, for another key);
-  - one new answer loaded for that changed input (a `responses` row as `collect` writes it), then `publish`.
+  - one new answer loaded for that changed input (a `responses` row as `collect` writes it), then `publish`;
+  - once: a tenth of the keys changed and answered (one batch's worth, as one collect leaves them), then
+    `publish` (every bucket merged).
 
 Target: <= 1 s for a one-row change at 1M rows.
 
@@ -156,6 +158,28 @@ def main() -> None:
             assert stale == 1, stale  # the cold key still stale, the warm key answered
             print(f"  repeat {r + 1}: one-row change rewrote {len(rewritten)} of {len(before)} files ({', '.join(rewritten)})")
 
+        # A batch's worth of keys (every 10th) changed and answered, as one collect leaves them: every
+        # bucket is merged (fewer than half the keys changed), against the full rewrite above.
+        batch = args.rows // 10
+        with state.connect(s) as con:
+            con.execute("CREATE TEMP TABLE chg AS SELECT custom_id AS id, md5_number(custom_id || 'batch') AS h "
+                        "FROM bb_state.key_inputs WHERE job = 'items' AND hash(custom_id) % 10 = 0")
+            con.execute("INSERT INTO bb_state.key_versions SELECT 'items', id, '[\"' || id || '\"]', h, now()::TIMESTAMP FROM chg")
+            con.execute("UPDATE bb_state.key_inputs SET input_hash = chg.h FROM chg WHERE custom_id = chg.id")
+            con.execute(
+                "INSERT INTO bb_state.responses (job, batch_id, request_custom_id, input_hash, attempt, status, output_text, "
+                "stop_reason, model, input_tokens, output_tokens, cost_usd, submitted_at, collected_at) "
+                f"SELECT 'items', 'msgbatch_batch', id, h, 1, 'succeeded', {TEXT}, 'end_turn', 'claude-haiku-4-5', 40, 25, "
+                "0.00016, now()::TIMESTAMP, now()::TIMESTAMP FROM chg", {"chars": args.answer_chars})
+            (batch,) = con.execute("SELECT count(*) FROM chg").fetchone()
+            t = time.perf_counter()
+            publish(con, s, job)
+            merged = time.perf_counter() - t
+            (n, keys, new) = con.execute(
+                f"SELECT count(*), count(DISTINCT id), count(*) FILTER (WHERE batch_id = 'msgbatch_batch') "
+                f"FROM read_parquet({quote_literal(str(current))})").fetchone()
+        assert n == keys and new == batch, (n, keys, new, batch)
+
         def fig(xs: list[float]) -> str:
             return f"min {min(xs):.2f} s, median {statistics.median(xs):.2f} s"
 
@@ -164,6 +188,8 @@ def main() -> None:
         print(f"  one row's input changed, cold:       {fig(cold)}  (+ opening the state {statistics.median(connect):.2f} s)")
         print(f"  one row's input changed, warm:       {fig(warm)}")
         print(f"  one new answer loaded, warm:         {fig(answer)}")
+        print(f"  {batch:,} keys changed and answered (a batch; every bucket merged): {merged:.2f} s "
+              f"({merged / min(full):.2f}x the full bucket rewrite, {merged / min(single):.2f}x the one file)")
     worst = max(statistics.median(cold), statistics.median(warm), statistics.median(answer))
     print(f"RESULT publish after a one-row change of {args.rows:,} rows: cold median {statistics.median(cold):.2f} s, "
           f"warm {statistics.median(warm):.2f} s, new answer {statistics.median(answer):.2f} s (target <= 1 s: "
