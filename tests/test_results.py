@@ -19,7 +19,7 @@ import pytest
 
 from batch_bridge import api, bridge, dbt_runner, sources, state
 from batch_bridge.results import CURRENT, bucket_file, publish
-from helpers import load_staging, settings_for, write_project
+from helpers import load_staging, reset_home, settings_for, write_project
 
 ROWS = 60
 BUCKET_ROWS = 8  # 60 keys -> 8 buckets
@@ -33,13 +33,27 @@ def rows_sql(n: int, changed: tuple[int, ...] = ()) -> str:
     return f"SELECT 'r' || lpad(i::VARCHAR, 3, '0') AS id, {text} AS prompt FROM range({n}) t(i)"
 
 
+@pytest.fixture(scope="module")
+def project_root(tmp_path_factory):
+    """One dbt project parsed once; each test starts from an empty bridge home (the parse is kept)."""
+    root = tmp_path_factory.mktemp("publish")
+    write_project(root, META)
+    bridge.load_jobs(settings_for(root))
+    return root
+
+
 @pytest.fixture
-def proj(tmp_path, emulator):
-    write_project(tmp_path, META)
-    s = settings_for(tmp_path, emulator.base_url, BATCH_BRIDGE_PUBLISH_BUCKET_ROWS=str(BUCKET_ROWS))
-    load_staging(s, rows_sql(ROWS))
-    run(s)
+def home(project_root, emulator):
+    s = settings_for(project_root, emulator.base_url, BATCH_BRIDGE_PUBLISH_BUCKET_ROWS=str(BUCKET_ROWS))
+    reset_home(s)
     return s
+
+
+@pytest.fixture
+def proj(home):
+    load_staging(home, rows_sql(ROWS))
+    run(home)
+    return home
 
 
 def run(s):
@@ -118,17 +132,13 @@ def test_one_changed_row_rewrites_only_its_bucket_and_the_union_equals_a_full_pu
     assert new["r007"]["is_stale"] is False and new["r007"]["input_hash"] != old["r007"]["input_hash"]
     assert {k for k in new if new[k] != old[k]} == {"r007"}
 
+    with state.connect(s) as con:  # nothing new since: nothing written
+        publish(con, s, bridge.load_jobs(s)[0])
+    assert files(s) == after
+
     published = rows(s)
     assert full_publish(s) == published
     assert files(s).keys() == after.keys()
-
-
-def test_a_publish_with_nothing_new_writes_nothing(proj):
-    s = proj
-    before = files(s)
-    with state.connect(s) as con:
-        publish(con, s, bridge.load_jobs(s)[0])
-    assert files(s) == before
 
 
 def test_a_grown_job_is_split_again_and_no_file_of_the_old_split_is_left(proj):
@@ -154,9 +164,8 @@ def test_an_old_single_file_is_replaced_by_the_directory(proj):
     assert current.is_dir() and rows(s) == want
 
 
-def test_an_empty_job_still_resolves_with_every_column(tmp_path, emulator):
-    write_project(tmp_path, META)
-    s = settings_for(tmp_path, emulator.base_url)
+def test_an_empty_job_still_resolves_with_every_column(home):
+    s = home
     load_staging(s, rows_sql(3))
     jobs = bridge.load_jobs(s)
     bridge.collect(s, jobs, api.build_client(s))  # nothing sent yet: publishes the empty source
@@ -194,8 +203,11 @@ def test_publish_killed_between_bucket_files_is_repaired_by_the_next_run(proj):
     assert full_publish(s) == rows(s)
 
 
-def test_dbt_reads_the_generated_source_after_a_change(proj):
-    s = proj
+def test_dbt_reads_the_generated_source_after_a_change(tmp_path, emulator):
+    write_project(tmp_path, META)  # a project of its own: the models added here would change the shared one
+    s = settings_for(tmp_path, emulator.base_url, BATCH_BRIDGE_PUBLISH_BUCKET_ROWS=str(BUCKET_ROWS))
+    load_staging(s, rows_sql(ROWS))
+    run(s)
     models = s.project_dir / "models"
     (models / "bb_sources.yml").write_text(sources.render(s, bridge.load_jobs(s)))
     (models / "answers.sql").write_text(
