@@ -11,6 +11,7 @@ several keys is attributed to the key that was sent (`cost_usd`), the others are
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -229,8 +230,6 @@ def bucket_count(keys: int, bucket_rows: int) -> int:
 def _layout(con: duckdb.DuckDBPyConnection, job: Job) -> str:
     """What every bucket file was written under: the row projection (key types, schema fields) and the
     DuckDB whose hash() split the keys (its hash is not promised across versions)."""
-    import hashlib
-
     return hashlib.md5((_projection(con, job) + duckdb.__version__).encode()).hexdigest()
 
 
