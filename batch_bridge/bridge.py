@@ -107,7 +107,7 @@ def _publish_all(settings: Settings, jobs: list[Job]) -> None:
         return
     with state.connect(settings) as con:
         for j in jobs:
-            publish(con, settings, j)
+            publish(con, settings, j, fault=crash_point)
 
 
 def submit(

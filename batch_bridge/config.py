@@ -41,6 +41,10 @@ ENV_PREFLIGHT_TIMEOUT = "BATCH_BRIDGE_PREFLIGHT_TIMEOUT"
 ENV_MAX_QUEUED = "BATCH_BRIDGE_MAX_QUEUED_REQUESTS"
 ENV_RECONCILE_GRACE = "BATCH_BRIDGE_RECONCILE_GRACE"
 ENV_CREATE_TIMEOUT = "BATCH_BRIDGE_CREATE_TIMEOUT"
+ENV_PUBLISH_BUCKET_ROWS = "BATCH_BRIDGE_PUBLISH_BUCKET_ROWS"
+# Keys per file of a job's results source (`current.parquet/` holds one file per bucket of keys): a change
+# rewrites only its buckets, and a bucket of this many 600-character answers is written in ~0.2 s.
+DEFAULT_PUBLISH_BUCKET_ROWS = 65_536
 # The API's cap on a workspace's requests in the processing queue at Tier 1 (200,000 at Tier 2): creates
 # beyond it answer 429, so the bridge keeps its own batches within it.
 DEFAULT_MAX_QUEUED = 100_000
@@ -94,6 +98,7 @@ class Settings:
     create_timeout: float = 600.0  # seconds; a create not answered by then has an unknown outcome
     count_sample: int = DEFAULT_COUNT_SAMPLE  # requests per job whose tokens plan counts exactly; 0 = the rule only
     cache_hit_rate: float = DEFAULT_CACHE_HIT_RATE  # expected cache hits before a job has answers of its own
+    publish_bucket_rows: int = DEFAULT_PUBLISH_BUCKET_ROWS  # keys per file of the results source (results.py)
 
     @property
     def state_path(self) -> Path:
@@ -375,6 +380,10 @@ def resolve(
     if count_sample < 0:
         raise ConfigError(f"{ENV_COUNT_SAMPLE}={count_sample} must be 0 (do not count) or a number of requests")
     hit_rate = _float(env, ENV_CACHE_HIT_RATE, DEFAULT_CACHE_HIT_RATE)
+    bucket_rows = int(_float(env, ENV_PUBLISH_BUCKET_ROWS, DEFAULT_PUBLISH_BUCKET_ROWS))
+    if bucket_rows < 1:
+        raise ConfigError(f"{ENV_PUBLISH_BUCKET_ROWS}={bucket_rows} must be at least 1 key per results file",
+                          hint=f"unset it for the default, {DEFAULT_PUBLISH_BUCKET_ROWS}")
     if not 0 <= hit_rate <= 1:
         raise ConfigError(f"{ENV_CACHE_HIT_RATE}={hit_rate} must be a share between 0 and 1, e.g. 0.64")
     return Settings(
@@ -403,4 +412,5 @@ def resolve(
         create_timeout=create_timeout,
         count_sample=count_sample,
         cache_hit_rate=hit_rate,
+        publish_bucket_rows=bucket_rows,
     )

@@ -143,7 +143,7 @@ class Plugin(BasePlugin):
                 if _has_open_batches(settings, job.name):
                     bridge.collect(settings, [job], api.build_client(settings), progress=DbtProgress())
                 current = settings.results_dir(job.name) / "current.parquet"
-                if not current.is_file():
+                if not current.is_dir():  # a directory of bucket files; a file: published by an older bridge
                     with state.connect(settings) as con:
                         publish(con, settings, job)
                 answers = self._current(settings, job, current)

@@ -1,27 +1,30 @@
 """The results source dbt reads: Parquet files per job, written atomically, never a lock on anything.
 
 `current.parquet` holds one row per key: the latest answer for the key's current input, or, when the
-input changed and has no answer yet, the latest earlier answer flagged `is_stale`. `history/` holds
-one part per collected batch with every (key, answer) pair it produced. Keys get their original names and types back from `jobs.key_types`;
-schema fields become typed columns through `json_transform`. An identical request sent once for
+input changed and has no answer yet, the latest earlier answer flagged `is_stale`. It is a directory of
+bucket files (keys split by hash), which `read_parquet` reads as one table: a publish rewrites only the
+buckets whose keys changed, so one new answer in a 1M-row job is published in a fraction of a second.
+`history/` holds one part per collected batch with every (key, answer) pair it produced. Keys get their
+original names and types back from `jobs.key_types`; schema fields become typed columns through `json_transform`. An identical request sent once for
 several keys is attributed to the key that was sent (`cost_usd`), the others are `deduplicated`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
-from typing import get_args
+from typing import Callable, get_args
 
 import duckdb
 
 from .config import Settings
 from .jobs import Job, quote_ident, quote_literal
 from .outputs import field_structures
-from .state import ResultType, joins_as_written, room_for_rows, single_threaded
+from .state import ResultType, joins_as_written, record_published, room_for_rows, single_threaded
 
 COLUMNS_AFTER_KEYS = (
     "custom_id", "status", "output_text", "output_json", "stop_reason", "model", "input_tokens", "output_tokens",
@@ -124,9 +127,11 @@ def history_sql(con: duckdb.DuckDBPyConnection, job: Job, batch_ids: list[str] |
     """
 
 
-def pick_current(con: duckdb.DuckDBPyConnection, job: Job) -> None:
-    """`bb_picked`: one row per key with the rowid of the answer `current.parquet` shows for it: the
-    latest answer for its current input, else its latest earlier answer (stale).
+def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, keys: str | None = None) -> None:
+    """`bb_picked`: one row per key with the rowid of the answer the results source shows for it: the
+    latest answer for its current input, else its latest earlier answer (stale), and the key's bucket
+    (`hash(custom_id) % buckets`). With `keys` (a relation with a `custom_id` column), just those keys,
+    and just their answers are aggregated: picking a few keys costs milliseconds, whatever the job's size.
 
     Hash aggregates only (latest version per key, the rowid of the latest answer per input), no window
     over history and no row-sized aggregate state, so the cost grows with the number of keys. A table of
@@ -134,15 +139,22 @@ def pick_current(con: duckdb.DuckDBPyConnection, job: Job) -> None:
     and the answers streaming past it did not fit 64MB for 150,000 keys; in two they do.
     """
     job_lit = quote_literal(job.name)
+    kv, answers = f"(SELECT * FROM bb_state.key_versions WHERE job = {job_lit})", ""
+    if keys is not None:
+        # The keys' versions once, in a table: read three times below, a semi-join each time ran out of
+        # 128MB for 400,000 keys.
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE bb_versions AS SELECT * FROM bb_state.key_versions
+                        WHERE job = {job_lit} AND custom_id IN (SELECT custom_id FROM {keys})""")
+        kv, answers = "bb_versions", " AND input_hash IN (SELECT input_hash FROM bb_versions)"
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE bb_picked AS
             WITH latest AS (
                 SELECT custom_id, arg_max(input_hash, seen_at) AS current_hash, arg_max(key_json, seen_at) AS key_json
-                FROM bb_state.key_versions WHERE job = {job_lit} GROUP BY custom_id
+                FROM {kv} GROUP BY custom_id
             ),
             best AS (
                 SELECT input_hash, arg_max(rowid, (collected_at, attempt)) AS rid, max(collected_at) AS at
-                FROM bb_state.responses WHERE job = {job_lit} GROUP BY input_hash
+                FROM bb_state.responses WHERE job = {job_lit}{answers} GROUP BY input_hash
             ),
             picked AS (
                 SELECT l.custom_id, l.key_json, l.current_hash, b.rid
@@ -150,22 +162,24 @@ def pick_current(con: duckdb.DuckDBPyConnection, job: Job) -> None:
                 UNION ALL
                 SELECT l.custom_id, l.key_json, l.current_hash, arg_max(b.rid, b.at)
                 FROM latest l
-                JOIN bb_state.key_versions v ON v.job = {job_lit} AND v.custom_id = l.custom_id
-                     AND v.input_hash <> l.current_hash
+                JOIN {kv} v ON v.custom_id = l.custom_id AND v.input_hash <> l.current_hash
                 JOIN best b ON b.input_hash = v.input_hash
                 WHERE l.current_hash NOT IN (SELECT input_hash FROM best)
                 GROUP BY l.custom_id, l.key_json, l.current_hash
             )
-            SELECT * FROM picked
+            SELECT *, hash(custom_id) % {int(buckets)} AS bucket FROM picked
     """)
+    con.execute("DROP TABLE IF EXISTS bb_versions")
 
 
-def current_sql(con: duckdb.DuckDBPyConnection, job: Job) -> str:
-    """One row per key (after `pick_current`): its picked answer, answer text streaming past the picks."""
-    return _projection(con, job) + """
+def current_sql(con: duckdb.DuckDBPyConnection, job: Job, bucket: int | None = None) -> str:
+    """One row per key (after `pick_current`), or per key of one bucket: its picked answer, answer text
+    streaming past the picks."""
+    where = "" if bucket is None else f" WHERE p.bucket = {int(bucket)}"
+    return _projection(con, job) + f"""
         FROM (
             SELECT p.custom_id, p.key_json, p.current_hash, r.*
-            FROM bb_state.responses r JOIN bb_picked p ON r.rowid = p.rid
+            FROM bb_state.responses r JOIN bb_picked p ON r.rowid = p.rid{where}
         ) h
     """
 
@@ -180,8 +194,8 @@ ROW_GROUP_BYTES = 8 * 1024 * 1024
 PARQUET = f"FORMAT parquet, ROW_GROUP_SIZE {ROW_GROUP_ROWS}, ROW_GROUP_SIZE_BYTES {ROW_GROUP_BYTES}"
 
 
-def _write(con: duckdb.DuckDBPyConnection, query: str, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
+def _write(con: duckdb.DuckDBPyConnection, query: str, dest: Path, tmp: Path | None = None) -> None:
+    tmp = tmp or dest.with_name(f".{dest.name}.tmp")
     con.execute(f"COPY ({query}) TO {quote_literal(str(tmp))} ({PARQUET})")
     os.chmod(tmp, 0o600)
     os.replace(tmp, dest)
@@ -197,19 +211,171 @@ def _unpublished_batches(con: duckdb.DuckDBPyConnection, job: Job, parts: Path) 
     return [r[0] for r in rows if r[0] not in have]
 
 
-def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Path:
+# --- the current answers: a directory of bucket files -------------------------------------------------
+
+# `current.parquet` is a directory (as Spark writes a dataset): DuckDB reads a directory path as all the
+# Parquet files in it, so `read_parquet('.../current.parquet')`, the location sources have always used,
+# reads the union of the buckets. Each key lives in exactly one bucket file, so the union is one row per key.
+CURRENT = "current.parquet"
+# A full rewrite writes each bucket in a pass of its own over the answers (a partitioned COPY held a row
+# group per open bucket and ran out of 128MB at 64 buckets): capping the count keeps it linear in rows.
+MAX_BUCKETS = 16
+
+
+def bucket_file(bucket: int, buckets: int) -> str:
+    """The file of one bucket; the count is in the name, so files of another split are recognized."""
+    return f"{bucket:03d}-of-{buckets:03d}.parquet"
+
+
+def bucket_count(keys: int, bucket_rows: int) -> int:
+    """Buckets for a job of `keys` keys: about `bucket_rows` keys each, at least 1, at most MAX_BUCKETS."""
+    return max(1, min(MAX_BUCKETS, -(-keys // bucket_rows)))
+
+
+def _layout(con: duckdb.DuckDBPyConnection, job: Job) -> str:
+    """What every bucket file was written under: the row projection (key types, schema fields) and the
+    DuckDB whose hash() split the keys (its hash is not promised across versions)."""
+    return hashlib.md5((_projection(con, job) + duckdb.__version__).encode()).hexdigest()
+
+
+def _marks(con: duckdb.DuckDBPyConnection, table: str, column: str, job: Job, until: object) -> tuple[object, int, int]:
+    """(latest `column` now, rows now, rows at or before `until`) of the job's rows in `table`."""
+    max_at, rows, before = con.execute(
+        f"SELECT max({column}), count(*), count(*) FILTER (WHERE {column} <= ?) FROM bb_state.{table} WHERE job = ?",
+        [until, job.name]).fetchone()
+    return max_at, rows, before
+
+
+def _dirty_keys(con: duckdb.DuckDBPyConnection, job: Job, buckets: int, versions_until: object,
+                responses_until: object) -> int:
+    """`bb_dirty`: the keys with a new input since the marks, or one of whose inputs got a new answer,
+    with their buckets. Returns how many."""
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE bb_dirty AS
+        SELECT DISTINCT custom_id, hash(custom_id) % {int(buckets)} AS bucket FROM bb_state.key_versions
+        WHERE job = $job AND (seen_at > coalesce($vu::TIMESTAMP, '-infinity'::TIMESTAMP) OR input_hash IN (
+            SELECT input_hash FROM bb_state.responses
+            WHERE job = $job AND collected_at > coalesce($ru::TIMESTAMP, '-infinity'::TIMESTAMP)))
+        """, {"job": job.name, "vu": versions_until, "ru": responses_until})
+    return con.execute("SELECT count(*) FROM bb_dirty").fetchone()[0]
+
+
+def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, out: Path,
+                     fault: Callable[[str], None]) -> None:
+    """Rewrite the buckets whose keys changed since the last publish, or all of them when the marks,
+    the layout or the files cannot be trusted, or when an eighth of the keys or more changed.
+
+    A changed bucket is merged: its file's rows of unchanged keys, and the changed keys picked again, so
+    one new answer costs a read and a write of one bucket, never a pass over every answer. Its file is
+    replaced atomically: every key is in one file, so a reader sees each key once, old or new. A full
+    rewrite builds a new directory and swaps it in, so a reader never sees two splits at once. The marks
+    (`state.record_published`) move only after the files: a publish killed in between leaves them behind,
+    and the next one merges at least the same keys again (merging a key twice gives the same row)."""
+    current, fresh, old = out / CURRENT, out / f".{CURRENT}.new", out / f".{CURRENT}.old"
+    shutil.rmtree(fresh, ignore_errors=True)  # left by a publish killed before its swap
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
+    for tmp in out.glob(".bucket-*.tmp"):
+        tmp.unlink()
+    row = con.execute(
+        "SELECT buckets, layout, versions_until, versions_rows, responses_until, responses_rows "
+        "FROM bb_state.published WHERE job = ?", [job.name]).fetchone()
+    (keys,) = con.execute("SELECT count(*) FROM bb_state.key_inputs WHERE job = ?", [job.name]).fetchone()
+    want = bucket_count(keys, settings.publish_bucket_rows)
+    layout = _layout(con, job)
+    v_until, v_rows, v_before = _marks(con, "key_versions", "seen_at", job, row[2] if row else None)
+    r_until, r_rows, r_before = _marks(con, "responses", "collected_at", job, row[4] if row else None)
+    merge = False
+    if row is not None:
+        buckets, had_layout, vu, vrows, ru, rrows = row
+        have = {p.name for p in current.iterdir()} if current.is_dir() else None
+        # The split is kept while the job is within a factor 2 of its size; beyond, all is rewritten once.
+        if (had_layout == layout and want < 2 * buckets and 2 * want > buckets
+                and have == {bucket_file(b, buckets) for b in range(buckets)}
+                and (v_before, r_before) == (vrows, rrows)):  # else rows went back in time or were removed
+            want = buckets
+            changed = _dirty_keys(con, job, buckets, vu, ru)
+            if changed == 0:
+                return  # nothing new since the marks (so the marks are those of now)
+            # Merging costs time per changed key, the full rewrite per key: at 1M keys, 10% changed merged in
+            # 4 s (BENCHMARKS.md), 40% in 14 s (measured once on that state), all written in 10 s: below an
+            # eighth, merging is the faster.
+            merge = 8 * changed < keys
+    try:
+        if merge:
+            _merge_buckets(con, job, want, current, out, fault)
+        else:
+            pick_current(con, job, want)
+            fresh.mkdir()
+            for b in range(want):
+                _write(con, current_sql(con, job, b), fresh / bucket_file(b, want))
+                if b == 0:
+                    fault("publish_between_buckets")
+            _swap(fresh, current, old)
+    finally:
+        for t in ("bb_picked", "bb_dirty", "bb_changed"):
+            con.execute(f"DROP TABLE IF EXISTS {t}")
+    record_published(con, job.name, want, layout, (v_until, v_rows), (r_until, r_rows))
+
+
+def _merge_buckets(con: duckdb.DuckDBPyConnection, job: Job, buckets: int, current: Path, out: Path,
+                   fault: Callable[[str], None]) -> None:
+    """Rewrite each bucket holding a key of `bb_dirty`: its unchanged rows as they are in its file, and
+    the changed keys' rows picked again (`bb_changed`, one join over the answers for all of them)."""
+    pick_current(con, job, buckets, "bb_dirty")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE bb_changed AS {current_sql(con, job)}")
+    cols = [(r[0], r[1]) for r in con.execute("DESCRIBE bb_changed").fetchall()]
+    # The file's rows cast to the types the projection gives now (the layout check says they are the same).
+    from_file = ", ".join(f"CAST({quote_ident(c)} AS {t}) AS {quote_ident(c)}" for c, t in cols)
+    names = ", ".join(quote_ident(c) for c, _ in cols)
+    touched = [r[0] for r in con.execute("SELECT DISTINCT bucket FROM bb_dirty ORDER BY 1").fetchall()]
+    for b in touched:
+        name = bucket_file(b, buckets)
+        query = f"""
+            SELECT {from_file} FROM read_parquet({quote_literal(str(current / name))})
+            WHERE custom_id NOT IN (SELECT custom_id FROM bb_dirty WHERE bucket = {b})
+            UNION ALL
+            SELECT {names} FROM bb_changed WHERE hash(custom_id) % {buckets} = {b}
+        """
+        _write(con, query, current / name, out / f".bucket-{b}.tmp")
+        if b == touched[0]:
+            fault("publish_between_buckets")
+
+
+def _swap(fresh: Path, current: Path, old: Path) -> None:
+    """Put the directory `fresh` where `current` is (a directory, an old single file, or nothing).
+    Between the two renames `current` is missing: a reader then fails, it never reads a mix."""
+    if current.exists():
+        os.replace(current, old)
+    os.replace(fresh, current)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
+
+
+def _no_fault(point: str) -> None:
+    pass
+
+
+def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job,
+            fault: Callable[[str], None] = _no_fault) -> Path:
     """(Re)write the job's current results and rejections, and the history part of every collected
     batch that has none yet. Called once at the end of each command that loads or submits.
 
     History is append-only: one part per collected batch (`history/<batch_id>.parquet`) plus an empty
     `history/_schema.parquet`, so `read_parquet('.../history/*.parquet')` always resolves and a collect
     costs time in proportion to what it loaded, not to everything ever collected. `current.parquet` is
-    written before the parts, so a part that is missing always means a publish is still owed.
+    written before the parts, so a part that is missing always means a publish is still owed. `fault`
+    is called at named points (crash-safety tests kill the process there).
     """
     # Writing Parquet is I/O, and its row-group buffers are per thread; answers (the wide rows) are
     # streamed past hash tables built from keys and hashes, never built into one (joins_as_written).
     with single_threaded(con), joins_as_written(con), room_for_rows(con, settings, _answer_bytes(con, job)):
-        return _publish(con, settings, job)
+        return _publish(con, settings, job, fault)
 
 
 def _answer_bytes(con: duckdb.DuckDBPyConnection, job: Job) -> float:
@@ -220,14 +386,12 @@ def _answer_bytes(con: duckdb.DuckDBPyConnection, job: Job) -> float:
     return float(width or 0)
 
 
-def _publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Path:
+def _publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, fault: Callable[[str], None]) -> Path:
     out = settings.results_dir(job.name)
     parts = out / "history"
     parts.mkdir(parents=True, exist_ok=True)
     todo = _unpublished_batches(con, job, parts)
-    pick_current(con, job)
-    _write(con, current_sql(con, job), out / "current.parquet")  # unordered: sorting 1M wide rows costs seconds
-    con.execute("DROP TABLE bb_picked")
+    _publish_current(con, settings, job, out, fault)  # unordered: sorting 1M wide rows costs seconds
     _write(
         con,
         f"SELECT key_json, reason, detail, seen_at FROM bb_state.rejections WHERE job = {quote_literal(job.name)} "
@@ -240,4 +404,4 @@ def _publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job) -> Pa
     for b in todo:
         _write(con, history_sql(con, job, [b]), parts / f"{b}.parquet")
     shutil.rmtree(parts / ".incoming", ignore_errors=True)  # left by a partitioned COPY of older versions
-    return out / "current.parquet"
+    return out / CURRENT

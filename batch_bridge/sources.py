@@ -148,7 +148,7 @@ def source_yaml(settings: Settings, jobs: list[Job], name: str = DEFAULT_SOURCE)
             f"env_var('{ENV_HOME}', '{home}') ~ \"/results/{{name}}/current.parquet')\"}} }}}}")
     return {
         "name": name,
-        "description": "Answers collected by batch-bridge, one Parquet file per job under $BATCH_BRIDGE_HOME/results/ "
+        "description": "Answers collected by batch-bridge, one Parquet dataset per job under $BATCH_BRIDGE_HOME/results/ "
         "(written atomically by the bridge, only read by dbt; empty with the right columns before the first answers).",
         "config": {
             "loaded_at_field": "collected_at",  # when the bridge collected each answer, not when dbt ran

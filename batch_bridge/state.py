@@ -315,9 +315,29 @@ def m009_lanes(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"UPDATE {table} SET lane = 'batch'")
 
 
+def m010_published(con: duckdb.DuckDBPyConnection) -> None:
+    """What each job's results source shows: its buckets, the layout of its rows, and how far into
+    `key_versions` and `responses` it reaches. Written after the files, so a publish killed between
+    them leaves the marks where they were and the next publish rewrites at least the same buckets."""
+    con.execute(
+        """
+        CREATE TABLE published (
+            job VARCHAR PRIMARY KEY,
+            buckets INTEGER NOT NULL,        -- files in results/<job>/current.parquet/, keys split by hash(custom_id)
+            layout VARCHAR NOT NULL,         -- md5 of the row projection and the DuckDB whose hash() split the keys
+            versions_until TIMESTAMP,        -- key_versions up to this seen_at are shown ...
+            versions_rows BIGINT NOT NULL,   -- ... and there were this many of them
+            responses_until TIMESTAMP,       -- responses up to this collected_at are shown ...
+            responses_rows BIGINT NOT NULL,  -- ... and there were this many of them
+            published_at TIMESTAMP NOT NULL
+        )
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_unknown_outcomes,
-    m006_report_estimates, m007_model_info, m008_token_counts, m009_lanes]
+    m006_report_estimates, m007_model_info, m008_token_counts, m009_lanes, m010_published]
 
 
 # DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,
@@ -761,3 +781,14 @@ def record_outcomes(con: duckdb.DuckDBPyConnection, job: str, batch_ids: list[st
         {"job": job},
     )
     con.execute("DROP TABLE bb_new_outcomes")
+
+
+def record_published(con: duckdb.DuckDBPyConnection, job: str, buckets: int, layout: str,
+                     versions: tuple[datetime | None, int], responses: tuple[datetime | None, int]) -> None:
+    """The job's results files now show every `key_versions` and `responses` row up to these marks;
+    called only once all of its bucket files are in place."""
+    if buckets < 1:
+        raise StateError(f"published: {buckets} buckets for job {job!r}; a results source has at least one file")
+    con.execute(
+        "INSERT OR REPLACE INTO bb_state.published VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [job, buckets, layout, versions[0], versions[1], responses[0], responses[1], utcnow()])

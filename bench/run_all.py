@@ -25,6 +25,7 @@ MODERATE = {
     "scale": ["--rows", "300000", "--small", "50000"],
     "emulator": [],
     "report": ["--rows", "1000000", "--repeat", "2"],
+    "publish": ["--rows", "300000", "--repeat", "2"],
 }
 
 

@@ -231,7 +231,7 @@ def test_long_answers_load_and_publish_in_row_groups_capped_in_bytes(tmp_path):
     n, shortest = con.execute(
         f"SELECT count(*), min(length(output_text)) FROM read_parquet('{out / 'current.parquet'}')").fetchone()
     assert (n, shortest) == (2000, 20_000)
-    for f in [out / "current.parquet", *(out / "history").glob("msgbatch_*.parquet")]:
+    for f in [*(out / "current.parquet").glob("*.parquet"), *(out / "history").glob("msgbatch_*.parquet")]:
         groups = con.execute(
             f"SELECT row_group_id, sum(total_uncompressed_size) FROM parquet_metadata('{f}') GROUP BY ALL").fetchall()
         assert len(groups) > 1 and max(size for _, size in groups) < 16 * 1024 * 1024, (f.name, groups)

@@ -151,7 +151,7 @@ def test_readme_section_runs_as_written_in_a_dbt_init_project(machine):
     # Everything in the project folder, as dbt resolves the profile's relative path.
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.duckdb")
                   if ".batch_bridge" not in p.parts) == ["my_project/dev.duckdb"]
-    assert (project / ".batch_bridge" / "results" / "ticket_triage" / "current.parquet").is_file()
+    assert (project / ".batch_bridge" / "results" / "ticket_triage" / "current.parquet").is_dir()
 
 
 @pytest.mark.timeout(900)

@@ -149,7 +149,7 @@ def test_c_this_repositorys_layout(world, monkeypatch):
     round_trip(monkeypatch, shop, shop, ["--profiles-dir", "../profiles"], [])
     assert duckdb_files(world) == {"warehouse.duckdb"}
     assert labelled(world / "warehouse.duckdb") == (ROWS, ROWS)
-    assert (world / ".batch_bridge" / "results" / "item_labels" / "current.parquet").is_file()
+    assert (world / ".batch_bridge" / "results" / "item_labels" / "current.parquet").is_dir()
 
 
 def test_d_an_absolute_path_works_from_any_directory(world, monkeypatch):
@@ -166,7 +166,7 @@ def test_d_an_absolute_path_works_from_any_directory(world, monkeypatch):
     user_dbt(monkeypatch, shop, "build", "--select", "items_labelled")
     assert duckdb_files(world) == {"data/wh.duckdb"}
     assert labelled(data / "wh.duckdb") == (ROWS, ROWS)
-    assert (data / ".batch_bridge" / "results" / "item_labels" / "current.parquet").is_file()
+    assert (data / ".batch_bridge" / "results" / "item_labels" / "current.parquet").is_dir()
 
 
 def test_e_path_through_env_var(world, monkeypatch):

@@ -94,6 +94,7 @@ def test_an_old_state_file_is_migrated_and_plans_the_same(project):
         con.execute("DROP TABLE bb_state.refused_inputs")
         con.execute("DROP TABLE bb_state.model_info")
         con.execute("DROP TABLE bb_state.token_counts")
+        con.execute("DROP TABLE bb_state.published")
         for table in ("submissions", "batches", "responses"):
             con.execute(f"ALTER TABLE bb_state.{table} DROP COLUMN lane")
         con.execute("DELETE FROM bb_state._migrations WHERE name <> 'm001_initial'")
@@ -104,7 +105,7 @@ def test_an_old_state_file_is_migrated_and_plans_the_same(project):
     assert fetch(s, "SELECT name FROM bb_state._migrations") == [
         ("m001_initial",), ("m002_input_outcomes",), ("m003_key_inputs",), ("m004_result_bytes",),
         ("m005_unknown_outcomes",), ("m006_report_estimates",), ("m007_model_info",), ("m008_token_counts",),
-        ("m009_lanes",)]
+        ("m009_lanes",), ("m010_published",)]
     assert_summaries_match_history(s)
     # Batches collected before m004 get the size of their stored answers (the result file may be gone).
     [(lines, size, answers)] = fetch(

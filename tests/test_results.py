@@ -1,0 +1,225 @@
+"""The results source as bucket files: a change rewrites only its buckets, the union stays one row per key
+and equals a full publish, a publish killed between two bucket files is repaired by the next run, and
+dbt reads the source (the generated YAML) after a change.
+
+Real dbt project and DuckDB files, the official SDK over HTTP to the emulator; a small bucket size
+(BATCH_BRIDGE_PUBLISH_BUCKET_ROWS) gives a 60-row job 8 bucket files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+
+import duckdb
+import pytest
+
+from batch_bridge import api, bridge, dbt_runner, sources, state
+from batch_bridge.results import CURRENT, bucket_file, publish
+from helpers import load_staging, reset_home, settings_for, write_project
+
+ROWS = 60
+BUCKET_ROWS = 8  # 60 keys -> 8 buckets
+META = {"job": "items", "key": "id", "model": "claude-haiku-4-5", "max_tokens": 50, "prompt_column": "prompt"}
+
+
+def rows_sql(n: int, changed: tuple[int, ...] = ()) -> str:
+    text = "'review ' || i || ' is great'"
+    if changed:
+        text = f"CASE WHEN i IN ({', '.join(map(str, changed))}) THEN 'changed review ' || i ELSE {text} END"
+    return f"SELECT 'r' || lpad(i::VARCHAR, 3, '0') AS id, {text} AS prompt FROM range({n}) t(i)"
+
+
+@pytest.fixture(scope="module")
+def project_root(tmp_path_factory):
+    """One dbt project parsed once; each test starts from an empty bridge home (the parse is kept)."""
+    root = tmp_path_factory.mktemp("publish")
+    write_project(root, META)
+    bridge.load_jobs(settings_for(root))
+    return root
+
+
+@pytest.fixture
+def home(project_root, emulator):
+    s = settings_for(project_root, emulator.base_url, BATCH_BRIDGE_PUBLISH_BUCKET_ROWS=str(BUCKET_ROWS))
+    reset_home(s)
+    return s
+
+
+@pytest.fixture
+def proj(home):
+    load_staging(home, rows_sql(ROWS))
+    run(home)
+    return home
+
+
+def run(s):
+    return bridge.run(s, bridge.load_jobs(s), api.build_client(s))
+
+
+def files(s) -> dict[str, tuple[int, int, str]]:
+    """Each bucket file's (inode, mtime_ns, sha256): a rewrite (temp file renamed over it) changes all three."""
+    out = {}
+    for p in sorted((s.results_dir("items") / CURRENT).iterdir()):
+        st = p.stat()
+        out[p.name] = (st.st_ino, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def rows(s) -> list[tuple]:
+    con = duckdb.connect()
+    try:
+        return con.execute(f"SELECT * FROM read_parquet('{s.results_dir('items') / CURRENT}') ORDER BY id").fetchall()
+    finally:
+        con.close()
+
+
+def columns(s) -> list[str]:
+    con = duckdb.connect()
+    try:
+        return [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{s.results_dir('items') / CURRENT}')").fetchall()]
+    finally:
+        con.close()
+
+
+def by_id(s) -> dict[str, dict]:
+    cols = columns(s)
+    return {r[0]: dict(zip(cols, r)) for r in rows(s)}
+
+
+def bucket_of(s, custom_id: str, buckets: int) -> str:
+    con = duckdb.connect()
+    try:
+        (b,) = con.execute(f"SELECT hash(?) % {buckets}", [custom_id]).fetchone()
+    finally:
+        con.close()
+    return bucket_file(int(b), buckets)
+
+
+def full_publish(s) -> list[tuple]:
+    """What a publish from nothing shows: the marks forgotten, so every bucket is written again."""
+    with state.connect(s) as con:
+        con.execute("DELETE FROM bb_state.published")
+        publish(con, s, bridge.load_jobs(s)[0])
+    return rows(s)
+
+
+def test_one_changed_row_rewrites_only_its_bucket_and_the_union_equals_a_full_publish(proj):
+    s = proj
+    before = files(s)
+    assert sorted(before) == [bucket_file(b, 8) for b in range(8)]  # 60 keys in buckets of ~8
+    old = by_id(s)
+    assert len(old) == ROWS and {r["status"] for r in old.values()} == {"succeeded"}
+    home_bucket = bucket_of(s, "r007", 8)
+
+    load_staging(s, rows_sql(ROWS, changed=(7,)))
+    jobs = bridge.load_jobs(s)
+    bridge.submit(s, jobs, api.build_client(s))  # publishes: r007 now answers an earlier input
+    stale = files(s)
+    assert {n for n in before if stale[n] != before[n]} == {home_bucket}
+    assert by_id(s)["r007"]["is_stale"] is True and by_id(s)["r007"]["output_text"] == old["r007"]["output_text"]
+    assert sum(r["is_stale"] for r in by_id(s).values()) == 1
+
+    run(s)  # waits, loads the one new answer, publishes
+    after = files(s)
+    assert {n for n in before if after[n] != before[n]} == {home_bucket}
+    assert {n for n in stale if after[n] != stale[n]} == {home_bucket}
+    new = by_id(s)
+    assert len(new) == ROWS and len(rows(s)) == ROWS  # one row per key
+    assert new["r007"]["is_stale"] is False and new["r007"]["input_hash"] != old["r007"]["input_hash"]
+    assert {k for k in new if new[k] != old[k]} == {"r007"}
+
+    with state.connect(s) as con:  # nothing new since: nothing written
+        publish(con, s, bridge.load_jobs(s)[0])
+    assert files(s) == after
+
+    published = rows(s)
+    assert full_publish(s) == published
+    assert files(s).keys() == after.keys()
+
+
+def test_a_grown_job_is_split_again_and_no_file_of_the_old_split_is_left(proj):
+    s = proj
+    load_staging(s, rows_sql(200))  # 200 keys: 25 buckets wanted, 16 at most; 2x beyond the 8 it has
+    run(s)
+    names = sorted(files(s))
+    assert names == [bucket_file(b, 16) for b in range(16)]
+    assert len(rows(s)) == 200 and len({r[0] for r in rows(s)}) == 200
+
+
+def test_an_old_single_file_is_replaced_by_the_directory(proj):
+    s = proj
+    current = s.results_dir("items") / CURRENT
+    want = rows(s)
+    for p in current.iterdir():
+        p.unlink()
+    current.rmdir()
+    con = duckdb.connect()
+    con.execute(f"COPY (SELECT 'stale' AS id) TO '{current}' (FORMAT parquet)")  # as an older bridge wrote it
+    con.close()
+    full_publish(s)
+    assert current.is_dir() and rows(s) == want
+
+
+def test_an_empty_job_still_resolves_with_every_column(home):
+    s = home
+    load_staging(s, rows_sql(3))
+    jobs = bridge.load_jobs(s)
+    bridge.collect(s, jobs, api.build_client(s))  # nothing sent yet: publishes the empty source
+    assert sorted(files(s)) == [bucket_file(0, 1)]
+    assert rows(s) == [] and columns(s)[:3] == ["id", "custom_id", "status"]
+
+
+def test_publish_killed_between_bucket_files_is_repaired_by_the_next_run(proj):
+    s = proj
+    changed = (3, 11, 19, 27, 35, 43, 51)
+    homes = {bucket_of(s, f"r{i:03d}", 8) for i in changed}
+    assert len(homes) >= 2  # the kill must fall between two files of one publish
+    before = by_id(s)
+    load_staging(s, rows_sql(ROWS, changed=changed))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCH_BRIDGE_", "ANTHROPIC_"))}
+    env.update({"BATCH_BRIDGE_WAREHOUSE": str(s.warehouse), "ANTHROPIC_API_KEY": s.api_key or "",
+                "ANTHROPIC_BASE_URL": s.base_url or "", "BATCH_BRIDGE_POLL_INTERVAL": "0.05",
+                "BATCH_BRIDGE_PUBLISH_BUCKET_ROWS": str(BUCKET_ROWS), "BATCH_BRIDGE_FAULT": "publish_between_buckets",
+                "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"})
+    r = subprocess.run([sys.executable, "-m", "batch_bridge.cli", "run", "--project-dir", str(s.project_dir),
+                        "--profiles-dir", str(s.profiles_dir)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    torn = by_id(s)
+    fresh = {k for k in torn if torn[k]["input_hash"] != before[k]["input_hash"]}
+    assert fresh and fresh < {f"r{i:03d}" for i in changed}  # killed with one bucket written and the others not
+
+    run(s)  # nothing left to send or load; its publish finds the marks behind and rewrites those buckets
+    repaired = by_id(s)
+    assert len(rows(s)) == ROWS
+    for i in changed:
+        r = repaired[f"r{i:03d}"]
+        assert r["is_stale"] is False and r["status"] == "succeeded", r
+    assert {k for k in repaired if repaired[k]["input_hash"] != torn[k]["input_hash"]} == {
+        f"r{i:03d}" for i in changed} - fresh
+    assert full_publish(s) == rows(s)
+
+
+def test_dbt_reads_the_generated_source_after_a_change(tmp_path, emulator):
+    write_project(tmp_path, META)  # a project of its own: the models added here would change the shared one
+    s = settings_for(tmp_path, emulator.base_url, BATCH_BRIDGE_PUBLISH_BUCKET_ROWS=str(BUCKET_ROWS))
+    load_staging(s, rows_sql(ROWS))
+    run(s)
+    models = s.project_dir / "models"
+    (models / "bb_sources.yml").write_text(sources.render(s, bridge.load_jobs(s)))
+    (models / "answers.sql").write_text(
+        "{{ config(materialized='table') }}\nselect id, output_text, is_stale from {{ source('batch_bridge', 'items') }}\n")
+    load_staging(s, rows_sql(ROWS, changed=(42,)))
+    run(s)
+    dbt_runner.invoke(s, ["run", "--select", "answers"])
+    con = duckdb.connect(str(s.warehouse), read_only=True)
+    try:
+        n, keys, stale = con.execute("SELECT count(*), count(DISTINCT id), count(*) FILTER (WHERE is_stale) FROM answers").fetchone()
+        (text,) = con.execute("SELECT output_text FROM answers WHERE id = 'r042'").fetchone()
+    finally:
+        con.close()
+    assert (n, keys, stale) == (ROWS, ROWS, 0)
+    assert text == by_id(s)["r042"]["output_text"] and text != "" and text is not None
