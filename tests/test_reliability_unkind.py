@@ -90,9 +90,10 @@ def wait_listed(client, batch_count: int, timeout: float = 30.0) -> None:
 
 def test_late_create_behind_a_propagation_delay_is_adopted_not_sent_again(proj, emulator):
     # The server stores the batch, answers after 4 s; the client gives up after 2 s. The batch shows in
-    # `list` only 3 s after it was stored. The grace (2 s) is shorter than the create timeout: counted
-    # from the create's start, it would be over before the first look, and the file would be sent again.
-    emulator.set_faults(slow_create_seconds=4, slow_create_times=1, propagation_seconds=3)
+    # `list` only 6 s after it was stored (well after the first submit's looks, even on a loaded
+    # machine). The grace (2 s) is no longer than the create timeout: counted from the create's start,
+    # it would be over before the first look, and the file would be sent again.
+    emulator.set_faults(slow_create_seconds=4, slow_create_times=1, propagation_seconds=6)
     s = proj.with_(create_timeout=2, reconcile_grace=2)
     jobs, client = jobs_client(s)
     report = bridge.submit(s, jobs, client, sleep=Sleeps())
