@@ -38,7 +38,8 @@ CRASH_POINTS = (
     "during_sync",            # sync lane: an answer appended to the run's answers file, others in flight
     "during_download",        # part of a results file written to its .part file
     "after_download",         # results file complete and renamed, not yet marked downloaded
-    "during_load",            # rows inserted and batches marked collected, before COMMIT
+    "between_slices",         # a slice of a batch's results committed, the next not yet read
+    "during_load",            # a batch's last slice inserted and the batch marked collected, before COMMIT
     "after_load",             # committed, results source not yet republished
 )
 

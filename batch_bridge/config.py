@@ -41,6 +41,11 @@ ENV_PREFLIGHT_TIMEOUT = "BATCH_BRIDGE_PREFLIGHT_TIMEOUT"
 ENV_MAX_QUEUED = "BATCH_BRIDGE_MAX_QUEUED_REQUESTS"
 ENV_RECONCILE_GRACE = "BATCH_BRIDGE_RECONCILE_GRACE"
 ENV_CREATE_TIMEOUT = "BATCH_BRIDGE_CREATE_TIMEOUT"
+ENV_LOAD_SLICE = "BATCH_BRIDGE_LOAD_SLICE_BYTES"
+# Bytes of a result file loaded per transaction (`collect.load_downloaded`): an uncommitted INSERT is held
+# in memory and DuckDB's JSON reader buffers up to 32 MB of its file, so a batch of 100,000 answers
+# loaded in one transaction made the peak of a run grow with its batches. Measured in BENCHMARKS.md (Scale).
+DEFAULT_LOAD_SLICE_BYTES = 8 * 2**20
 # The API's cap on a workspace's requests in the processing queue at Tier 1 (200,000 at Tier 2): creates
 # beyond it answer 429, so the bridge keeps its own batches within it.
 DEFAULT_MAX_QUEUED = 100_000
@@ -94,6 +99,7 @@ class Settings:
     create_timeout: float = 600.0  # seconds; a create not answered by then has an unknown outcome
     count_sample: int = DEFAULT_COUNT_SAMPLE  # requests per job whose tokens plan counts exactly; 0 = the rule only
     cache_hit_rate: float = DEFAULT_CACHE_HIT_RATE  # expected cache hits before a job has answers of its own
+    load_slice_bytes: int = DEFAULT_LOAD_SLICE_BYTES  # result-file bytes loaded per transaction (a whole line at least)
 
     @property
     def state_path(self) -> Path:
@@ -377,6 +383,14 @@ def resolve(
     hit_rate = _float(env, ENV_CACHE_HIT_RATE, DEFAULT_CACHE_HIT_RATE)
     if not 0 <= hit_rate <= 1:
         raise ConfigError(f"{ENV_CACHE_HIT_RATE}={hit_rate} must be a share between 0 and 1, e.g. 0.64")
+    slice_raw = env.get(ENV_LOAD_SLICE) or ""
+    try:
+        load_slice = int(slice_raw) if slice_raw.strip().isdigit() else size_bytes(slice_raw) if slice_raw else DEFAULT_LOAD_SLICE_BYTES
+    except ValueError:
+        load_slice = 0
+    if load_slice < 1:
+        raise ConfigError(f"{ENV_LOAD_SLICE}={slice_raw!r} is not a positive size",
+                          hint="give bytes or a size, e.g. 8MiB (the default)")
     return Settings(
         project_dir=pdir,
         profiles_dir=prdir,
@@ -403,4 +417,5 @@ def resolve(
         create_timeout=create_timeout,
         count_sample=count_sample,
         cache_hit_rate=hit_rate,
+        load_slice_bytes=load_slice,
     )
