@@ -291,8 +291,11 @@ def _read_sql(path: str, max_line: int = MAX_RESULT_LINE) -> str:
     )
 
 
-def _extract_sql(job: Job, path: str, batch_id: str, submission_id: str, max_line: int = MAX_RESULT_LINE) -> str:
-    """A SELECT of `responses` columns (less job, cost and collected_at) from one batch's result file."""
+def _extract_sql(job: Job, path: str, batch_id: str, submission_id: str, max_line: int = MAX_RESULT_LINE,
+                 sent: str | None = None) -> str:
+    """A SELECT of `responses` columns (less job, cost and collected_at) from one batch's result file
+    (or a slice of it). `sent`: a relation of the submission's sent requests (request_custom_id,
+    input_hash, attempt), else they are read from `sent_requests`."""
     if job.output_tool is not None:
         output_text = ("CAST(list_filter(m.content, lambda b: b.type = 'tool_use')[1].input AS VARCHAR)")
     else:
@@ -334,8 +337,7 @@ def _extract_sql(job: Job, path: str, batch_id: str, submission_id: str, max_lin
                x.e.message AS error_message,
                su.create_started_at AS submitted_at
         FROM x
-        JOIN (SELECT request_custom_id, input_hash, attempt FROM bb_state.sent_requests
-              WHERE submission_id = {sub}) sr
+        JOIN {sent or f"(SELECT request_custom_id, input_hash, attempt FROM bb_state.sent_requests WHERE submission_id = {sub})"} sr
           ON sr.request_custom_id = x.custom_id
         JOIN bb_state.submissions su ON su.submission_id = {sub}
     """
@@ -495,11 +497,11 @@ def _cut_slice(src: BinaryIO, offset: int, dest: Path, size: int) -> tuple[int, 
 
 
 def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, book: PriceBook, now: object,
-                      path: str, max_line: int) -> int:
+                      path: str, max_line: int, sent: str | None = None) -> int:
     """BEGIN, then read, extract and INSERT one slice of a batch's results in one statement (a bad
     line inserts nothing)."""
     batch_id, job_name, submission_id = batch[:3]
-    select = _extract_sql(job, path, batch_id, submission_id, max_line)
+    select = _extract_sql(job, path, batch_id, submission_id, max_line, sent)
     # A sync-lane run's answers file loads like a batch's results; its calls are billed at standard prices.
     (lane,) = con.execute("SELECT lane FROM bb_state.batches WHERE batch_id = ?", [batch_id]).fetchone()
     # DuckDB estimates a result file at a few dozen rows whatever its size, and would build its hash
@@ -537,57 +539,75 @@ def _load_batch(
 
     Returns False when the batch, adopted on its request count, proved another client's (then
     nothing of it stays loaded)."""
-    batch_id, job_name, submission_id, result_file, result_lines = batch[:5]
-    done, offset = batch[5] or 0, batch[6] or 0
-    expected = result_lines or 0
+    submission_id, result_file = batch[2], batch[3]
     try:
         src = open(result_file, "rb")
     except OSError:
         _reject_bad_file(con, [batch])
         raise
     piece = Path(result_file + ".slice")
-    with src:
-        size = os.fstat(src.fileno()).st_size
-        while True:
-            lines, end = _cut_slice(src, offset, piece, settings.load_slice_bytes)
-            last = end >= size
-            try:
-                n = _insert_responses(con, job, batch, book, state.utcnow(), str(piece), _object_size(end - offset))
-            except duckdb.Error as e:
-                state.rollback(con)
-                piece.unlink(missing_ok=True)
-                if state.is_out_of_memory(e):
-                    raise  # the file is fine: the command says which setting to raise
-                _reject_bad_file(con, [batch])
-                raise ResultsError(f"job {job_name!r}: the result files could not be read: {e}") from e
+    # The submission's sent requests, looked up once per batch rather than once per slice: finding
+    # them scans every request ever sent (their ids share a prefix, so no zone map skips any).
+    con.execute("CREATE OR REPLACE TEMP TABLE bb_batch_sent AS SELECT request_custom_id, input_hash, attempt "
+                "FROM bb_state.sent_requests WHERE submission_id = ?", [submission_id])
+    try:
+        with src:
+            return _load_slices(con, settings, job, batch, book, fault, progress, ticked, src, piece)
+    finally:
+        con.execute("DROP TABLE IF EXISTS bb_batch_sent")
+
+
+def _load_slices(
+    con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, batch: tuple, book: PriceBook,
+    fault: Callable[[str], None] | None, progress: Progress, ticked: Callable[[int], None], src: BinaryIO,
+    piece: Path,
+) -> bool:
+    """The slices of `src` from where an earlier load stopped (see `_load_batch`)."""
+    batch_id, job_name, submission_id, _, result_lines = batch[:5]
+    done, offset = batch[5] or 0, batch[6] or 0
+    expected = result_lines or 0
+    size = os.fstat(src.fileno()).st_size
+    while True:
+        lines, end = _cut_slice(src, offset, piece, settings.load_slice_bytes)
+        last = end >= size
+        try:
+            n = _insert_responses(con, job, batch, book, state.utcnow(), str(piece), _object_size(end - offset),
+                                  "bb_batch_sent")
+        except duckdb.Error as e:
+            state.rollback(con)
             piece.unlink(missing_ok=True)
-            try:
-                if n != lines and _adopted(con, submission_id):
-                    state.rollback(con)
-                    _release_foreign(con, batch, lines, int(n), progress)
-                    return False
-                if n != lines or (last and done + lines != expected):
-                    state.rollback(con)
-                    _in_transaction(con, lambda: state.forget_loaded_slices(con, batch_id))
-                    raise ResultsError(
-                        f"job {job_name!r}, batch {batch_id}: {done + n:,} result lines matched sent requests "
-                        f"in its first {done + lines:,}, expected {expected:,} in all; nothing of it was loaded"
-                    )
-                state.record_slice(con, batch_id, done + lines, end)
-                if last:
-                    _finish_batch(con, job_name, batch_id, progress)
-                    if fault:
-                        fault("during_load")
-                con.execute("COMMIT")
-            except Exception:
+            if state.is_out_of_memory(e):
+                raise  # the file is fine: the command says which setting to raise
+            _reject_bad_file(con, [batch])
+            raise ResultsError(f"job {job_name!r}: the result files could not be read: {e}") from e
+        piece.unlink(missing_ok=True)
+        try:
+            if n != lines and _adopted(con, submission_id):
                 state.rollback(con)
-                raise
-            done, offset = done + lines, end
-            ticked(lines)
+                _release_foreign(con, batch, lines, int(n), progress)
+                return False
+            if n != lines or (last and done + lines != expected):
+                state.rollback(con)
+                _in_transaction(con, lambda: state.forget_loaded_slices(con, batch_id))
+                raise ResultsError(
+                    f"job {job_name!r}, batch {batch_id}: {done + n:,} result lines matched sent requests "
+                    f"in its first {done + lines:,}, expected {expected:,} in all; nothing of it was loaded"
+                )
+            state.record_slice(con, batch_id, done + lines, end)
             if last:
-                break
-            if fault:
-                fault("between_slices")
+                _finish_batch(con, job_name, batch_id, progress)
+                if fault:
+                    fault("during_load")
+            con.execute("COMMIT")
+        except Exception:
+            state.rollback(con)
+            raise
+        done, offset = done + lines, end
+        ticked(lines)
+        if last:
+            break
+        if fault:
+            fault("between_slices")
     if fault:
         fault("after_load")
     return True

@@ -31,17 +31,19 @@ CORES = os.cpu_count() or 1
 ORDER = ("other", "manifest", "plan", "write_requests", "upload", "poll", "sleep", "download", "load", "publish")
 
 
-def one(n: int, args: argparse.Namespace) -> dict:
+def one(n: int, args: argparse.Namespace, **env_extra: str) -> dict:
+    """One measured `run` of n staged rows in a fresh project (the bridge's env plus `env_extra`)."""
     with workdir() as root, emulator(latency=args.latency) as emu:
         make_project(root, n, emu.base_url, prompt_chars=args.prompt_chars)
         extra = {"BATCH_BRIDGE_MEMORY_LIMIT": args.memory_limit} if args.memory_limit else {}
-        env = cli_env(root, emu.base_url, **extra)
+        env = cli_env(root, emu.base_url, **extra, **env_extra)
         p = run_measured([BRIDGE_CLI, "plan"], env)
         cpu0, split0 = emu.cpu_seconds(), emu.cpu_split()
         r = run_measured([PY, str(REPO / "bench" / "_timed_cli.py"), "run", "--poll-interval", str(args.poll_interval)], env)
         cpu, split1 = emu.cpu_seconds() - cpu0, emu.cpu_split()
         split = {k: split1[k] - split0.get(k, 0.0) for k in split1}
         emu_rss = emu.rss()
+        disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     phases, lines = parse(r["stderr"])
     phases = [(name, a - r["t0"], b - r["t0"]) for name, a, b in phases]
     shares = exclusive(phases, 0.0, r["wall"])
@@ -51,7 +53,7 @@ def one(n: int, args: argparse.Namespace) -> dict:
         peaks[name] = max(peaks.get(name, 0), rss)
     batches = next((line for _, line in lines if line.startswith("submitted ")), "")
     return {"n": n, "wall": r["wall"], "rss": r["peak_rss"], "shares": shares, "peaks": peaks, "plan_wall": p["wall"],
-            "emu_cpu": cpu, "emu_split": split, "emu_rss": emu_rss, "batches": batches.split(":")[0], "lines": lines}
+            "emu_cpu": cpu, "emu_split": split, "emu_rss": emu_rss, "disk": disk, "batches": batches.split(":")[0], "lines": lines}
 
 
 def main() -> None:
