@@ -220,13 +220,8 @@ def _wait(
         running = [i.id for i in infos if i.processing_status != "ended"] + unconfirmed
         requests = sum(i.total for i in infos)
         progress.tick("batches ended", len(ended), len(infos) + len(unconfirmed))
-        if collect_as_ended and ended:
-            collect_mod.download_ended(client, settings, ended, progress=progress, sleep=sleep, fault=crash_point)
-            loads = collect_mod.load_downloaded(settings, by_name, progress=progress, fault=crash_point)
-            for job, n in loads.loaded.items():
-                report.collected[job] = report.collected.get(job, 0) + n
-                progress.step(f"{job}: loaded {n:,} results")
-            loads.raise_account_errors()
+        # Batches that ended made room in the queue: the next ones are created before these are
+        # downloaded and loaded, so that the API works on them meanwhile.
         pending = submit_mod.pending_submissions(settings, names) if submit_pending else []
         if pending:
             sent = submit_mod.send_pending(client, settings, jobs=names, job_defs=by_name, progress=progress,
@@ -235,6 +230,13 @@ def _wait(
             report.rejected.update(sent.rejected)
             pending = submit_mod.pending_submissions(settings, names)
             running += [b for b in sent.batches if b not in running]
+        if collect_as_ended and ended:
+            collect_mod.download_ended(client, settings, ended, progress=progress, sleep=sleep, fault=crash_point)
+            loads = collect_mod.load_downloaded(settings, by_name, progress=progress, fault=crash_point)
+            for job, n in loads.loaded.items():
+                report.collected[job] = report.collected.get(job, 0) + n
+                progress.step(f"{job}: loaded {n:,} results")
+            loads.raise_account_errors()
         report.ended, report.open = len(ended), len(running)
         if not running and not pending:
             return report

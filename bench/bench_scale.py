@@ -24,11 +24,14 @@ from __future__ import annotations
 import argparse
 import os
 
+import duckdb
+
 from _common import BRIDGE_CLI, PY, REPO, cli_env, emulator, machine, make_project, run_measured, workdir
 from _timed_cli import active, exclusive, parse
 
 CORES = os.cpu_count() or 1
-ORDER = ("other", "manifest", "plan", "write_requests", "upload", "poll", "sleep", "download", "load", "publish")
+ORDER = ("other", "manifest", "plan", "write_requests", "upload", "poll", "sleep", "download", "load", "load_insert",
+         "load_finish", "publish")
 
 
 def one(n: int, args: argparse.Namespace, **env_extra: str) -> dict:
@@ -44,6 +47,8 @@ def one(n: int, args: argparse.Namespace, **env_extra: str) -> dict:
         split = {k: split1[k] - split0.get(k, 0.0) for k in split1}
         emu_rss = emu.rss()
         disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        with duckdb.connect(str(root / ".batch_bridge" / "bb_state.duckdb"), read_only=True) as con:
+            (created,) = con.execute("SELECT count(*) FROM batches").fetchone()
     phases, lines = parse(r["stderr"])
     phases = [(name, a - r["t0"], b - r["t0"]) for name, a, b in phases]
     shares = exclusive(phases, 0.0, r["wall"])
@@ -51,9 +56,9 @@ def one(n: int, args: argparse.Namespace, **env_extra: str) -> dict:
     for t, rss in r["samples"]:
         name = active(phases, t)
         peaks[name] = max(peaks.get(name, 0), rss)
-    batches = next((line for _, line in lines if line.startswith("submitted ")), "")
     return {"n": n, "wall": r["wall"], "rss": r["peak_rss"], "shares": shares, "peaks": peaks, "plan_wall": p["wall"],
-            "emu_cpu": cpu, "emu_split": split, "emu_rss": emu_rss, "disk": disk, "batches": batches.split(":")[0], "lines": lines}
+            "emu_cpu": cpu, "emu_split": split, "emu_rss": emu_rss, "disk": disk, "batches": f"{created} batches", "lines": lines,
+            "phases": phases}
 
 
 def main() -> None:

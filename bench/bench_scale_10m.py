@@ -32,10 +32,10 @@ from bench_scale import CORES, one
 STAGES = {  # stage -> the bench/_timed_cli.py phases it is made of
     "plan": ("plan",),
     "submit": ("write_requests", "upload"),
-    "collect": ("download", "load"),
+    "collect": ("download", "load", "load_insert", "load_finish", "load_cut"),
     "publish": ("publish",),
     "waiting": ("poll", "sleep"),
-    "other": ("other", "manifest"),
+    "other": ("other", "manifest", "state_open", "state_close", "refresh", "pending", "send_pending"),
 }
 
 
@@ -72,6 +72,14 @@ def main() -> None:
               f"{r['emu_rss'] / 1e6:.0f} MB")
         for k, v in stages.items():
             print(f"    {k:8s} {v:8.1f} s  {v / m:7.2f} s per million rows  peak RSS in it {peaks[k] / 1e6:7.1f} MB")
+        finish = [b - a for name, a, b in r["phases"] if name == "load_finish"]
+        if finish:
+            print(f"    of collect: reading and inserting slices {r['shares'].get('load_insert', 0):.1f} s, folding each "
+                  f"batch's outcomes in {sum(finish):.1f} s ({len(finish)} batches: the first {finish[0]:.2f} s, "
+                  f"the last {finish[-1]:.2f} s)")
+        inside = r["shares"]
+        print("    seconds (peak RSS MB) by phase: " + ", ".join(
+            f"{k} {v:.1f} ({r['peaks'].get(k, 0) / 1e6:.0f})" for k, v in sorted(inside.items(), key=lambda kv: -kv[1])))
         if args.show_stderr:
             for t, line in r["lines"]:
                 print(f"      +{t:7.2f}s {line}")
