@@ -1,5 +1,6 @@
-"""Benchmark (issue 7): does `batch-bridge run` scale? N rows (default 1,000,000 = 10 batches of
-100,000) against a small run (default 50,000), same emulator, same settings.
+"""Benchmark (issues 7, 17): does `batch-bridge run` scale? N rows (default 1,000,000: 11 batches, sent
+100,000 requests at a time by the processing-queue limit) against a small run (default 50,000), same
+emulator, same settings.
 
 Each run: a fresh dbt project + warehouse, `batch-bridge plan` once (caches the dbt parse; reported
 separately), then `run --poll-interval 1` as a subprocess through bench/_timed_cli.py (the real CLI
@@ -8,8 +9,10 @@ with phase stamps). Measured per run:
   - the share of wall time in each phase, from the stamps (innermost phase wins when they nest or
     overlap, e.g. downloads running in 4 threads count once): manifest (read the cached manifest),
     plan (stage/classify/measure, twice in submit), write_requests (export COPY), upload (create
-    POSTs), poll (retrieve calls), sleep (waiting between polls), download, load (read_json + INSERT),
-    publish (parquet files), other (imports, state DB opens, the initial collect, ...);
+    POSTs), poll (retrieve calls), sleep (waiting between polls), download, load (of which load_cut:
+    copying a slice of a result file, load_insert: its read_json + INSERT, load_finish: a batch's
+    outcomes folded in), publish (parquet files), state_open / state_close (opening the state DB, and
+    closing it), refresh / pending / send_pending (the `run` loop between batches), other (imports, ...);
   - the emulator's CPU seconds during the run (psutil cpu_times of its process) / wall, split into create
     parsing, batch processing and the rest (HTTP) from the emulator's own `cpu_seconds` stats.
 The emulator runs with `--latency 1` so waiting is short and the bridge's own work dominates.
@@ -30,8 +33,8 @@ from _common import BRIDGE_CLI, PY, REPO, cli_env, emulator, machine, make_proje
 from _timed_cli import active, exclusive, parse
 
 CORES = os.cpu_count() or 1
-ORDER = ("other", "manifest", "plan", "write_requests", "upload", "poll", "sleep", "download", "load", "load_insert",
-         "load_finish", "publish")
+ORDER = ("other", "manifest", "state_open", "state_close", "refresh", "pending", "send_pending", "plan", "write_requests",
+         "upload", "poll", "sleep", "download", "load", "load_cut", "load_insert", "load_finish", "publish")
 
 
 def one(n: int, args: argparse.Namespace, **env_extra: str) -> dict:
