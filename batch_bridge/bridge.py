@@ -40,7 +40,8 @@ CRASH_POINTS = (
     "during_sync",            # sync lane: an answer appended to the run's answers file, others in flight
     "during_download",        # part of a results file written to its .part file
     "after_download",         # results file complete and renamed, not yet marked downloaded
-    "during_load",            # rows inserted and batches marked collected, before COMMIT
+    "between_slices",         # a slice of a batch's results committed, the next not yet read
+    "during_load",            # a batch's last slice inserted and the batch marked collected, before COMMIT
     "after_load",             # committed, results source not yet republished
 )
 
@@ -233,13 +234,8 @@ def _wait(
             running = [i.id for i in infos if i.processing_status != "ended"] + unconfirmed
             requests = sum(i.total for i in infos)
             progress.tick("batches ended", len(ended), len(infos) + len(unconfirmed))
-            if collect_as_ended and ended:
-                collect_mod.download_ended(client, settings, ended, progress=progress, sleep=sleep, fault=crash_point)
-                loads = collect_mod.load_downloaded(settings, by_name, progress=progress, fault=crash_point)
-                for job, n in loads.loaded.items():
-                    report.collected[job] = report.collected.get(job, 0) + n
-                    progress.step(f"{job}: loaded {n:,} results")
-                loads.raise_account_errors()
+            # Batches that ended made room in the queue: the next ones are created before these are
+            # downloaded and loaded, so that the API works on them meanwhile.
             pending = submit_mod.pending_submissions(settings, names) if submit_pending else []
             if pending:
                 sent = submit_mod.send_pending(client, settings, jobs=names, job_defs=by_name, progress=progress,
@@ -248,6 +244,13 @@ def _wait(
                 report.rejected.update(sent.rejected)
                 pending = submit_mod.pending_submissions(settings, names)
                 running += [b for b in sent.batches if b not in running]
+            if collect_as_ended and ended:
+                collect_mod.download_ended(client, settings, ended, progress=progress, sleep=sleep, fault=crash_point)
+                loads = collect_mod.load_downloaded(settings, by_name, progress=progress, fault=crash_point)
+                for job, n in loads.loaded.items():
+                    report.collected[job] = report.collected.get(job, 0) + n
+                    progress.step(f"{job}: loaded {n:,} results")
+                loads.raise_account_errors()
             report.ended, report.open = len(ended), len(running)
             if not running and not pending:
                 return report

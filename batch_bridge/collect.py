@@ -2,9 +2,11 @@
 
 Each batch's results are streamed to `results/raw/<batch_id>.jsonl` (a `.part` file renamed when
 complete) and its line count checked against `request_counts`, so a stream cut short is retried,
-never loaded. Loading is one `INSERT ... SELECT` over DuckDB's own `read_json` of every downloaded
-file (each line parsed once into a typed STRUCT), in the same transaction that marks the batches
-`collected`: a crash mid-load loads nothing, and a rerun loads exactly once. Publishing the results
+never loaded. A batch loads in slices of its file (`Settings.load_slice_bytes`, whole lines): each
+slice is one `INSERT ... SELECT` over DuckDB's own `read_json` (each line parsed once into a typed
+STRUCT), committed with the position after it, and the last slice's transaction marks the batch
+`collected`. Memory is then one slice whatever the batch's size; a crash mid-load resumes at the next
+slice, and a rerun loads every line exactly once. Publishing the results
 source is the command's last step (`results.publish`, once per command, not once per load). A file
 with a line that is not JSON, or not shaped like a result, is named (file and line), loads nothing,
 and is forgotten so that the next collect downloads it again.
@@ -30,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 import duckdb
 
@@ -271,23 +273,32 @@ def _shape_error(value: object, shape: object, where: str) -> str | None:
     return None
 
 
-# DuckDB's JSON reader allocates a buffer of max(32 MB, 2 x maximum_object_size) per thread, so a
-# setting above 16 MB costs memory on every load. In newline-delimited mode it is a buffer size, not a
-# limit: DuckDB 2.0 still reads longer lines (checked with a 20 MB line, and by
-# tests/test_bridge_e2e.py::test_result_lines_longer_than_the_read_buffer_are_loaded).
+# DuckDB's JSON reader buffers max(32 MB, 2 x maximum_object_size) of its file per thread (less for a
+# smaller file: measured, a 10 MB file took 18 MB), and DuckDB raises a smaller maximum_object_size to
+# its own 16 MB default. The bound given is the slice's size (`_cut_slice`), which its longest line
+# cannot exceed: ordinary slices read with DuckDB's default, and a slice holding a longer line gets a
+# buffer that follows it instead of a fixed maximum.
 MAX_RESULT_LINE = 16 * 1024 * 1024
 
 
-def _read_sql(path: str) -> str:
+def _object_size(slice_bytes: int) -> int:
+    """maximum_object_size for a file of `slice_bytes` (the longest line it can hold), in whole MiB."""
+    return max(MAX_RESULT_LINE, -(-(slice_bytes + 1) // 2**20) * 2**20)
+
+
+def _read_sql(path: str, max_line: int = MAX_RESULT_LINE) -> str:
     return (
         f"read_json({quote_literal(path)}, format = 'newline_delimited', "
         f"columns = {{custom_id: 'VARCHAR', result: {quote_literal(RESULT_TYPE)}}}, "
-        f"maximum_object_size = {MAX_RESULT_LINE})"
+        f"maximum_object_size = {max_line})"
     )
 
 
-def _extract_sql(job: Job, path: str, batch_id: str, submission_id: str) -> str:
-    """A SELECT of `responses` columns (less job, cost and collected_at) from one batch's result file."""
+def _extract_sql(job: Job, path: str, batch_id: str, submission_id: str, max_line: int = MAX_RESULT_LINE,
+                 sent: str | None = None) -> str:
+    """A SELECT of `responses` columns (less job, cost and collected_at) from one batch's result file
+    (or a slice of it). `sent`: a relation of the submission's sent requests (request_custom_id,
+    input_hash, attempt), else they are read from `sent_requests`."""
     if job.output_tool is not None:
         output_text = ("CAST(list_filter(m.content, lambda b: b.type = 'tool_use')[1].input AS VARCHAR)")
     else:
@@ -305,7 +316,7 @@ def _extract_sql(job: Job, path: str, batch_id: str, submission_id: str) -> str:
         WITH raw AS (
             SELECT {quote_literal(batch_id)} AS batch_id, r.custom_id, r.result.type AS type,
                    r.result.message AS m, r.result.error.error AS e
-            FROM {_read_sql(path)} r
+            FROM {_read_sql(path, max_line)} r
             WHERE r.custom_id IS NOT NULL
         ),
         x0 AS (
@@ -329,8 +340,7 @@ def _extract_sql(job: Job, path: str, batch_id: str, submission_id: str) -> str:
                x.e.message AS error_message,
                su.create_started_at AS submitted_at
         FROM x
-        JOIN (SELECT request_custom_id, input_hash, attempt FROM bb_state.sent_requests
-              WHERE submission_id = {sub}) sr
+        JOIN {sent or f"(SELECT request_custom_id, input_hash, attempt FROM bb_state.sent_requests WHERE submission_id = {sub})"} sr
           ON sr.request_custom_id = x.custom_id
         JOIN bb_state.submissions su ON su.submission_id = {sub}
     """
@@ -353,7 +363,8 @@ def _first_bad_line(path: str) -> tuple[int, str] | None:
 
 
 def _reject_bad_file(con: duckdb.DuckDBPyConnection, batches: list[tuple]) -> None:
-    """Name the file and line that made read_json fail; forget that download so it is fetched again."""
+    """Name the file and line that made read_json fail; forget that download (and the slices of it
+    loaded) so it is fetched and loaded again."""
     for b in batches:
         path = b[3]
         bad = _first_bad_line(path) if Path(path).is_file() else (0, "the file is missing")
@@ -361,7 +372,8 @@ def _reject_bad_file(con: duckdb.DuckDBPyConnection, batches: list[tuple]) -> No
             continue
         line, why = bad
         where = f"line {line}" if line else "file"
-        state.discard_download(con, b[0], f"result {where}: {why}; downloaded again by the next collect")
+        _in_transaction(con, lambda: state.discard_download(
+            con, b[0], f"result {where}: {why}; downloaded again by the next collect"))
         Path(path).unlink(missing_ok=True)
         raise ResultsError(
             f"results of batch {b[0]} ({path}), {where}: {why}; nothing of job {b[1]!r} was loaded",
@@ -369,14 +381,24 @@ def _reject_bad_file(con: duckdb.DuckDBPyConnection, batches: list[tuple]) -> No
         )
 
 
+def _in_transaction(con: duckdb.DuckDBPyConnection, step: Callable[[], object]) -> None:
+    con.execute("BEGIN")
+    try:
+        step()
+        con.execute("COMMIT")
+    except Exception:
+        state.rollback(con)
+        raise
+
+
 def load_downloaded(
     settings: Settings, jobs: dict[str, Job], *, progress: Progress = Silent(),
     fault: Callable[[str], None] | None = None,
 ) -> LoadReport:
-    """Load every downloaded batch into `responses`, set-wise, and mark it collected (one transaction per batch).
+    """Load every downloaded batch into `responses`, set-wise, slice by slice, and mark it collected.
 
-    The same transaction folds the new responses into `input_outcomes` (and `key_inputs.answered`),
-    the per-input summary that `plan` reads instead of the whole history.
+    The last slice's transaction folds the batch's responses into `input_outcomes` (and
+    `key_inputs.answered`), the per-input summary that `plan` reads instead of the whole history.
 
     Publishes nothing: the command calls `results.publish` once when it is done loading, which also
     writes the history part of every collected batch that has none yet."""
@@ -385,8 +407,8 @@ def load_downloaded(
     book = load_prices(settings.prices_file)
     with state.connect(settings) as con:
         rows = con.execute(
-            "SELECT b.batch_id, b.job, b.submission_id, b.result_file, b.result_lines FROM bb_state.batches b "
-            "WHERE b.local_state = 'downloaded' ORDER BY b.job, b.batch_id"
+            "SELECT b.batch_id, b.job, b.submission_id, b.result_file, b.result_lines, b.loaded_lines, b.loaded_bytes "
+            "FROM bb_state.batches b WHERE b.local_state = 'downloaded' ORDER BY b.job, b.batch_id"
         ).fetchall()
         by_job: dict[str, list[tuple]] = {}
         for r in rows:
@@ -395,20 +417,20 @@ def load_downloaded(
             job = jobs.get(job_name)
             if job is None:
                 continue  # the job was removed from the project; its files stay until it returns
-            # One batch per transaction: DuckDB holds an uncommitted INSERT's rows in memory up to its
-            # memory_limit, so loading batch by batch keeps the peak at one batch whatever the job's size.
-            total = sum(b[4] or 0 for b in job_batches)
+            total = sum((b[4] or 0) - (b[5] or 0) for b in job_batches)
             loaded[job_name] = 0
             with state.single_threaded(con):  # reading files is I/O: see single_threaded
                 for batch in job_batches:
-                    with state.room_for_rows(con, settings, _line_bytes(batch), batch[4] or 0):
-                        n = _load_batch(con, job, batch, book, fault, progress)
-                    if n is None:
+                    def ticked(n: int) -> None:
+                        loaded[job_name] += n
+                        progress.tick("results loaded", loaded[job_name], total)
+
+                    with state.room_for_rows(con, settings, _line_bytes(batch), batch[4] or 0), state.one_checkpoint(con):
+                        ok = _load_batch(con, settings, job, batch, book, fault, progress, ticked)
+                    if not ok:
                         report.foreign.append(batch[0])
                         continue
-                    loaded[job_name] += n
                     _account_errors(con, batch[0], report)
-                    progress.tick("results loaded", loaded[job_name], total)
     return report
 
 
@@ -427,18 +449,13 @@ def _account_errors(con: duckdb.DuckDBPyConnection, batch_id: str, report: LoadR
         report.account_errors[error_type] = (before + n, message)
 
 
-def _release_foreign(con: duckdb.DuckDBPyConnection, batch: tuple, n: int, progress: Progress) -> None:
-    """An adopted batch whose answers are not ours: record it as foreign and forget its file."""
-    batch_id, job_name, submission_id, result_file, result_lines = batch
-    why = (f"adopted on its request count, but {(result_lines or 0) - n:,} of its {result_lines or 0:,} answers "
-           "are not to our requests: another client's batch; never loaded, cancelled or deleted")
-    con.execute("BEGIN")
-    try:
-        state.release_foreign(con, batch_id, why)
-        con.execute("COMMIT")
-    except Exception:
-        state.rollback(con)
-        raise
+def _release_foreign(con: duckdb.DuckDBPyConnection, batch: tuple, lines: int, matched: int, progress: Progress) -> None:
+    """An adopted batch whose answers are not ours: record it as foreign, forget what slices of it were
+    loaded, and remove its file."""
+    batch_id, job_name, submission_id, result_file = batch[:4]
+    why = (f"adopted on its request count, but {lines - matched:,} of the {lines:,} answers in a slice of its "
+           f"{batch[4] or 0:,} are not to our requests: another client's batch; never loaded, cancelled or deleted")
+    _in_transaction(con, lambda: state.release_foreign(con, batch_id, why))
     Path(result_file).unlink(missing_ok=True)  # another client's data is not ours to keep
     progress.step(f"warning: job {job_name!r}: batch {batch_id} {why}; submission {submission_id} looks for its "
                   "own batch again")
@@ -446,18 +463,48 @@ def _release_foreign(con: duckdb.DuckDBPyConnection, batch: tuple, n: int, progr
 
 def _line_bytes(batch: tuple) -> float:
     """The mean width of a downloaded batch's result lines (its answers), for `state.room_for_rows`."""
-    _, _, _, result_file, result_lines = batch
+    result_file, result_lines = batch[3], batch[4]
     try:
         return os.path.getsize(result_file) / max(1, result_lines or 0)
     except OSError:
         return 0.0  # a missing file is reported by the load itself
 
 
-def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, book: PriceBook, now: object) -> int:
-    """BEGIN, then read, extract and INSERT one batch's results in one statement (a bad file inserts
-    nothing)."""
-    batch_id, job_name, submission_id, result_file, _ = batch
-    select = _extract_sql(job, result_file, batch_id, submission_id)
+_COPY_CHUNK = 2**20
+
+
+def _cut_slice(src: BinaryIO, offset: int, dest: Path, size: int) -> tuple[int, int]:
+    """Copy whole lines of `src` from byte `offset`, about `size` bytes of them (one line at least), to
+    `dest`, readable by its owner only (results hold user data). Returns (lines, the offset after them)."""
+    src.seek(offset)
+    lines = written = 0
+    tail = b"\n"
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as out:
+        while written < size:
+            chunk = src.read(min(_COPY_CHUNK, size - written))
+            if not chunk:
+                break
+            out.write(chunk)
+            written += len(chunk)
+            lines += chunk.count(b"\n")
+            tail = chunk[-1:]
+        if tail != b"\n":  # the slice ends inside a line: take the rest of it
+            rest = src.readline()
+            out.write(rest)
+            written += len(rest)
+            lines += rest.count(b"\n")
+            if not rest.endswith(b"\n"):
+                lines += 1  # a last line without a newline is complete JSON (as the download counts it)
+    return lines, offset + written
+
+
+def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, book: PriceBook, now: object,
+                      path: str, max_line: int, sent: str | None = None) -> int:
+    """BEGIN, then read, extract and INSERT one slice of a batch's results in one statement (a bad
+    line inserts nothing)."""
+    batch_id, job_name, submission_id = batch[:3]
+    select = _extract_sql(job, path, batch_id, submission_id, max_line, sent)
     # A sync-lane run's answers file loads like a batch's results; its calls are billed at standard prices.
     (lane,) = con.execute("SELECT lane FROM bb_state.batches WHERE batch_id = ?", [batch_id]).fetchone()
     # DuckDB estimates a result file at a few dozen rows whatever its size, and would build its hash
@@ -481,50 +528,105 @@ def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, bo
 
 
 def _load_batch(
-    con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, book: PriceBook, fault: Callable[[str], None] | None,
-    progress: Progress,
-) -> int | None:
-    """Read, extract and INSERT one downloaded batch and mark it collected, in one transaction.
+    con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, batch: tuple, book: PriceBook,
+    fault: Callable[[str], None] | None, progress: Progress, ticked: Callable[[int], None],
+) -> bool:
+    """Load one downloaded batch slice by slice, from where an earlier load stopped; mark it collected.
 
-    Returns the number of result lines loaded, or None when the batch, adopted on its request count,
-    proved another client's (then nothing of it is loaded)."""
-    batch_id, job_name, _, result_file, result_lines = batch
+    A slice is `settings.load_slice_bytes` of the result file (whole lines, one at least), copied to
+    a file of its own and read, extracted and INSERTed in one transaction with the position after it
+    (`state.record_slice`). DuckDB holds an uncommitted INSERT in memory and buffers up to 32 MB of
+    the file it reads, so the peak is one slice whatever the batch's size; a load cut short resumes at
+    the next slice and never loads a line twice. The last slice's transaction also folds the batch's
+    answers into `input_outcomes` and marks it collected, so `plan` sees a batch whole or not at all.
+
+    Returns False when the batch, adopted on its request count, proved another client's (then
+    nothing of it stays loaded)."""
+    submission_id, result_file = batch[2], batch[3]
     try:
-        n = _insert_responses(con, job, batch, book, state.utcnow())
-    except duckdb.Error as e:
-        state.rollback(con)
-        if state.is_out_of_memory(e):
-            raise  # the file is fine: nothing was loaded, and the command says which setting to raise
+        src = open(result_file, "rb")
+    except OSError:
         _reject_bad_file(con, [batch])
-        raise ResultsError(f"job {job_name!r}: the result files could not be read: {e}") from e
-    try:
-        expected = result_lines or 0
-        if n != expected and _adopted(con, batch[2]):
-            state.rollback(con)
-            _release_foreign(con, batch, int(n), progress)
-            return None
-        if n != expected:
-            raise ResultsError(
-                f"job {job_name!r}, batch {batch_id}: {n:,} result lines matched sent requests, "
-                f"expected {expected:,}; nothing of it was loaded"
-            )
-        unknown = con.execute(
-            "SELECT DISTINCT model FROM bb_state.responses WHERE job = ? AND batch_id = ? "
-            "AND model IS NOT NULL AND cost_usd IS NULL AND status IN ('succeeded', 'parse_failed') ORDER BY 1",
-            [job_name, batch_id]).fetchall()
-        for (m,) in unknown:
-            progress.step(f"warning: no price for model {m!r}; its cost is reported as unknown (NULL)")
-        state.record_outcomes(con, job_name, [batch_id])
-        state.mark_collected(con, batch_id)
-        if fault:
-            fault("during_load")
-        con.execute("COMMIT")
-    except Exception:
-        state.rollback(con)
         raise
+    piece = Path(result_file + ".slice")
+    # The submission's sent requests, looked up once per batch rather than once per slice: finding
+    # them scans every request ever sent (their ids share a prefix, so no zone map skips any).
+    con.execute("CREATE OR REPLACE TEMP TABLE bb_batch_sent AS SELECT request_custom_id, input_hash, attempt "
+                "FROM bb_state.sent_requests WHERE submission_id = ?", [submission_id])
+    try:
+        with src:
+            return _load_slices(con, settings, job, batch, book, fault, progress, ticked, src, piece)
+    finally:
+        con.execute("DROP TABLE IF EXISTS bb_batch_sent")
+
+
+def _load_slices(
+    con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, batch: tuple, book: PriceBook,
+    fault: Callable[[str], None] | None, progress: Progress, ticked: Callable[[int], None], src: BinaryIO,
+    piece: Path,
+) -> bool:
+    """The slices of `src` from where an earlier load stopped (see `_load_batch`)."""
+    batch_id, job_name, submission_id, _, result_lines = batch[:5]
+    done, offset = batch[5] or 0, batch[6] or 0
+    expected = result_lines or 0
+    size = os.fstat(src.fileno()).st_size
+    while True:
+        lines, end = _cut_slice(src, offset, piece, settings.load_slice_bytes)
+        last = end >= size
+        try:
+            n = _insert_responses(con, job, batch, book, state.utcnow(), str(piece), _object_size(end - offset),
+                                  "bb_batch_sent")
+        except duckdb.Error as e:
+            state.rollback(con)
+            piece.unlink(missing_ok=True)
+            if state.is_out_of_memory(e):
+                raise  # the file is fine: the command says which setting to raise
+            _reject_bad_file(con, [batch])
+            raise ResultsError(f"job {job_name!r}: the result files could not be read: {e}") from e
+        piece.unlink(missing_ok=True)
+        try:
+            if n != lines and _adopted(con, submission_id):
+                state.rollback(con)
+                _release_foreign(con, batch, lines, int(n), progress)
+                return False
+            if n != lines or (last and done + lines != expected):
+                state.rollback(con)
+                _in_transaction(con, lambda: state.forget_loaded_slices(con, batch_id))
+                raise ResultsError(
+                    f"job {job_name!r}, batch {batch_id}: {done + n:,} result lines matched sent requests "
+                    f"in its first {done + lines:,}, expected {expected:,} in all; nothing of it was loaded"
+                )
+            state.record_slice(con, batch_id, done + lines, end)
+            if last:
+                _finish_batch(con, job_name, batch_id, progress)
+                if fault:
+                    fault("during_load")
+            con.execute("COMMIT")
+        except Exception:
+            state.rollback(con)
+            raise
+        done, offset = done + lines, end
+        ticked(lines)
+        if last:
+            break
+        if fault:
+            fault("between_slices")
     if fault:
         fault("after_load")
-    return int(n)
+    return True
+
+
+def _finish_batch(con: duckdb.DuckDBPyConnection, job_name: str, batch_id: str, progress: Progress) -> None:
+    """In the last slice's transaction: warn of models without a price, fold the batch's answers into
+    `input_outcomes`, mark it collected."""
+    unknown = con.execute(
+        "SELECT DISTINCT model FROM bb_state.responses WHERE job = ? AND batch_id = ? "
+        "AND model IS NOT NULL AND cost_usd IS NULL AND status IN ('succeeded', 'parse_failed') ORDER BY 1",
+        [job_name, batch_id]).fetchall()
+    for (m,) in unknown:
+        progress.step(f"warning: no price for model {m!r}; its cost is reported as unknown (NULL)")
+    state.record_outcomes(con, job_name, [batch_id])
+    state.mark_collected(con, batch_id)
 
 
 def collect(

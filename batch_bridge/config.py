@@ -45,6 +45,11 @@ ENV_PUBLISH_BUCKET_ROWS = "BATCH_BRIDGE_PUBLISH_BUCKET_ROWS"
 # Keys per file of a job's results source (`current.parquet/` holds one file per bucket of keys): a change
 # rewrites only its buckets, and a bucket of this many 600-character answers is written in ~0.2 s.
 DEFAULT_PUBLISH_BUCKET_ROWS = 65_536
+ENV_LOAD_SLICE = "BATCH_BRIDGE_LOAD_SLICE_BYTES"
+# Bytes of a result file loaded per transaction (`collect.load_downloaded`): an uncommitted INSERT is held
+# in memory and DuckDB's JSON reader buffers up to 32 MB of its file, so a batch of 100,000 answers
+# loaded in one transaction made the peak of a run grow with its batches. Measured in BENCHMARKS.md (Scale).
+DEFAULT_LOAD_SLICE_BYTES = 8 * 2**20
 # The API's cap on a workspace's requests in the processing queue at Tier 1 (200,000 at Tier 2): creates
 # beyond it answer 429, so the bridge keeps its own batches within it.
 DEFAULT_MAX_QUEUED = 100_000
@@ -99,6 +104,7 @@ class Settings:
     count_sample: int = DEFAULT_COUNT_SAMPLE  # requests per job whose tokens plan counts exactly; 0 = the rule only
     cache_hit_rate: float = DEFAULT_CACHE_HIT_RATE  # expected cache hits before a job has answers of its own
     publish_bucket_rows: int = DEFAULT_PUBLISH_BUCKET_ROWS  # keys per file of the results source (results.py)
+    load_slice_bytes: int = DEFAULT_LOAD_SLICE_BYTES  # result-file bytes loaded per transaction (a whole line at least)
 
     @property
     def state_path(self) -> Path:
@@ -386,6 +392,14 @@ def resolve(
                           hint=f"unset it for the default, {DEFAULT_PUBLISH_BUCKET_ROWS}")
     if not 0 <= hit_rate <= 1:
         raise ConfigError(f"{ENV_CACHE_HIT_RATE}={hit_rate} must be a share between 0 and 1, e.g. 0.64")
+    slice_raw = env.get(ENV_LOAD_SLICE) or ""
+    try:
+        load_slice = int(slice_raw) if slice_raw.strip().isdigit() else size_bytes(slice_raw) if slice_raw else DEFAULT_LOAD_SLICE_BYTES
+    except ValueError:
+        load_slice = 0
+    if load_slice < 1:
+        raise ConfigError(f"{ENV_LOAD_SLICE}={slice_raw!r} is not a positive size",
+                          hint="give bytes or a size, e.g. 8MiB (the default)")
     return Settings(
         project_dir=pdir,
         profiles_dir=prdir,
@@ -413,4 +427,5 @@ def resolve(
         count_sample=count_sample,
         cache_hit_rate=hit_rate,
         publish_bucket_rows=bucket_rows,
+        load_slice_bytes=load_slice,
     )

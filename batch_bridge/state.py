@@ -18,7 +18,9 @@ Submission journal (one row per request file; written *before* the create call):
                                            recorded in `refused_inputs` with the API's message)
     created -> creating                   (the batch adopted for it proved foreign: the search goes on)
 Local batch life (`batches.local_state`, beside the API's own `processing_status`):
-    submitted -> downloaded -> collected  (a sync-lane run: submitted while its calls go out, downloaded
+    submitted -> downloaded -> collected  (loaded in slices of its file: each slice's rows and the
+                                           position after it, `loaded_lines`/`loaded_bytes`, commit
+                                           together, and the last slice marks it collected; a sync-lane run: submitted while its calls go out, downloaded
                                            once its answers file holds an answer to every request)
     downloaded -> submitted               (the result file is unreadable: download it again)
     submitted | downloaded -> lost        (results deleted or past retention; rows go back to pending)
@@ -335,9 +337,19 @@ def m010_published(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def m011_load_slices(con: duckdb.DuckDBPyConnection) -> None:
+    """How far into its result file a downloaded batch is loaded: a batch loads in slices, each
+    committed with the position after it, so that a load cut short resumes at the next slice (lines
+    and bytes, the byte offset being where the next slice starts). Batches loaded before are whole."""
+    con.execute("ALTER TABLE batches ADD COLUMN loaded_lines BIGINT DEFAULT 0")
+    con.execute("ALTER TABLE batches ADD COLUMN loaded_bytes BIGINT DEFAULT 0")
+    con.execute("UPDATE batches SET loaded_lines = 0, loaded_bytes = 0")
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_unknown_outcomes,
-    m006_report_estimates, m007_model_info, m008_token_counts, m009_lanes, m010_published]
+    m006_report_estimates, m007_model_info, m008_token_counts, m009_lanes, m010_published,
+    m011_load_slices]
 
 
 # DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,
@@ -465,6 +477,22 @@ def _room(con: duckdb.DuckDBPyConnection, limit: int) -> Iterator[None]:
         # What was written with the room is checkpointed with it: DuckDB would otherwise checkpoint the
         # WAL when the connection closes, under the default limit, which fails for rows this wide
         # (2,000 answers of 100 KB at 128MB) and leaves the WAL to be replayed on every open.
+        con.execute("CHECKPOINT")
+
+
+# DuckDB checkpoints whenever its WAL passes checkpoint_threshold (16 MB by default), and a checkpoint
+# rewrites a table's last, partly filled row group (up to 122,880 answers): a load committing a slice of
+# 8 MB at a time would do that every slice or two. Measured: 60 commits of 14,000 rows of 500 bytes took
+# 8.3 s with automatic checkpoints, 1.7 s without, at the same peak RSS.
+LOAD_WAL_LIMIT = "4GB"
+
+
+@contextmanager
+def one_checkpoint(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Run the enclosed commits (a batch's load, slice by slice) without automatic checkpoints, then
+    checkpoint once: the WAL holds at most what they committed, replayed on the next open after a crash."""
+    with _setting(con, "checkpoint_threshold", f"'{LOAD_WAL_LIMIT}'"):
+        yield
         con.execute("CHECKPOINT")
 
 
@@ -724,6 +752,7 @@ def release_foreign(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) -> 
     sub, job, count, created, adopted = row
     if not adopted:
         raise StateError(f"batch {batch_id} was created by this bridge, not adopted: it cannot be foreign")
+    forget_loaded_slices(con, batch_id)
     _move(con, "batches", "batch_id", batch_id, "local_state", ("submitted", "downloaded"), "foreign", {"note": why})
     con.execute("INSERT INTO foreign_batches VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [batch_id, sub, job, count, created, utcnow(), why])
@@ -735,7 +764,23 @@ def release_foreign(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) -> 
 
 def mark_downloaded(con: duckdb.DuckDBPyConnection, batch_id: str, result_file: str, lines: int, size: int) -> None:
     _move(con, "batches", "batch_id", batch_id, "local_state", ("submitted", "downloaded"), "downloaded",
-          {"result_file": result_file, "result_lines": lines, "result_bytes": size})
+          {"result_file": result_file, "result_lines": lines, "result_bytes": size, "loaded_lines": 0,
+           "loaded_bytes": 0})
+
+
+def record_slice(con: duckdb.DuckDBPyConnection, batch_id: str, lines: int, end: int) -> None:
+    """A slice of a downloaded batch's result file is loaded: the next one starts at line `lines`,
+    byte `end`. Run in the slice's own transaction, with its INSERT."""
+    _move(con, "batches", "batch_id", batch_id, "local_state", ("downloaded",), "downloaded",
+          {"loaded_lines": lines, "loaded_bytes": end})
+
+
+def forget_loaded_slices(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
+    """Remove what slices of a batch not yet collected put in `responses` (a batch's answers are
+    loaded whole or not at all: its outcomes are folded in with its last slice). Run in the
+    transaction of the move that gives up the file."""
+    con.execute("DELETE FROM responses WHERE batch_id = ?", [batch_id])
+    con.execute("UPDATE batches SET loaded_lines = 0, loaded_bytes = 0 WHERE batch_id = ?", [batch_id])
 
 
 def mark_collected(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
@@ -744,7 +789,10 @@ def mark_collected(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
 
 
 def discard_download(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) -> None:
-    """The downloaded file cannot be loaded (corrupt): forget it so the next collect downloads again."""
+    """The downloaded file cannot be loaded (corrupt): forget it, and the slices of it already loaded
+    (a new download may order its lines otherwise), so the next collect downloads and loads it again.
+    Run in a transaction."""
+    forget_loaded_slices(con, batch_id)
     _move(con, "batches", "batch_id", batch_id, "local_state", ("downloaded",), "submitted",
           {"result_file": None, "result_lines": None, "result_bytes": None, "note": why})
 

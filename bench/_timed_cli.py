@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from batch_bridge import api, bridge, collect, submit
+from batch_bridge import api, bridge, collect, state, submit
 
 
 def _stamp(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -27,6 +27,35 @@ def _stamp(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _stamp_open_close(connect: Callable[..., Any]) -> Callable[..., Any]:
+    """state.connect with its open ("state_open") and its close, a checkpoint ("state_close"), stamped."""
+    from contextlib import contextmanager
+
+    def _write(name: str, t: float) -> None:
+        sys.stderr.write(f"@@phase {name} {t:.6f} {time.monotonic():.6f}\n")
+        sys.stderr.flush()
+
+    @contextmanager
+    def wrapped(*a: Any, **kw: Any) -> Any:
+        cm = connect(*a, **kw)
+        t = time.monotonic()
+        con = cm.__enter__()
+        _write("state_open", t)
+        try:
+            yield con
+        except BaseException:
+            t = time.monotonic()
+            if not cm.__exit__(*sys.exc_info()):
+                _write("state_close", t)
+                raise
+            _write("state_close", t)
+        else:
+            t = time.monotonic()
+            cm.__exit__(None, None, None)
+            _write("state_close", t)
+    return wrapped
+
+
 def install() -> None:
     bridge.load_jobs = _stamp("manifest", bridge.load_jobs)
     submit.plan_jobs = _stamp("plan", submit.plan_jobs)
@@ -35,7 +64,15 @@ def install() -> None:
     api.retrieve = _stamp("poll", api.retrieve)
     api.download_results = _stamp("download", api.download_results)
     collect.load_downloaded = _stamp("load", collect.load_downloaded)
+    collect._insert_responses = _stamp("load_insert", collect._insert_responses)  # one slice's read + INSERT
+    collect._finish_batch = _stamp("load_finish", collect._finish_batch)  # a batch's outcomes folded in
     bridge.publish = _stamp("publish", bridge.publish)
+    # Finer stamps inside "other", for the time a job of many batches spends between them.
+    collect._cut_slice = _stamp("load_cut", collect._cut_slice)
+    submit.send_pending = _stamp("send_pending", submit.send_pending)
+    submit.pending_submissions = _stamp("pending", submit.pending_submissions)
+    collect.refresh = _stamp("refresh", collect.refresh)
+    state.connect = _stamp_open_close(state.connect)
     sleep = _stamp("sleep", time.sleep)
     for fn in (bridge.run, bridge.wait, bridge.submit, bridge.collect, bridge.sync):
         if fn.__kwdefaults__ and "sleep" in fn.__kwdefaults__:
@@ -43,7 +80,8 @@ def install() -> None:
 
 
 # Exclusive attribution when phases nest or overlap: the first active one in this order wins.
-PRIORITY = ("publish", "write_requests", "download", "upload", "poll", "sleep", "load", "plan", "manifest")
+PRIORITY = ("publish", "write_requests", "download", "upload", "poll", "sleep", "load_insert", "load_finish", "load_cut",
+            "load", "plan", "manifest", "state_open", "state_close", "refresh", "pending", "send_pending")
 
 
 def parse(lines: list[tuple[float, str]]) -> tuple[list[tuple[str, float, float]], list[tuple[float, str]]]:

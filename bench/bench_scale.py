@@ -1,5 +1,6 @@
-"""Benchmark (issue 7): does `batch-bridge run` scale? N rows (default 1,000,000 = 10 batches of
-100,000) against a small run (default 50,000), same emulator, same settings.
+"""Benchmark (issues 7, 17): does `batch-bridge run` scale? N rows (default 1,000,000: 11 batches, sent
+100,000 requests at a time by the processing-queue limit) against a small run (default 50,000), same
+emulator, same settings.
 
 Each run: a fresh dbt project + warehouse, `batch-bridge plan` once (caches the dbt parse; reported
 separately), then `run --poll-interval 1` as a subprocess through bench/_timed_cli.py (the real CLI
@@ -8,8 +9,10 @@ with phase stamps). Measured per run:
   - the share of wall time in each phase, from the stamps (innermost phase wins when they nest or
     overlap, e.g. downloads running in 4 threads count once): manifest (read the cached manifest),
     plan (stage/classify/measure, twice in submit), write_requests (export COPY), upload (create
-    POSTs), poll (retrieve calls), sleep (waiting between polls), download, load (read_json + INSERT),
-    publish (parquet files), other (imports, state DB opens, the initial collect, ...);
+    POSTs), poll (retrieve calls), sleep (waiting between polls), download, load (of which load_cut:
+    copying a slice of a result file, load_insert: its read_json + INSERT, load_finish: a batch's
+    outcomes folded in), publish (parquet files), state_open / state_close (opening the state DB, and
+    closing it), refresh / pending / send_pending (the `run` loop between batches), other (imports, ...);
   - the emulator's CPU seconds during the run (psutil cpu_times of its process) / wall, split into create
     parsing, batch processing and the rest (HTTP) from the emulator's own `cpu_seconds` stats.
 The emulator runs with `--latency 1` so waiting is short and the bridge's own work dominates.
@@ -24,24 +27,31 @@ from __future__ import annotations
 import argparse
 import os
 
+import duckdb
+
 from _common import BRIDGE_CLI, PY, REPO, cli_env, emulator, machine, make_project, run_measured, workdir
 from _timed_cli import active, exclusive, parse
 
 CORES = os.cpu_count() or 1
-ORDER = ("other", "manifest", "plan", "write_requests", "upload", "poll", "sleep", "download", "load", "publish")
+ORDER = ("other", "manifest", "state_open", "state_close", "refresh", "pending", "send_pending", "plan", "write_requests",
+         "upload", "poll", "sleep", "download", "load", "load_cut", "load_insert", "load_finish", "publish")
 
 
-def one(n: int, args: argparse.Namespace) -> dict:
+def one(n: int, args: argparse.Namespace, **env_extra: str) -> dict:
+    """One measured `run` of n staged rows in a fresh project (the bridge's env plus `env_extra`)."""
     with workdir() as root, emulator(latency=args.latency) as emu:
         make_project(root, n, emu.base_url, prompt_chars=args.prompt_chars)
         extra = {"BATCH_BRIDGE_MEMORY_LIMIT": args.memory_limit} if args.memory_limit else {}
-        env = cli_env(root, emu.base_url, **extra)
+        env = cli_env(root, emu.base_url, **extra, **env_extra)
         p = run_measured([BRIDGE_CLI, "plan"], env)
         cpu0, split0 = emu.cpu_seconds(), emu.cpu_split()
         r = run_measured([PY, str(REPO / "bench" / "_timed_cli.py"), "run", "--poll-interval", str(args.poll_interval)], env)
         cpu, split1 = emu.cpu_seconds() - cpu0, emu.cpu_split()
         split = {k: split1[k] - split0.get(k, 0.0) for k in split1}
         emu_rss = emu.rss()
+        disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        with duckdb.connect(str(root / ".batch_bridge" / "bb_state.duckdb"), read_only=True) as con:
+            (created,) = con.execute("SELECT count(*) FROM batches").fetchone()
     phases, lines = parse(r["stderr"])
     phases = [(name, a - r["t0"], b - r["t0"]) for name, a, b in phases]
     shares = exclusive(phases, 0.0, r["wall"])
@@ -49,9 +59,9 @@ def one(n: int, args: argparse.Namespace) -> dict:
     for t, rss in r["samples"]:
         name = active(phases, t)
         peaks[name] = max(peaks.get(name, 0), rss)
-    batches = next((line for _, line in lines if line.startswith("submitted ")), "")
     return {"n": n, "wall": r["wall"], "rss": r["peak_rss"], "shares": shares, "peaks": peaks, "plan_wall": p["wall"],
-            "emu_cpu": cpu, "emu_split": split, "emu_rss": emu_rss, "batches": batches.split(":")[0], "lines": lines}
+            "emu_cpu": cpu, "emu_split": split, "emu_rss": emu_rss, "disk": disk, "batches": f"{created} batches", "lines": lines,
+            "phases": phases}
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import time
 import duckdb
 import pytest
 
-from batch_bridge import api, bridge, dbt_runner
+from batch_bridge import api, bridge, dbt_runner, state
 from batch_bridge.export import CUSTOM_ID_PATTERN
 from helpers import current, load_staging, settings_for, write_project
 
@@ -248,15 +248,16 @@ def test_byte_cap_splits_batches(project):
     assert w.collected == {"items": 200} and len(sub.batches) == len(p["batches"])
 
 
-def test_result_lines_longer_than_the_read_buffer_are_loaded(project, monkeypatch):
-    """Results are read with maximum_object_size = 16 MB (DuckDB's JSON buffers grow with it), which in
-    newline-delimited mode sizes a buffer and does not cap a line: a longer line must still load."""
-    from batch_bridge import collect
-
-    monkeypatch.setattr(collect, "MAX_RESULT_LINE", 200)  # every emulator answer line is longer than this
+def test_result_lines_longer_than_a_slice_are_loaded_whole(project):
+    """A batch loads in slices of its file; a line longer than a slice is a slice of its own, read with
+    a buffer that follows it, and every line lands once."""
     s = project(sql=rows_sql(12))
+    s = s.with_(load_slice_bytes=200)  # every emulator answer line is longer than this
     sub, w = run(s)
     assert w.collected == {"items": 12}
+    with state.connect(s) as con:
+        assert con.execute("SELECT sum(loaded_lines), sum(result_lines), count(*) FROM bb_state.batches").fetchone() == (12, 12, 1)
+        assert con.execute("SELECT count(DISTINCT request_custom_id), count(*) FROM bb_state.responses").fetchone() == (12, 12)
     out = duckdb.connect().execute(
         f"SELECT count(*), count(sentiment) FROM read_parquet('{s.results_dir('items') / 'current.parquet'}')"
     ).fetchone()

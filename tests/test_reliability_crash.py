@@ -191,6 +191,29 @@ def test_kill_during_collect_then_rerun_loads_exactly_once(proj, emulator, point
     assert_converged(proj, emulator)
 
 
+def test_kill_between_slices_of_a_batch_then_rerun_resumes_at_the_next_slice(proj, emulator):
+    """A batch loads in slices, each committed with the position after it: killed after a slice, the
+    rerun loads the rest of that batch from the next slice, no line twice and none lost."""
+    jobs = bridge.load_jobs(proj)
+    client = api.build_client(proj)
+    bridge.submit(proj, jobs, client)
+    bridge.wait(proj, jobs, client, timeout=30)
+    small = "600"  # bytes: each slice is one or two result lines
+    crash_env = {"BATCH_BRIDGE_FAULT": "between_slices", "BATCH_BRIDGE_LOAD_SLICE_BYTES": small}
+    r = cli(proj, "collect", **crash_env)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    loaded = state_rows(proj, "SELECT count(*) FROM bb_state.responses")[0][0]
+    partial = state_rows(proj, "SELECT batch_id, loaded_lines, result_lines FROM bb_state.batches "
+                               "WHERE local_state = 'downloaded' AND loaded_lines > 0")
+    assert len(partial) == 1 and 0 < partial[0][1] < partial[0][2] and loaded == partial[0][1], (partial, loaded)
+    # Its answers are not yet folded into the per-input outcomes: a batch counts whole or not at all.
+    assert state_rows(proj, "SELECT count(*) FROM bb_state.input_outcomes") == [(0,)]
+    report = bridge.collect(proj.with_(load_slice_bytes=int(small)), jobs, client)
+    assert report.lost == [] and sum(report.loaded.values()) == ROWS - loaded
+    assert state_rows(proj, "SELECT count(*) FROM bb_state.input_outcomes") == [(ROWS,)]
+    assert_converged(proj, emulator)
+
+
 def test_two_processes_at_once_only_one_submits(proj, emulator):
     """The loser of the project lock exits 4 with a clear message and sends nothing."""
     # The winner holds the lock for 2 s or more: wide enough that the loser, started at the same time,

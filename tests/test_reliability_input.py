@@ -224,11 +224,12 @@ def _content_not_a_list(line: str) -> str:
     return json.dumps(obj)
 
 
-@pytest.mark.parametrize("job, damage, why", [
-    ("lines", _cut_in_the_middle, "not valid JSON"),  # a line cut in the middle
-    ("shape", _content_not_a_list, "not a result of the expected shape"),  # valid JSON, wrong shape
+@pytest.mark.parametrize("job, damage, why, slice_bytes", [
+    ("lines", _cut_in_the_middle, "not valid JSON", None),  # a line cut in the middle
+    # valid JSON, wrong shape; each line a slice of its own: lines 1-2 commit before line 3 fails
+    ("shape", _content_not_a_list, "not a result of the expected shape", 1),
 ])
-def test_results_file_with_a_malformed_line_is_named_loaded_never_and_fetched_again(s, job, damage, why):
+def test_results_file_with_a_malformed_line_is_named_loaded_never_and_fetched_again(s, job, damage, why, slice_bytes):
     js = jobs(s, job)
     client = api.build_client(s)
     bridge.submit(s, js, client)
@@ -240,7 +241,7 @@ def test_results_file_with_a_malformed_line_is_named_loaded_never_and_fetched_ag
     lines[2] = damage(lines[2])
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ResultsError) as e:
-        collect_mod.load_downloaded(s, {job: js[0]})
+        collect_mod.load_downloaded(s.with_(load_slice_bytes=slice_bytes) if slice_bytes else s, {job: js[0]})
     msg = str(e.value)
     assert str(path) in msg and "line 3" in msg and why in msg and "downloads it again" in msg
     with state.connect(s) as con:

@@ -86,6 +86,8 @@ def test_an_old_state_file_is_migrated_and_plans_the_same(project):
         con.execute("DROP TABLE bb_state.input_outcomes")
         con.execute("DROP TABLE bb_state.key_inputs")
         con.execute("ALTER TABLE bb_state.batches DROP COLUMN result_bytes")
+        for col in ("loaded_lines", "loaded_bytes"):
+            con.execute(f"ALTER TABLE bb_state.batches DROP COLUMN {col}")
         for col in ("estimated_input_tokens", "estimated_output_tokens", "estimated_cache_write_tokens",
                     "estimated_cache_read_tokens", "estimated_sync_usd", "outcome_unknown_at", "first_create_at",
                     "adopted"):
@@ -105,12 +107,14 @@ def test_an_old_state_file_is_migrated_and_plans_the_same(project):
     assert fetch(s, "SELECT name FROM bb_state._migrations") == [
         ("m001_initial",), ("m002_input_outcomes",), ("m003_key_inputs",), ("m004_result_bytes",),
         ("m005_unknown_outcomes",), ("m006_report_estimates",), ("m007_model_info",), ("m008_token_counts",),
-        ("m009_lanes",), ("m010_published",)]
+        ("m009_lanes",), ("m010_published",),
+        ("m011_load_slices",)]
     assert_summaries_match_history(s)
     # Batches collected before m004 get the size of their stored answers (the result file may be gone).
     [(lines, size, answers)] = fetch(
         s, "SELECT result_lines, result_bytes, (SELECT sum(strlen(output_text)) FROM bb_state.responses) FROM bb_state.batches")
     assert lines == 40 and size > answers > 0
+    assert fetch(s, "SELECT loaded_lines, loaded_bytes FROM bb_state.batches") == [(0, 0)]  # m011: loaded whole
     assert fetch(s, "SELECT count(fingerprint) FROM bb_state.key_inputs") == [(0,)]  # until the next submit
     run(s)
     assert_summaries_match_history(s)
