@@ -97,6 +97,8 @@ def main() -> None:
             with state.connect(s) as con:
                 con.execute("DELETE FROM bb_state.responses WHERE batch_id = ?", [bid])
                 con.execute("DELETE FROM bb_state.input_outcomes WHERE job = 'items'")  # kept from responses at load
+                con.execute("DELETE FROM bb_state.published WHERE job = 'items'")  # the next publish writes it all
+                con.execute("UPDATE bb_state.batches SET loaded_lines = 0, loaded_bytes = 0 WHERE batch_id = ?", [bid])
                 if to == "submitted":
                     f = con.execute("SELECT result_file FROM bb_state.batches WHERE batch_id = ?", [bid]).fetchone()[0]
                     if f:

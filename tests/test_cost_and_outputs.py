@@ -248,8 +248,8 @@ def _longer_answer(params, custom_id=None):
 
 def test_long_answers_get_room_by_default_but_a_limit_the_user_set_is_a_cap(tmp_path):
     """2,000 answers of 60 KB: with BATCH_BRIDGE_MEMORY_LIMIT set by the user to the default's value
-    (128MB) DuckDB runs out loading them, the file is kept, nothing is half-loaded; the default (128MB
-    plus room for a few vectors of rows that wide) loads them from the same file."""
+    (128MB) DuckDB runs out loading them, the file is kept, only whole committed slices are loaded; the
+    default (128MB plus room for a few vectors of rows that wide) loads the rest from the same file."""
     assert DEFAULT_MEMORY_LIMIT == "128MB"
     with run_emulator(EmulatorConfig(responder=_longer_answer)) as emu:
         write_project(tmp_path, meta(max_tokens=20000))
@@ -265,10 +265,17 @@ def test_long_answers_get_room_by_default_but_a_limit_the_user_set_is_a_cap(tmp_
         with state.connect(s) as con:
             assert con.execute("SELECT local_state, count(*) FROM bb_state.batches GROUP BY ALL").fetchall() == [
                 ("downloaded", 1)]
-            assert con.execute("SELECT count(*) FROM bb_state.responses").fetchone() == (0,)
+            # The batch loads in slices, each committed with its position: what is in `responses` is exactly
+            # the committed slices, and the batch is not folded in (not collected) until its last slice.
+            (partial,) = con.execute("SELECT count(*) FROM bb_state.responses").fetchone()
+            assert con.execute("SELECT loaded_lines FROM bb_state.batches").fetchone() == (partial,)
+            assert partial < 2000
+            assert con.execute("SELECT count(*) FROM bb_state.input_outcomes").fetchone() == (0,)
         report = bridge.collect(s, jobs, client)
         client.close()
-    assert report.loaded == {"items": 2000}
+    assert report.loaded == {"items": 2000 - partial}  # the rest, from the next slice on
+    with state.connect(s) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT request_custom_id) FROM bb_state.responses").fetchone() == (2000, 2000)
     assert len(current(s, "items")) == 2000
     # Checkpointed with the room: a WAL left behind would be replayed on every open, and checkpointing it
     # later, under the default limit, fails (FATAL at 128MB for 2,000 answers of 100 KB).
