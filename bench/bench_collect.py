@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--prompt-chars", type=int, default=200)
     ap.add_argument("--schema", action="store_true", help="give the job an output_schema (adds JSON validation)")
+    ap.add_argument("--slice-bytes", default=None, help="BATCH_BRIDGE_LOAD_SLICE_BYTES (default: the product's, 8MiB)")
     args = ap.parse_args()
 
     from batch_bridge import api, bridge, collect, results, state
@@ -81,7 +82,8 @@ def main() -> None:
     print(machine())
     with workdir() as root, emulator(latency=0) as emu:
         meta = job_meta(max_tokens=200, **({"output_schema": SCHEMA} if args.schema else {}))
-        s = make_project(root, args.rows, emu.base_url, prompt_chars=args.prompt_chars, meta=meta)
+        extra = {"BATCH_BRIDGE_LOAD_SLICE_BYTES": args.slice_bytes} if args.slice_bytes else {}
+        s = make_project(root, args.rows, emu.base_url, prompt_chars=args.prompt_chars, meta=meta, **extra)
         jobs = bridge.load_jobs(s)
         client = api.build_client(s)
         t = time.perf_counter()
