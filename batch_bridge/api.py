@@ -97,7 +97,7 @@ _preload_lock = threading.Lock()
 _preloading: threading.Thread | None = None
 
 
-def preload() -> threading.Thread:
+def preload() -> None:
     """Start importing the SDK in a thread, for a command that will talk to the API.
 
     `import anthropic` costs ~1.2 s of CPU (its pydantic types), the largest single cost of a small
@@ -110,7 +110,6 @@ def preload() -> threading.Thread:
         if _preloading is None:
             _preloading = threading.Thread(target=importlib.import_module, args=("anthropic",), name="import-anthropic")
             _preloading.start()
-        return _preloading
 
 
 def _require_key(settings: Settings) -> None:
@@ -245,17 +244,10 @@ def count_tokens(client: anthropic.Anthropic, params: dict[str, Any]) -> int:
         return int(client.with_options(max_retries=1).messages.count_tokens(**body).input_tokens)
 
 
-def endpoint_of(client: anthropic.Anthropic) -> str:
-    """Which API a client talks to (its base URL, without credentials): counts of one are not another's."""
-    return _endpoint(client.base_url)
-
-
 def endpoint_for(settings: Settings) -> str:
-    """`endpoint_of` the client `build_client(settings)` makes, without making it (nor importing the SDK)."""
-    return _endpoint(httpx2.URL(settings.base_url or REAL_API))
-
-
-def _endpoint(url: httpx2.URL) -> str:
+    """Which API `build_client(settings)` talks to (its base URL, without credentials), without building
+    the client or importing the SDK: token counts of one API are not another's."""
+    url = httpx2.URL(settings.base_url or REAL_API)
     return f"{url.scheme}://{url.host}{':' + str(url.port) if url.port else ''}{url.path}".rstrip("/")
 
 
