@@ -27,6 +27,7 @@ def _statuses(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep batches here across restarts (default: a temp dir removed on exit).")
 @click.option("--latency", default=0.0, show_default=True, type=float, help="Emulated seconds a batch stays in_progress.")
 @click.option("--messages-latency", default=0.0, show_default=True, type=float, help="Real seconds POST /v1/messages takes to answer.")
+@click.option("--models-latency", default=0.0, show_default=True, type=float, help="Real seconds the Models API takes to answer.")
 @click.option("--cancel-latency", default=0.0, show_default=True, type=float, help="Emulated seconds a batch stays canceling.")
 @click.option("--cancel-complete-fraction", default=0.0, show_default=True, type=float, help="Fraction of requests still completed when a batch is canceled.")
 @click.option("--time-scale", default=1.0, show_default=True, type=float, help="Emulated seconds per real second (3600: 1 s is 1 h).")

@@ -94,6 +94,8 @@ class EmulatorConfig:
     latency: float = 0.0
     # Real seconds `POST /v1/messages` takes before it answers (the synchronous API's latency).
     messages_latency: float = 0.0
+    # Real seconds the Models API (`GET /v1/models`, `/v1/models/{id}`) takes before it answers.
+    models_latency: float = 0.0
     # Emulated seconds a batch stays `canceling` after a cancel.
     cancel_latency: float = 0.0
     # Fraction of requests that still complete when a batch is canceled before processing.
@@ -135,6 +137,7 @@ _TUPLE_FIELDS = {"errored_types", "http_error_endpoints", "connection_reset_endp
 _RUNTIME_CONFIG_FIELDS = {
     "latency",
     "messages_latency",
+    "models_latency",
     "cancel_latency",
     "cancel_complete_fraction",
     "time_scale",
