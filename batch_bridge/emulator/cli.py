@@ -37,6 +37,7 @@ def _statuses(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--max-body-bytes", default=EmulatorConfig.max_body_bytes, show_default=True, type=int, help="Create bodies above this get 413.")
 @click.option("--public-base-url", default=None, help="Base URL for results_url (default: from the request's Host header).")
 @click.option("--worker-processes", default=2, show_default=True, type=click.IntRange(min=0), help="Child processes that process batches, off the HTTP server's GIL (0: a thread of the server).")
+@click.option("--split-min-requests", default=EmulatorConfig.split_min_requests, show_default=True, type=click.IntRange(min=1), help="A batch this large, due while processing processes are idle, is processed in parts across them.")
 @click.option("--log-level", default="warning", show_default=True, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of all deterministic fault choices.")
 @click.option("--errored-fraction", default=0.0, show_default=True, type=float, help="Fraction of requests errored.")

@@ -126,6 +126,9 @@ class EmulatorConfig:
     # 0 = the worker thread does it (in-process default: starts instantly, and a responder
     # may be any callable). See worker.py for how results stay reproducible.
     worker_processes: int = 0
+    # A batch of at least this many requests, due while other lanes are idle, is processed in parts
+    # across them (worker.py); below it, one process is quicker than starting parts.
+    split_min_requests: int = 2000
     faults: Faults = field(default_factory=Faults)
 
 
