@@ -425,7 +425,7 @@ def load_downloaded(
                         loaded[job_name] += n
                         progress.tick("results loaded", loaded[job_name], total)
 
-                    with state.room_for_rows(con, settings, _line_bytes(batch), batch[4] or 0), state.load_checkpoints(con):
+                    with state.room_for_rows(con, settings, _line_bytes(batch), batch[4] or 0), state.one_checkpoint(con):
                         ok = _load_batch(con, settings, job, batch, book, fault, progress, ticked)
                     if not ok:
                         report.foreign.append(batch[0])

@@ -65,7 +65,7 @@ DEFAULT_CACHE_HIT_RATE = 0.64
 # DuckDB's memory for the bridge's work on rows of ordinary width (it spills to disk beyond); measured in
 # BENCHMARKS.md: a 1M-row job runs within it, and 100,000 answers of 6 KB. Unless the user sets
 # BATCH_BRIDGE_MEMORY_LIMIT, steps over wider rows get room for a few vectors of them on top
-# (`state.room_for_rows`): 2,000 answers of 60 KB load within 128MB but are not published within it.
+# (`state.room_for_rows`): 2,000 answers of 60 KB did not load within 128MB.
 DEFAULT_MEMORY_LIMIT = "128MB"
 
 

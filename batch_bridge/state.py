@@ -444,8 +444,7 @@ def single_threaded(con: duckdb.DuckDBPyConnection) -> ContextManager[None]:
 VECTOR_ROWS = 2048
 # Vectors of wide rows a streaming statement holds outside what DuckDB can spill: the vector read, its
 # extracted or encoded copies, the writer's buffer. Measured (BENCHMARKS.md): at 64MB, 100,000 answers of
-# 6 KB failed to load (and passed at 96MB) and 2,000 of 20 KB failed at 112MB; at 128MB, 2,000 of 60 KB
-# were not published (they load: the load checkpoints every LOAD_WAL_LIMIT).
+# 6 KB failed to load (and passed at 96MB) and 2,000 of 20 KB failed at 112MB; at 128MB, 2,000 of 60 KB.
 WIDE_ROW_VECTORS = 4
 # The default limit was measured with rows up to this wide (100,000 answers of 6 KB load within 128MB):
 # only the width beyond it gets room, so ordinary jobs run exactly at the default.
@@ -506,18 +505,15 @@ def _room(con: duckdb.DuckDBPyConnection, limit: int) -> Iterator[None]:
 
 # DuckDB checkpoints whenever its WAL passes checkpoint_threshold (16 MB by default), and a checkpoint
 # rewrites a table's last, partly filled row group (up to 122,880 answers): a load committing a slice of
-# 8 MB at a time would do that every slice or two (measured: 60 commits of 14,000 rows of 500 bytes took
-# 8.3 s with automatic checkpoints, 1.7 s without). Until a checkpoint, though, DuckDB keeps the rows
-# committed in memory: with one checkpoint per batch, a 100,000-answer batch (78 MB of results) held
-# 60 MB of them at its end, twice what a 50,000-answer batch held. At 24MB the rows held stay about a
-# 50,000-answer batch's whatever the batch's size, and a 100,000-answer batch loads as fast (BENCHMARKS.md).
-LOAD_WAL_LIMIT = "24MB"
+# 8 MB at a time would do that every slice or two. Measured: 60 commits of 14,000 rows of 500 bytes took
+# 8.3 s with automatic checkpoints, 1.7 s without, at the same peak RSS.
+LOAD_WAL_LIMIT = "4GB"
 
 
 @contextmanager
-def load_checkpoints(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    """Run the enclosed commits (a batch's load, slice by slice) with a checkpoint per LOAD_WAL_LIMIT of
-    WAL, then checkpoint once: the WAL holds at most that much, replayed on the next open after a crash."""
+def one_checkpoint(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Run the enclosed commits (a batch's load, slice by slice) without automatic checkpoints, then
+    checkpoint once: the WAL holds at most what they committed, replayed on the next open after a crash."""
     with _setting(con, "checkpoint_threshold", f"'{LOAD_WAL_LIMIT}'"):
         yield
         con.execute("CHECKPOINT")

@@ -9,6 +9,7 @@ import duckdb
 import pytest
 
 from batch_bridge import api, bridge, state
+from batch_bridge.config import DEFAULT_MEMORY_LIMIT
 from batch_bridge.emulator import EmulatorConfig, run_emulator
 from batch_bridge.errors import BudgetExceeded
 from helpers import current, load_staging, settings_for, write_project
@@ -246,16 +247,16 @@ def _longer_answer(params, custom_id=None):
 
 
 def test_long_answers_get_room_by_default_but_a_limit_the_user_set_is_a_cap(tmp_path):
-    """2,000 answers of 60 KB: with BATCH_BRIDGE_MEMORY_LIMIT set by the user to 32MB DuckDB runs out
-    loading them, the file is kept, only whole committed slices are loaded; the default (128MB plus room
-    for a few vectors of rows that wide) loads the rest from the same file. (The load alone, checkpointed
-    every 24 MB of WAL, completed at 64MB, measured; the publish of rows this wide then ran out.)"""
+    """2,000 answers of 60 KB: with BATCH_BRIDGE_MEMORY_LIMIT set by the user to the default's value
+    (128MB) DuckDB runs out loading them, the file is kept, only whole committed slices are loaded; the
+    default (128MB plus room for a few vectors of rows that wide) loads the rest from the same file."""
+    assert DEFAULT_MEMORY_LIMIT == "128MB"
     with run_emulator(EmulatorConfig(responder=_longer_answer)) as emu:
         write_project(tmp_path, meta(max_tokens=20000))
         s = settings_for(tmp_path, emu.base_url)
         load_staging(s, "SELECT 'k' || i AS id, 'text number ' || i AS prompt FROM range(2000) t(i)")
         jobs, client = bridge.load_jobs(s), api.build_client(s)
-        capped = s.with_(memory_limit="32MB", memory_limit_set=True)
+        capped = s.with_(memory_limit=DEFAULT_MEMORY_LIMIT, memory_limit_set=True)
         bridge.submit(capped, jobs, client)  # prompts are short: no room needed to plan them
         bridge.wait(capped, jobs, client, timeout=60)  # ended, not collected
         with pytest.raises(duckdb.Error) as e:
