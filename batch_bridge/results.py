@@ -24,7 +24,8 @@ import duckdb
 from .config import Settings
 from .jobs import Job, quote_ident, quote_literal
 from .outputs import field_structures
-from .state import ResultType, joins_as_written, record_published, room_for_streaming, single_threaded
+from .state import (ResultType, joins_as_written, record_published, room_for_picking, room_for_rows, room_for_streaming,
+                    single_threaded)
 
 COLUMNS_AFTER_KEYS = (
     "custom_id", "status", "output_text", "output_json", "stop_reason", "model", "input_tokens", "output_tokens",
@@ -318,12 +319,13 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
             merge = 8 * changed < keys
     try:
         if merge:
-            _merge_buckets(con, job, want, current, out, fault)
+            with room_for_picking(con, settings, _answer_bytes(con, job)):  # up to an eighth of the keys at once
+                _merge_buckets(con, job, want, current, out, fault)
         else:
             fresh.mkdir()
             for b in range(want):
-                # A pass per bucket, its keys picked and written: it holds ~1/`want` of the picks, so the
-                # peak does not grow with the job (all 1M picks at once held 70 MB, BENCHMARKS.md).
+                # A pass per bucket, its keys picked and written: it holds ~1/`want` of the picks (all 1M
+                # picks at once held 70 MB, BENCHMARKS.md), so the limit for streaming suffices.
                 pick_current(con, job, want, bucket=b)
                 _write(con, current_sql(con, job, b), fresh / bucket_file(b, want))
                 if b == 0:
@@ -388,7 +390,10 @@ def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job,
     """
     # Writing Parquet is I/O, and its row-group buffers are per thread; answers (the wide rows) are
     # streamed past hash tables built from keys and hashes, never built into one (joins_as_written).
-    with single_threaded(con), joins_as_written(con), room_for_streaming(con, settings, _answer_bytes(con, job)):
+    # The room for wide rows is set first (its exit checkpoints); within it, the limit for streaming.
+    row_bytes = _answer_bytes(con, job)
+    with (single_threaded(con), joins_as_written(con), room_for_rows(con, settings, row_bytes),
+          room_for_streaming(con, settings, row_bytes)):
         return _publish(con, settings, job, fault)
 
 
