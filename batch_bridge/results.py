@@ -24,7 +24,8 @@ import duckdb
 from .config import Settings
 from .jobs import Job, quote_ident, quote_literal
 from .outputs import field_structures
-from .state import ResultType, joins_as_written, record_published, room_for_rows, single_threaded
+from .state import (ResultType, joins_as_written, record_published, room_for_picking, room_for_rows, room_for_streaming,
+                    single_threaded)
 
 COLUMNS_AFTER_KEYS = (
     "custom_id", "status", "output_text", "output_json", "stop_reason", "model", "input_tokens", "output_tokens",
@@ -127,11 +128,13 @@ def history_sql(con: duckdb.DuckDBPyConnection, job: Job, batch_ids: list[str] |
     """
 
 
-def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, keys: str | None = None) -> None:
+def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, keys: str | None = None,
+                 bucket: int | None = None) -> None:
     """`bb_picked`: one row per key with the rowid of the answer the results source shows for it: the
     latest answer for its current input, else its latest earlier answer (stale), and the key's bucket
-    (`hash(custom_id) % buckets`). With `keys` (a relation with a `custom_id` column), just those keys,
-    and just their answers are aggregated: picking a few keys costs milliseconds, whatever the job's size.
+    (`hash(custom_id) % buckets`). With `keys` (a relation with a `custom_id` column), just those keys;
+    with `bucket`, just the keys of that bucket. Either way just their answers are aggregated: picking a
+    few keys costs milliseconds, whatever the job's size, and a bucket holds ~1/`buckets` of the picks.
 
     Hash aggregates only (latest version per key, the rowid of the latest answer per input), no window
     over history and no row-sized aggregate state, so the cost grows with the number of keys. A table of
@@ -140,11 +143,16 @@ def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, key
     """
     job_lit = quote_literal(job.name)
     kv, answers = f"(SELECT * FROM bb_state.key_versions WHERE job = {job_lit})", ""
+    only = []
     if keys is not None:
+        only.append(f"custom_id IN (SELECT custom_id FROM {keys})")
+    if bucket is not None:
+        only.append(f"hash(custom_id) % {int(buckets)} = {int(bucket)}")
+    if only:
         # The keys' versions once, in a table: read three times below, a semi-join each time ran out of
         # 128MB for 400,000 keys.
         con.execute(f"""CREATE OR REPLACE TEMP TABLE bb_versions AS SELECT * FROM bb_state.key_versions
-                        WHERE job = {job_lit} AND custom_id IN (SELECT custom_id FROM {keys})""")
+                        WHERE job = {job_lit} AND {" AND ".join(only)}""")
         kv, answers = "bb_versions", " AND input_hash IN (SELECT input_hash FROM bb_versions)"
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE bb_picked AS
@@ -157,15 +165,16 @@ def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, key
                 FROM bb_state.responses WHERE job = {job_lit}{answers} GROUP BY input_hash
             ),
             picked AS (
-                SELECT l.custom_id, l.key_json, l.current_hash, b.rid
+                SELECT l.custom_id, l.key_json, l.current_hash, b.rid, b.input_hash AS answer_hash
                 FROM latest l JOIN best b ON b.input_hash = l.current_hash
                 UNION ALL
-                SELECT l.custom_id, l.key_json, l.current_hash, arg_max(b.rid, b.at)
+                SELECT l.custom_id, l.key_json, l.current_hash, l.a.rid, l.a.input_hash
+                FROM (SELECT l.custom_id, l.key_json, l.current_hash, arg_max(struct_pack(rid := b.rid, input_hash := b.input_hash), b.at) AS a
                 FROM latest l
                 JOIN {kv} v ON v.custom_id = l.custom_id AND v.input_hash <> l.current_hash
                 JOIN best b ON b.input_hash = v.input_hash
                 WHERE l.current_hash NOT IN (SELECT input_hash FROM best)
-                GROUP BY l.custom_id, l.key_json, l.current_hash
+                GROUP BY l.custom_id, l.key_json, l.current_hash) l
             )
             SELECT *, hash(custom_id) % {int(buckets)} AS bucket FROM picked
     """)
@@ -174,12 +183,16 @@ def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, key
 
 def current_sql(con: duckdb.DuckDBPyConnection, job: Job, bucket: int | None = None) -> str:
     """One row per key (after `pick_current`), or per key of one bucket: its picked answer, answer text
-    streaming past the picks."""
+    streaming past the picks.
+
+    Joined on the answer's input_hash as well as its rowid: joined on the rowid alone, DuckDB held memory
+    outside its memory_limit that grew with the answers scanned (measured at 1M answers: each bucket's
+    write peaked ~40 MB higher)."""
     where = "" if bucket is None else f" WHERE p.bucket = {int(bucket)}"
     return _projection(con, job) + f"""
         FROM (
             SELECT p.custom_id, p.key_json, p.current_hash, r.*
-            FROM bb_state.responses r JOIN bb_picked p ON r.rowid = p.rid{where}
+            FROM bb_state.responses r JOIN bb_picked p ON r.input_hash = p.answer_hash AND r.rowid = p.rid{where}
         ) h
     """
 
@@ -306,11 +319,14 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
             merge = 8 * changed < keys
     try:
         if merge:
-            _merge_buckets(con, job, want, current, out, fault)
+            with room_for_picking(con, settings, _answer_bytes(con, job)):  # up to an eighth of the keys at once
+                _merge_buckets(con, job, want, current, out, fault)
         else:
-            pick_current(con, job, want)
             fresh.mkdir()
             for b in range(want):
+                # A pass per bucket, its keys picked and written: it holds ~1/`want` of the picks (all 1M
+                # picks at once held 70 MB, BENCHMARKS.md), so the limit for streaming suffices.
+                pick_current(con, job, want, bucket=b)
                 _write(con, current_sql(con, job, b), fresh / bucket_file(b, want))
                 if b == 0:
                     fault("publish_between_buckets")
@@ -374,7 +390,10 @@ def publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job,
     """
     # Writing Parquet is I/O, and its row-group buffers are per thread; answers (the wide rows) are
     # streamed past hash tables built from keys and hashes, never built into one (joins_as_written).
-    with single_threaded(con), joins_as_written(con), room_for_rows(con, settings, _answer_bytes(con, job)):
+    # The room for wide rows is set first (its exit checkpoints); within it, the limit for streaming.
+    row_bytes = _answer_bytes(con, job)
+    with (single_threaded(con), joins_as_written(con), room_for_rows(con, settings, row_bytes),
+          room_for_streaming(con, settings, row_bytes)):
         return _publish(con, settings, job, fault)
 
 

@@ -470,6 +470,39 @@ def room_for_rows(
     return _room(con, min(base + room, max(base, ROOM_CAP_BYTES)))
 
 
+# What statements streaming rows past small tables hold besides the rows (a full publish's pass: the
+# picks and hash tables of one bucket's ~65,000 keys, a Parquet row group of 8 MB). Under a higher limit
+# DuckDB keeps the table blocks it read cached up to the limit, and such a pass, reading every answer
+# once per bucket, gains nothing from them: at 1M keys they were 94 MB of the publish's peak RSS.
+# Not for picking many keys at once: a merge's pick of 100,000 changed keys ran out of 55 MiB.
+STREAMING_BASE_BYTES = 48 * 2**20
+
+
+def room_for_streaming(con: duckdb.DuckDBPyConnection, settings: Settings, row_bytes: float) -> ContextManager[None]:
+    """Run the enclosed statements, which stream rows `row_bytes` wide past small tables into files, under
+    a memory_limit sized to that: STREAMING_BASE_BYTES and a few vectors of the rows, never above what
+    `room_for_rows` gives, then restore it. Lowering the limit also lets go of what
+    an earlier step (a load) left cached beyond it. A limit the user set is theirs and is kept as it is."""
+    if settings.memory_limit_set:
+        return nullcontext()
+    default = size_bytes(settings.memory_limit)
+    widest = min(default + max(0, int(WIDE_ROW_VECTORS * VECTOR_ROWS * (row_bytes - ORDINARY_ROW_BYTES))),
+                 max(default, ROOM_CAP_BYTES))
+    limit = min(STREAMING_BASE_BYTES + int(WIDE_ROW_VECTORS * VECTOR_ROWS * row_bytes), widest)
+    return _setting(con, "memory_limit", f"'{limit // 2**20}MiB'")
+
+
+def room_for_picking(con: duckdb.DuckDBPyConnection, settings: Settings, row_bytes: float) -> ContextManager[None]:
+    """Run the enclosed statements, inside `room_for_streaming`, under the limit `room_for_rows` gives:
+    for statements that hold many keys at once (a merge's pick of up to an eighth of a job's keys)."""
+    if settings.memory_limit_set:
+        return nullcontext()
+    base = size_bytes(settings.memory_limit)
+    excess = max(0.0, row_bytes - ORDINARY_ROW_BYTES)
+    limit = min(base + int(WIDE_ROW_VECTORS * VECTOR_ROWS * excess), max(base, ROOM_CAP_BYTES))
+    return _setting(con, "memory_limit", f"'{limit // 2**20}MiB'")
+
+
 @contextmanager
 def _room(con: duckdb.DuckDBPyConnection, limit: int) -> Iterator[None]:
     with _setting(con, "memory_limit", f"'{limit // 2**20}MiB'"):

@@ -18,7 +18,7 @@ import duckdb
 import pytest
 
 from batch_bridge import api, bridge, dbt_runner, sources, state
-from batch_bridge.results import CURRENT, bucket_file, publish
+from batch_bridge.results import CURRENT, bucket_file, current_sql, pick_current, publish
 from helpers import load_staging, reset_home, settings_for, write_project
 
 ROWS = 60
@@ -173,13 +173,8 @@ def test_an_empty_job_still_resolves_with_every_column(home):
     assert rows(s) == [] and columns(s)[:3] == ["id", "custom_id", "status"]
 
 
-def test_publish_killed_between_bucket_files_is_repaired_by_the_next_run(proj):
-    s = proj
-    changed = (3, 11, 19, 27, 35, 43, 51)
-    homes = {bucket_of(s, f"r{i:03d}", 8) for i in changed}
-    assert len(homes) >= 2  # the kill must fall between two files of one publish
-    before = by_id(s)
-    load_staging(s, rows_sql(ROWS, changed=changed))
+def run_killed_between_buckets(s) -> None:
+    """`batch-bridge run` in a process of its own, killed by its publish after the first bucket file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCH_BRIDGE_", "ANTHROPIC_"))}
     env.update({"BATCH_BRIDGE_WAREHOUSE": str(s.warehouse), "ANTHROPIC_API_KEY": s.api_key or "",
                 "ANTHROPIC_BASE_URL": s.base_url or "", "BATCH_BRIDGE_POLL_INTERVAL": "0.05",
@@ -188,6 +183,16 @@ def test_publish_killed_between_bucket_files_is_repaired_by_the_next_run(proj):
     r = subprocess.run([sys.executable, "-m", "batch_bridge.cli", "run", "--project-dir", str(s.project_dir),
                         "--profiles-dir", str(s.profiles_dir)], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == -signal.SIGKILL, r.stderr
+
+
+def test_publish_killed_between_bucket_files_is_repaired_by_the_next_run(proj):
+    s = proj
+    changed = (3, 11, 19, 27, 35, 43, 51)
+    homes = {bucket_of(s, f"r{i:03d}", 8) for i in changed}
+    assert len(homes) >= 2  # the kill must fall between two files of one publish
+    before = by_id(s)
+    load_staging(s, rows_sql(ROWS, changed=changed))
+    run_killed_between_buckets(s)
     torn = by_id(s)
     fresh = {k for k in torn if torn[k]["input_hash"] != before[k]["input_hash"]}
     assert fresh and fresh < {f"r{i:03d}" for i in changed}  # killed with one bucket written and the others not
@@ -201,6 +206,64 @@ def test_publish_killed_between_bucket_files_is_repaired_by_the_next_run(proj):
     assert {k for k in repaired if repaired[k]["input_hash"] != torn[k]["input_hash"]} == {
         f"r{i:03d}" for i in changed} - fresh
     assert full_publish(s) == rows(s)
+
+
+def test_a_full_rewrite_bucket_by_bucket_shows_what_one_pass_over_every_key_shows(home):
+    """A full rewrite picks and writes one bucket at a time; its files hold the rows a single pick over
+    every key gives, deduplicated answers shared across buckets and stale rows included."""
+    s = home
+    # Keys 30..39 send the prompts of keys 0..9: each pair is one request, shown for both keys.
+    twin = "CASE WHEN i BETWEEN 30 AND 39 THEN 'review ' || (i - 30) || ' is great' ELSE 'review ' || i || ' is great' END"
+    load_staging(s, f"SELECT 'r' || lpad(i::VARCHAR, 3, '0') AS id, {twin} AS prompt FROM range({ROWS}) t(i)")
+    run(s)
+    changed = (4, 17, 33, 48, 59)
+    load_staging(s, f"SELECT 'r' || lpad(i::VARCHAR, 3, '0') AS id, CASE WHEN i IN {changed} THEN 'changed ' || i "
+                    f"ELSE {twin} END AS prompt FROM range({ROWS}) t(i)")
+    jobs = bridge.load_jobs(s)
+    bridge.submit(s, jobs, api.build_client(s))  # the changed keys now show their earlier answers, stale
+
+    got = full_publish(s)
+    assert sorted(files(s)) == [bucket_file(b, 8) for b in range(8)]
+    one_file = s.results_dir("items") / "one-pass.parquet"
+    with state.connect(s) as con:
+        pick_current(con, jobs[0])  # every key in one pass, as the results source was written as one file
+        con.execute(f"COPY ({current_sql(con, jobs[0])}) TO '{one_file}' (FORMAT parquet)")
+    con = duckdb.connect()
+    try:
+        want = con.execute(f"SELECT * FROM read_parquet('{one_file}') ORDER BY id").fetchall()
+    finally:
+        con.close()
+    assert got == want
+
+    rows_by_id = by_id(s)
+    assert len(got) == ROWS and sorted(rows_by_id) == [f"r{i:03d}" for i in range(ROWS)]
+    assert {k for k, r in rows_by_id.items() if r["is_stale"]} == {f"r{i:03d}" for i in changed}
+    for i in range(10):  # each unchanged pair: one answer, sent for one key and shown for both
+        if i + 30 in changed or i in changed:
+            continue
+        a, b = rows_by_id[f"r{i:03d}"], rows_by_id[f"r{i + 30:03d}"]
+        assert a["output_text"] == b["output_text"] and a["input_hash"] == b["input_hash"]
+        assert sorted([a["deduplicated"], b["deduplicated"]]) == [False, True]
+    assert len({bucket_of(s, f"r{i:03d}", 8) for i in range(10)} | {bucket_of(s, f"r{i:03d}", 8) for i in range(30, 40)}) > 1
+
+
+def test_publish_killed_in_a_full_rewrite_leaves_the_old_split_whole(proj):
+    """A grown job is written into a new directory bucket by bucket and swapped in: killed after its first
+    bucket, readers still see the old split, whole, and the next run writes the new one."""
+    s = proj
+    old = rows(s)
+    load_staging(s, rows_sql(200))  # 16 buckets wanted, 2x the 8 it has: a full rewrite
+    run_killed_between_buckets(s)
+    current = s.results_dir("items") / CURRENT
+    assert sorted(p.name for p in current.iterdir()) == [bucket_file(b, 8) for b in range(8)]
+    assert rows(s) == old
+    assert [p.name for p in (s.results_dir("items") / f".{CURRENT}.new").iterdir()] == [bucket_file(0, 16)]
+
+    run(s)  # nothing left to send or load: its publish rewrites every bucket of the new split
+    assert sorted(files(s)) == [bucket_file(b, 16) for b in range(16)]
+    assert not (s.results_dir("items") / f".{CURRENT}.new").exists()
+    new = rows(s)
+    assert len(new) == 200 and len({r[0] for r in new}) == 200 and full_publish(s) == new
 
 
 def test_dbt_reads_the_generated_source_after_a_change(tmp_path, emulator):
