@@ -495,8 +495,8 @@ def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id")
     )
 
 
-def _lines_query(job: Job, columns: str, by_rowid: bool, requests: str = "bb_send", alias: str = "q") -> str:
-    """Rows of `requests` (`bb_send`, or a range of `bb_lines`) joined back to the staging relation `s`
+def _lines_query(job: Job, columns: str, by_rowid: bool, requests: str, alias: str) -> str:
+    """Rows of `requests` (a range of `bb_lines`, or the sample of them) joined back to the staging relation `s`
     for their prompt text. Run under `joins_as_written`: the staging rows, prompts and all, stream past
     a hash table of the (narrow) requests, never the other way round."""
     return f"""

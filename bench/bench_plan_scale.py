@@ -8,7 +8,7 @@ threads) per million rows; for the child: peak RSS, and its RSS before the first
 floor: Python, the bridge's modules and DuckDB's first open). Batches are cut at the default caps
 (100,000 requests, BATCH_BRIDGE_MAX_QUEUED_REQUESTS 100,000).
 
-    .venv/bin/python bench/bench_plan_scale.py [--sizes 1000000,3000000] [--prompt-chars 200]
+    .venv/bin/python bench/bench_plan_scale.py [--sizes 1000000,3000000] [--prompt-chars 200] [--shuffled]
 
 The ratio printed is CPU seconds per million rows of the largest size over the smallest (1.0x: linear).
 """
@@ -25,7 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-from _common import PY, machine, make_project, workdir
+from _common import PY, machine, make_project, rows_sql, workdir
+from helpers import load_staging
 
 STEPS = ("stage", "classify", "measure", "estimate_job", "write_requests", "snapshot_key_versions", "journal")
 
@@ -96,6 +97,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000000,3000000")
     ap.add_argument("--prompt-chars", type=int, default=200)
+    ap.add_argument("--shuffled", action="store_true",
+                    help="store the staging rows in an order unrelated to their custom_ids (as most tables are)")
     ap.add_argument("--child", nargs=2, metavar=("ROOT", "HOME"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -106,7 +109,9 @@ def main() -> None:
     per_m: dict[int, dict] = {}
     for n in sizes:
         with workdir() as root:
-            make_project(root, n, None, prompt_chars=args.prompt_chars)
+            s = make_project(root, n, None, prompt_chars=args.prompt_chars)
+            if args.shuffled:
+                load_staging(s, f"SELECT * FROM ({rows_sql(n, args.prompt_chars)}) ORDER BY hash(id)")
             done = subprocess.run([PY, __file__, "--child", str(root), str(root / "home")],
                                   capture_output=True, text=True, env={**os.environ})
             if done.returncode:
