@@ -4,8 +4,9 @@ For each size (default 1,000,000 and 3,000,000 staged rows, ~200-character promp
 row is sent), a fresh project, then `submit.prepare_submissions` offline (no client: the rule estimates,
 no preflight call) in a child process of its own: stage, classify, measure, estimate, write the
 request files and journal them (`_prepare`). Per step: wall and CPU seconds (the process's, all
-threads) per million rows; for the child: peak RSS, and its RSS before the first row was read (the
-floor: Python, the bridge's modules and DuckDB's first open). Batches are cut at the default caps
+threads) per million rows; for the child: peak RSS (sampled every 20 ms, per step and in all; not
+ru_maxrss, which a child started by fork and exec inherits from its parent), and its RSS before the
+first row was read (the floor: Python, the bridge's modules and DuckDB's first open). Batches are cut at the default caps
 (100,000 requests, BATCH_BRIDGE_MAX_QUEUED_REQUESTS 100,000).
 
     .venv/bin/python bench/bench_plan_scale.py [--sizes 1000000,3000000] [--prompt-chars 200] [--shuffled]
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -88,7 +88,7 @@ def child(root: Path, home: str) -> None:
     p = report.plans[0]
     files = sorted((Path(home) / "requests").glob("*.jsonl")) if (Path(home) / "requests").exists() else []
     print(json.dumps({
-        "total": total, "steps": times, "floor": floor, "step_peaks": peaks, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "total": total, "steps": times, "floor": floor, "step_peaks": peaks, "peak": max(peaks.values()),
         "requests": p.send_requests, "batches": len(p.chunks), "bytes": sum(f.stat().st_size for f in files),
     }))
 
