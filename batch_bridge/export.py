@@ -477,9 +477,6 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, input_limi
     )
     n, pb = con.execute("SELECT count(*), coalesce(sum(prompt_bytes), 0) FROM bb_send").fetchone()
     plan.send_requests, plan.prompt_bytes = int(n), int(pb)
-    # `bb_classified` carries every staged column on: the staging tables are dropped, to hold no memory or spill.
-    for t in ("bb_staged", "bb_keys", "bb_dups"):
-        con.execute(f"DROP TABLE {t}")
 
 
 def params_sql(job: Job, alias: str = "s") -> str:
