@@ -151,15 +151,20 @@ def _prefix_params(job: Job) -> dict[str, Any]:
     return json.loads(prefix + json.dumps(".") + suffix)
 
 
-def _count_all(counting: Counting, todo: dict[int, dict[str, Any]]) -> tuple[dict[int, int], ApiError | None]:
-    """Counts of `todo` (key -> params); on the first failure, the counts obtained so far and the error."""
-    done: dict[int, int] = {}
-    if not todo:
-        return done, None
-    with ThreadPoolExecutor(max_workers=counting.workers) as pool:
-        futures = {k: pool.submit(counting.count, p) for k, p in todo.items()}
+class Asking:
+    """Token counts being asked for, in threads (the counting endpoint is an HTTP call per request), while
+    the caller goes on with its DuckDB work; `gather` waits for them. Close it when done (it stops the
+    threads; counts not gathered are dropped)."""
+
+    def __init__(self, counting: Counting, todo: dict[int, dict[str, Any]]) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=counting.workers) if todo else None
+        self._futures = {k: self._pool.submit(counting.count, p) for k, p in todo.items()} if self._pool else {}
+
+    def gather(self) -> tuple[dict[int, int], ApiError | None]:
+        """Counts got (key -> tokens); on the first failure, the counts obtained so far and the error."""
+        done: dict[int, int] = {}
         error: ApiError | None = None
-        for k, f in futures.items():
+        for k, f in self._futures.items():
             if f.cancelled():
                 continue
             try:
@@ -167,8 +172,12 @@ def _count_all(counting: Counting, todo: dict[int, dict[str, Any]]) -> tuple[dic
             except ApiError as e:
                 if error is None:  # stop asking: a rate limit will not lift for the rest of this plan
                     error = e
-                    pool.shutdown(wait=False, cancel_futures=True)
+                    self.close(wait=False)
         return done, error
+
+    def close(self, wait: bool = True) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def _keep_counts(con: duckdb.DuckDBPyConnection, endpoint: str, counts: dict[int, int]) -> None:
@@ -183,9 +192,22 @@ def _keep_counts(con: duckdb.DuckDBPyConnection, endpoint: str, counts: dict[int
     )
 
 
-def count_input(con: duckdb.DuckDBPyConnection, job: Job, counting: Counting) -> InputCount:
-    """Input tokens of the requests in `bb_lines`, from the token counting endpoint (see the module doc).
-    Raises ApiError when counting fails; the counts obtained before are kept for the next plan."""
+@dataclass
+class StartedCount:
+    """The sample of `bb_lines` whose tokens are being counted (`start_count`), for `count_input`."""
+
+    counting: Counting
+    sample: Any  # export.Sample
+    prefix_key: int
+    have: dict[int, int]  # counts known from earlier plans
+    asking: Asking
+
+    def close(self) -> None:
+        self.asking.close()
+
+
+def start_count(con: duckdb.DuckDBPyConnection, job: Job, counting: Counting) -> StartedCount:
+    """Pick the sample of the requests in `bb_lines` and start asking for the counts not known yet."""
     sample = sample_lines(con, job, counting.sample)
     (prefix_key,) = con.execute("SELECT md5_number('prefix:' || $s)", {"s": job.static_hash}).fetchone()
     keys = [h for _, h, _, _ in sample.lines] + [prefix_key]
@@ -198,7 +220,22 @@ def count_input(con: duckdb.DuckDBPyConnection, job: Job, counting: Counting) ->
     todo = {h: json.loads(line)["params"] for _, h, _, line in sample.lines if h not in have}
     if prefix_key not in have:
         todo[prefix_key] = _prefix_params(job)
-    got, error = _count_all(counting, todo)
+    return StartedCount(counting, sample, prefix_key, have, Asking(counting, todo))
+
+
+def count_input(con: duckdb.DuckDBPyConnection, job: Job, counting: Counting,
+                started: StartedCount | None = None) -> InputCount:
+    """Input tokens of the requests in `bb_lines`, from the token counting endpoint (see the module doc),
+    with the counts `started` earlier or asked for now. Raises ApiError when counting fails; the counts
+    obtained before are kept for the next plan."""
+    mine = started is None
+    started = started or start_count(con, job, counting)
+    try:
+        got, error = started.asking.gather()
+    finally:
+        if mine:
+            started.close()
+    sample, prefix_key, have = started.sample, started.prefix_key, started.have
     _keep_counts(con, counting.endpoint, got)
     if error is not None:
         raise error
@@ -306,8 +343,9 @@ def input_tokens_sql(job: Job, scale: float, chars: str) -> str:
 
 def estimate_job(
     con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, book: PriceBook, counting: Counting | None = None,
-    *, cache_hit_rate: float = 0.64,
+    *, cache_hit_rate: float = 0.64, started: StartedCount | None = None,
 ) -> Estimate:
+    """The job's cost estimate. `started`: its input tokens' counting, begun by `start_count`."""
     n = plan.send_requests
     price = book.lookup(job.model)
     hist = _history(con, job)
@@ -317,7 +355,7 @@ def estimate_job(
     counted: InputCount | None = None
     if counting is not None and counting.sample > 0 and n:
         try:
-            counted = count_input(con, job, counting)
+            counted = count_input(con, job, counting, started)
         except ApiError as e:
             warnings.append(f"token counting failed ({e}); input tokens are estimated by the rule (characters / 4)")
     caches = job.cache_ttl != "none" and bool(job.system or job.few_shot)

@@ -31,7 +31,7 @@ import threading
 import json
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,7 +42,7 @@ import duckdb
 from . import api, collect, lanes, state
 from .config import Settings
 from .errors import ApiAccountError, ApiRequestRejected, BudgetExceeded
-from .estimate import Counting, Estimate, calibration, estimate_job, input_tokens_sql
+from .estimate import Counting, Estimate, calibration, estimate_job, input_tokens_sql, start_count
 from .export import (HASH_VERSION, InputLimit, JobPlan, WarehouseAccess, classify, key_json_sql, measure, stage,
                      warehouse_attached, write_requests)
 from .jobs import Job, quote_literal
@@ -154,13 +154,14 @@ def plan_jobs(
     con: duckdb.DuckDBPyConnection, settings: Settings, jobs: list[Job], *, progress: Progress = Silent(),
     prepare: Callable[[Job, JobPlan, duckdb.DuckDBPyConnection, dict[str, str]], None] | None = None,
     warehouse: WarehouseAccess | None = None,
-    preflights: dict[str, JobPreflight] | Callable[[], dict[str, JobPreflight]] | None = None,
+    preflights: dict[str, JobPreflight] | Future[dict[str, JobPreflight]] | None = None,
     client: anthropic.Anthropic | None = None,
 ) -> tuple[list[JobPlan], dict[str, Estimate]]:
     """Stage and classify every job (warehouse attached read-only, or read through `warehouse`);
     optionally prepare submissions.
 
-    With the preflight's findings, rows longer than the model's context window are `too_long`, and
+    With the preflight's findings (or a Future of them, still being found: it is waited for once the
+    rows are classified), rows longer than the model's context window are `too_long`, and
     each plan carries the findings (with a warning when a cache marked in the job cannot work). With a
     client, input tokens are counted by the API (see estimate.py); without, a rule estimates them."""
     plans, estimates = [], {}
@@ -173,18 +174,34 @@ def plan_jobs(
         opened = warehouse(con, settings, catalog, group) if warehouse else warehouse_attached(con, settings, catalog)
         with opened:
             for job in group:
-                plan = JobPlan(job)
                 key_types = stage(con, job)
-                if callable(preflights):  # still running beside the staging: its answer is needed now
-                    preflights = preflights()
-                found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
-                classify(con, job, plan, _input_limit(con, job, found))
-                routed = lanes.route(con, job, plan.send_requests)
-                plan.lane, plan.lane_why = routed.lane, routed.why
-                if plan.send_requests:
-                    measure(con, job, plan, settings.max_queued_requests)
-                estimates[job.name] = estimate_job(con, job, plan, book, counting,
-                                                   cache_hit_rate=settings.cache_hit_rate)
+                if isinstance(preflights, Future) and preflights.done():
+                    preflights = preflights.result()
+                if isinstance(preflights, Future):
+                    # Still asking the API (the SDK's import comes first): classify as if the model's
+                    # context window held every row, then wait. The guess stands when no staged row
+                    # is over the window; otherwise the rows are classified again with it.
+                    plan = _classified(con, settings, job, None)
+                    preflights = preflights.result()
+                    found = preflights.get(job.name) or JobPreflight(job.name, job.model)
+                    limit = _input_limit(con, job, found)
+                    if limit is not None and _any_over(con, limit):
+                        plan = _classified(con, settings, job, limit)
+                else:
+                    found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
+                    plan = _classified(con, settings, job, _input_limit(con, job, found))
+                # The sample's token counts are asked for (HTTP, in threads) while the request files
+                # are written and journalled.
+                counts = (start_count(con, job, counting)
+                          if counting is not None and counting.sample > 0 and plan.send_requests else None)
+                try:
+                    if prepare is not None:
+                        prepare(job, plan, con, key_types)
+                    estimates[job.name] = estimate_job(con, job, plan, book, counting,
+                                                       cache_hit_rate=settings.cache_hit_rate, started=counts)
+                finally:
+                    if counts is not None:
+                        counts.close()
                 for warning in estimates[job.name].warnings:
                     progress.step(f"{job.name}: warning: {warning}")
                 warning = cache_warning(job, estimates[job.name])
@@ -197,10 +214,28 @@ def plan_jobs(
                     f"{job.name}: {plan.staged:,} rows staged, {plan.send_keys:,} to send as "
                     f"{plan.send_requests:,} requests {where}" + (f" ({plan.lane_why})" if plan.send_requests else "")
                 )
-                if prepare is not None:
-                    prepare(job, plan, con, key_types)
                 plans.append(plan)
     return plans, estimates
+
+
+def _classified(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, limit: InputLimit | None) -> JobPlan:
+    """The staged rows of `job` classified (held to `limit`), routed to a lane and measured."""
+    plan = JobPlan(job)
+    classify(con, job, plan, limit)
+    routed = lanes.route(con, job, plan.send_requests)
+    plan.lane, plan.lane_why = routed.lane, routed.why
+    if plan.send_requests:
+        measure(con, job, plan, settings.max_queued_requests)
+    return plan
+
+
+def _any_over(con: duckdb.DuckDBPyConnection, limit: InputLimit) -> bool:
+    """Whether a staged row's input is over the context window: only then does holding rows to it
+    change their classification."""
+    (over,) = con.execute(
+        f"SELECT count(*) > 0 FROM bb_staged s WHERE CAST({limit.tokens_sql} AS BIGINT) > $window",
+        {"window": limit.max_input_tokens}).fetchone()
+    return bool(over)
 
 
 def _input_limit(con: duckdb.DuckDBPyConnection, job: Job, found: JobPreflight) -> InputLimit | None:
@@ -319,10 +354,10 @@ def prepare_submissions(
     stamp = state.utcnow().strftime("%Y%m%dT%H%M%SZ")
     with state.connect(settings) as con, ThreadPoolExecutor(max_workers=1) as pool:
         # The preflight asks the Models API (after the SDK's import, see api.preload) while the rows are
-        # staged; `plan_jobs` waits for it before classifying, and a refusal stops all before any write.
+        # staged and classified; `plan_jobs` waits for it before anything is counted or written, and a
+        # refusal stops all before any write.
         own = con.cursor()  # made here: a connection busy in this thread refuses calls from another
-        checking = pool.submit(_check_apart, own, settings, jobs, client)
-        found = checking.result
+        found = checking = pool.submit(_check_apart, own, settings, jobs, client)
         # Budgets are checked on a dry plan first, so that a refused job writes nothing at all (and
         # no job is sent when another is refused). Without any budget there is nothing to check.
         if max_cost is not None or any(j.budget_usd is not None for j in jobs):

@@ -1,4 +1,5 @@
-"""Benchmark: end to end on N rows (default 50,000), the bridge CLI against official-SDK scripts.
+"""Benchmark: end to end on N rows (default 50,000 prompts of 600 characters), the bridge CLI against official-SDK
+scripts.
 
 One emulator subprocess (`--latency 2`: a batch stays in_progress 2 s) serves every side, in turn.
   A  `bench/plain_sdk_script.py`: rows from the warehouse, request dicts, `batches.create(requests=...)`,
@@ -33,7 +34,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=50_000)
     ap.add_argument("--latency", type=float, default=2.0)
     ap.add_argument("--poll-interval", type=float, default=1.0)
-    ap.add_argument("--prompt-chars", type=int, default=200)
+    ap.add_argument("--prompt-chars", type=int, default=600, help="characters per prompt (the issue measured ~600)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--memory-limit", default=None, help="BATCH_BRIDGE_MEMORY_LIMIT for the bridge (default: the product's)")
     ap.add_argument("--show-stderr", action="store_true", help="print the bridge's stderr lines with times")

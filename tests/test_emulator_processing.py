@@ -4,6 +4,7 @@ same results, same cache and fault decisions, cancel/expiry/restart still work, 
 from __future__ import annotations
 
 import copy
+import json
 import signal
 import subprocess
 import sys
@@ -81,6 +82,32 @@ def test_batches_in_flight_together_give_the_sequential_results() -> None:
     parallel = run(EmulatorConfig(latency=0.5, faults=copy.deepcopy(faults), worker_processes=2))
     assert parallel == sequential
     assert '"cache_read_input_tokens":0' not in sequential[3]["b3-r0"].replace(" ", "")  # read what b1 wrote
+
+
+def test_a_large_batch_due_alone_is_split_across_the_processes_with_the_sequential_file() -> None:
+    """One batch no cache applies to, in two parts: the same results in the same order as one process
+    writes; one that meets the cache goes back, whole, to the process that owns the cache."""
+
+    def run(config: EmulatorConfig) -> tuple[list[list[str]], dict[str, Any]]:
+        with run_emulator(config) as emu, anthropic.Anthropic(api_key="k", base_url=emu.base_url) as client:
+            files = []
+            for extra in ({"system": "short, below any cache minimum"}, {}):  # {}: the long cached system
+                reqs = [request(f"r{i}", f"great product {i % 11}", **extra) for i in range(1_500)]
+                batch = client.messages.batches.create(requests=reqs)
+                wait_ended(client, batch.id)
+                files.append([r.to_json() for r in client.messages.batches.results(batch.id)])
+            return files, emu.counters()
+
+    faults = Faults(seed=5, errored_fraction=0.05, expired_fraction=0.02)
+    sequential, _ = run(EmulatorConfig(faults=faults, cache_hit_rate=1.0))
+    split, counters = run(EmulatorConfig(faults=copy.deepcopy(faults), cache_hit_rate=1.0, worker_processes=2,
+                                         split_min_requests=1_000))
+    assert counters["batches_split"] == 2  # both were split; the second's parts met the cache
+    assert split == sequential
+    assert len(split[0]) == 1_500 and split[0] != sorted(split[0])  # unordered, as the API's files are
+    reads = [json.loads(line)["result"]["message"]["usage"]["cache_read_input_tokens"]
+             for line in split[1] if '"succeeded"' in line]
+    assert len(reads) > 1_000 and sum(r > 0 for r in reads) == len(reads) - 1  # all but the first hit the cache
 
 
 def test_child_process_handles_cancel_expiry_and_a_restart(tmp_path: Path) -> None:

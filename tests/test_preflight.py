@@ -141,6 +141,28 @@ def test_a_row_longer_than_the_context_window_is_rejected_with_its_reason_and_th
     assert st["jobs"][0]["not_sent"]["too_long"]["rows"] == 1
 
 
+def test_a_slow_models_api_still_holds_rows_to_the_context_window_and_its_refusal_still_writes_nothing(
+        tmp_path, emulator):
+    # The Models API answers after the rows are staged and classified: `run` classifies as if every row
+    # fit, and must classify again once the context window is known (one row is over it).
+    emulator.configure(models_latency=2.0)
+    sql = ("SELECT 'k' || i AS id, CASE WHEN i = 2 THEN repeat('long text ', 100000) ELSE 'short text ' || i END "
+           "AS prompt FROM range(5) t(i)")
+    s, env = setup(tmp_path, emulator, meta(), sql=sql)
+    assert invoke(["run", "--timeout", "30"], env).exit_code == 0
+    assert stats(emulator)["requests_created"] == 4
+    assert sorted(row["id"] for row in current(s, "items")) == ["k0", "k1", "k3", "k4"]
+    st = json.loads(invoke(["status", "--json"], env).stdout)
+    assert st["jobs"][0]["not_sent"]["too_long"]["rows"] == 1
+    # A refusal that arrives after the classification stops the run before anything is written.
+    write_project(tmp_path, meta(model="claude-sonet-4-5", max_tokens=60))
+    r = invoke(["run", "--timeout", "30"], env)
+    assert r.exit_code == 2 and "claude-sonnet-4-5" in r.stderr, r.output
+    assert stats(emulator)["create_posts"] == 1
+    with duckdb.connect(str(s.state_path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM submissions").fetchone()[0] == 1
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

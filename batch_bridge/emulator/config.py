@@ -94,6 +94,8 @@ class EmulatorConfig:
     latency: float = 0.0
     # Real seconds `POST /v1/messages` takes before it answers (the synchronous API's latency).
     messages_latency: float = 0.0
+    # Real seconds the Models API (`GET /v1/models`, `/v1/models/{id}`) takes before it answers.
+    models_latency: float = 0.0
     # Emulated seconds a batch stays `canceling` after a cancel.
     cancel_latency: float = 0.0
     # Fraction of requests that still complete when a batch is canceled before processing.
@@ -124,6 +126,9 @@ class EmulatorConfig:
     # 0 = the worker thread does it (in-process default: starts instantly, and a responder
     # may be any callable). See worker.py for how results stay reproducible.
     worker_processes: int = 0
+    # A batch of at least this many requests, due while other lanes are idle, is processed in parts
+    # across them (worker.py); below it, one process is quicker than starting parts.
+    split_min_requests: int = 2000
     faults: Faults = field(default_factory=Faults)
 
 
@@ -135,6 +140,7 @@ _TUPLE_FIELDS = {"errored_types", "http_error_endpoints", "connection_reset_endp
 _RUNTIME_CONFIG_FIELDS = {
     "latency",
     "messages_latency",
+    "models_latency",
     "cancel_latency",
     "cancel_complete_fraction",
     "time_scale",

@@ -48,6 +48,11 @@ class Job:
     # Processed apart from the prompt cache, in parallel with other batches: stops with
     # CacheNeeded at the first request the cache could apply to (see Worker._dispatch).
     cache_free: bool = False
+    # Part `part` of `parts` (of a batch of `lines` requests): lines lines*part//parts up to
+    # lines*(part+1)//parts, left as bucket files for `join_parts`. One part writes the results itself.
+    part: int = 0
+    parts: int = 1
+    lines: int = 0
 
 
 @dataclass
@@ -79,9 +84,13 @@ def _simple_line(custom_id: str, result_type: str) -> str:
 def process_batch(
     job: Job, responder: Responder, cache: PromptCache, interrupted: Callable[[], Interruption | None]
 ) -> Outcome:
-    """Write the batch's results file; `interrupted()` is asked every CHECK_EVERY requests."""
-    work = job.results_path.parent / "work"
+    """Write the batch's results file (or a part's bucket files); `interrupted()` is asked every
+    CHECK_EVERY requests."""
+    work = _work_dir(job.results_path, job.part if job.parts > 1 else None)
     work.mkdir(exist_ok=True)
+    first, end = 0, None
+    if job.parts > 1:
+        first, end = job.lines * job.part // job.parts, job.lines * (job.part + 1) // job.parts
     buckets = [
         open(work / f"{k:02d}.jsonl", "w", encoding="utf-8", newline="\n", buffering=1 << 18)
         for k in range(BUCKETS)
@@ -93,6 +102,10 @@ def process_batch(
     try:
         with open(job.requests_path, "rb") as requests:
             for n, raw in enumerate(requests):
+                if n < first:
+                    continue
+                if end is not None and n >= end:
+                    break
                 item = loads_line(raw)
                 cid: str = item["custom_id"]
                 if job.mode == "process" and rest is None and n % CHECK_EVERY == 0:
@@ -112,14 +125,37 @@ def process_batch(
     finally:
         for f in buckets:
             f.close()
-    tmp = job.results_path.with_suffix(".tmp")
+    if job.parts == 1:
+        _concatenate([work], job.results_path)
+    return outcome
+
+
+def _work_dir(results_path: Path, part: int | None) -> Path:
+    return results_path.parent / ("work" if part is None else f"work-{part}")
+
+
+def _concatenate(works: list[Path], results_path: Path) -> None:
+    """The results file: bucket by bucket, each bucket's lines part after part. The parts of a batch
+    hold consecutive ranges of its requests, so this is the file one part would have written."""
+    tmp = results_path.with_suffix(".tmp")
     with open(tmp, "wb") as out:
         for k in range(BUCKETS):
-            with open(work / f"{k:02d}.jsonl", "rb") as part:
-                shutil.copyfileobj(part, out, 1 << 20)
-    tmp.replace(job.results_path)
-    shutil.rmtree(work, ignore_errors=True)
-    return outcome
+            for work in works:
+                with open(work / f"{k:02d}.jsonl", "rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 20)
+    tmp.replace(results_path)
+    drop_parts(results_path)
+
+
+def join_parts(results_path: Path, parts: int) -> None:
+    """Write the results file of a batch processed in `parts` parts (see `Job.part`)."""
+    _concatenate([_work_dir(results_path, k) for k in range(parts)], results_path)
+
+
+def drop_parts(results_path: Path) -> None:
+    """Remove the bucket files any processing of the batch left (parts of a run given up, or done)."""
+    for work in results_path.parent.glob("work*"):
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _answer(

@@ -411,10 +411,16 @@ class EmulatorApp:
     async def models_list(self, request: Request) -> Response:
         q = request.query_params
         lifecycle = q.getlist("lifecycle[]") + q.getlist("lifecycle")
+        await self._models_latency()
         return self._answer(*sync.list_models(q, lifecycle))
 
     async def models_retrieve(self, request: Request) -> Response:
+        await self._models_latency()
         return self._answer(*sync.retrieve_model(request.path_params["model_id"]))
+
+    async def _models_latency(self) -> None:
+        if self.config.models_latency > 0:
+            await asyncio.sleep(self.config.models_latency)
 
     async def messages_create(self, request: Request) -> Response:
         body = await request.body()

@@ -90,6 +90,8 @@ class Stats:
                 "requests_created": self._counters["requests_created"],
                 "batches_ended": self._counters["batches_ended"],
                 "requests_processed": self._counters["requests_processed"],
+                # batches processed in parts across the processing processes (worker.py)
+                "batches_split": self._counters["batches_split"],
                 "creates_rejected": self._counters["creates_rejected"],
                 # POST /v1/messages (synchronous) answered with a message, or with an error
                 "messages_answered": self._counters["messages_answered"],

@@ -15,6 +15,10 @@ cache (fault draws are a pure function of seed and custom_id). So:
   left for lane 0. A batch no cache applies to (the usual bridge job: a short shared system
   prompt) neither reads nor writes the cache, so where and when it runs changes nothing, and
   the results are identical to processing everything in order.
+* A large batch due alone while lanes are idle (at least `split_min_requests` requests) is split
+  into one part per idle lane, each a consecutive range of its requests processed apart from the
+  cache; the parts' bucket files are joined into the file one process would have written. A part
+  that meets the cache sends the whole batch back to lane 0, as above.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from typing import Union
 from .clock import Clock
 from .config import EmulatorConfig
 from .child import ProcessingChild
-from .processing import Interruption, Job, Mode, Outcome, process_batch
+from collections import Counter
+
+from .processing import Interruption, Job, Mode, Outcome, drop_parts, join_parts, process_batch
 from .responder import Responder
 from .stats import Stats
 from .store import Batch, Store
@@ -64,6 +70,7 @@ class Worker(threading.Thread):
         self._lanes = [_Lane(k, self) for k in range(config.worker_processes)]
         self._finished: queue.SimpleQueue[tuple[_Lane, Batch, Job, _Result]] = queue.SimpleQueue()
         self._cache_needed: set[str] = set()  # batches a speculative run found to need the cache
+        self._parts_done: dict[str, list[tuple[Job, _Result]]] = {}  # split batches: their parts back so far
         self._retry_at: dict[str, float] = {}
 
     def wake(self) -> None:
@@ -106,7 +113,10 @@ class Worker(threading.Thread):
             except queue.Empty:
                 break
             lane.batch = None
-            self._record(batch, job, result)
+            if job.parts > 1:
+                self._part_back(batch, job, result)
+            else:
+                self._record(batch, job, result)
         due, wait = self._due()
         if not self._lanes:
             if due:  # one batch per step: the next one's mode is looked at again afterwards
@@ -138,6 +148,13 @@ class Worker(threading.Thread):
         return due, wait
 
     def _dispatch(self, due: list[tuple[Batch, Mode]]) -> None:
+        idle = [lane for lane in self._lanes if lane.batch is None]
+        if len(due) == 1 and len(idle) > 1 and self._splits(*due[0]):
+            batch, mode = due.pop()
+            self.stats.incr("batches_split")
+            for k, lane in enumerate(idle):
+                lane.assign(batch, self._job(batch, mode, cache_free=True, part=k, parts=len(idle)))
+            return
         lowest_in_flight = min((lane.batch.seq for lane in self._lanes if lane.batch is not None), default=None)
         for lane in self._lanes:
             if lane.batch is not None or not due:
@@ -154,6 +171,33 @@ class Worker(threading.Thread):
             batch, mode = due.pop(pick)
             lane.assign(batch, self._job(batch, mode, cache_free=True))
             lowest_in_flight = batch.seq if lowest_in_flight is None else min(lowest_in_flight, batch.seq)
+
+    def _splits(self, batch: Batch, mode: Mode) -> bool:
+        return (mode == "process" and batch.request_count >= self.config.split_min_requests
+                and batch.id not in self._cache_needed)
+
+    def _part_back(self, batch: Batch, job: Job, result: _Result) -> None:
+        """Keep a part's result; once every part is back, end the batch with their sum (or send it back)."""
+        done = self._parts_done.setdefault(batch.id, [])
+        done.append((job, result))
+        if len(done) < job.parts:
+            return
+        del self._parts_done[batch.id]
+        results = [r for _, r in done]
+        failed = next((r for r in results if isinstance(r, CacheNeeded)), None) or next(
+            (r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            drop_parts(job.results_path)
+            self._record(batch, job, failed)
+            return
+        join_parts(job.results_path, job.parts)
+        outcomes = [r for r in results if isinstance(r, Outcome)]
+        total = Outcome(counts=dict(sum((Counter(o.counts) for o in outcomes), Counter())),
+                        faults=sum((o.faults for o in outcomes), Counter()),
+                        cpu_seconds=sum(o.cpu_seconds for o in outcomes))
+        for kind in ("succeeded", "errored", "canceled", "expired"):
+            total.counts.setdefault(kind, 0)
+        self._record(batch, job, total)
 
     def _next_step(self, batch: Batch) -> tuple[Mode, float]:
         if batch.processing_status == "canceling" and batch.cancel_initiated_at is not None:
@@ -173,7 +217,7 @@ class Worker(threading.Thread):
 
     # --- one batch --------------------------------------------------------------------------
 
-    def _job(self, batch: Batch, mode: Mode, cache_free: bool) -> Job:
+    def _job(self, batch: Batch, mode: Mode, cache_free: bool, part: int = 0, parts: int = 1) -> Job:
         return Job(
             batch_id=batch.id,
             requests_path=self.store.requests_path(batch.id),
@@ -184,6 +228,9 @@ class Worker(threading.Thread):
             cache_min_tokens=self.config.cache_min_tokens,
             cache_hit_rate=self.config.cache_hit_rate,
             cache_free=cache_free,
+            part=part,
+            parts=parts,
+            lines=batch.request_count,
         )
 
     def _in_thread(self, batch: Batch, mode: Mode) -> tuple[Job, _Result]:
