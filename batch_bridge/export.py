@@ -1,20 +1,21 @@
 """Staging rows -> what to send: custom_ids, input hashes, dispositions and request files, all set-wise.
 
-Three steps, none of which holds prompt text for every row in memory:
+Four steps, none of which holds prompt text for every row in memory:
 1. `stage`: read the staging relation (warehouse ATTACHed read-only). A first scan takes each row's
    custom_id and a cheap 64-bit fingerprint of its prompt, and looks the pair up in `key_inputs`:
    a key whose prompt is unchanged since its input was answered is up to date without hashing its
    prompt again. A second read (by rowid for a table, so DuckDB reads just those rows) builds the
    narrow temp table `bb_staged` only for the other rows (changed or new keys, NULL or duplicate
    keys): key columns, custom_id, input_hash (md5_number of the static request part and the
-   prompt), prompt size and emptiness. No prompt text, and no key JSON (built later, only for rows
-   whose key is stored).
+   prompt), prompt size (also as JSON, which is what its request line will carry) and emptiness.
+   No prompt text, and no key JSON (built later, only for rows whose key is stored).
 2. `classify`: join those rows with `input_outcomes` (what the answers so far say of each input) and
    the submissions in flight to give each row one disposition (send, up_to_date, in_flight, or a
    reason for not sending it).
-3. `write_requests`: only for rows to send, rebuild each request line in SQL
-   (`prefix || to_json(prompt) || suffix`), cut the lines into batches that respect both caps, and
-   let DuckDB write every batch file in one COPY.
+3. `measure`: number the requests to send and cut them into batches that respect both caps, by
+   line sizes summed from the staged sizes (no line is built, the staging relation is not read).
+4. `write_requests`: only for rows to send, build each request line in SQL
+   (`prefix || to_json(prompt) || suffix`) and let DuckDB write each batch file in one COPY.
 """
 
 from __future__ import annotations
@@ -322,6 +323,7 @@ def _staged_select(job: Job, source: str) -> str:
                CASE WHEN NOT prompt_empty THEN md5_number({quote_literal(job.static_hash)} || bb_prompt) END AS input_hash,
                coalesce(strlen(bb_prompt), 0) AS prompt_bytes,
                CASE WHEN NOT prompt_empty THEN length(bb_prompt) END AS prompt_chars,
+               CASE WHEN NOT prompt_empty THEN strlen(CAST(to_json(bb_prompt) AS VARCHAR)) END AS json_bytes,
                CASE WHEN NOT prompt_empty THEN {fingerprint_sql('bb_prompt')} END AS fingerprint
         FROM (
             SELECT {keys}, s.bb_rowid, {prompt_sql(job)} AS bb_prompt, {custom_id_sql(job)} AS custom_id, {empty} AS prompt_empty
@@ -467,6 +469,8 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, input_limi
                count(*) AS key_count,
                max(failures) + 1 AS attempt,
                max(prompt_bytes) AS prompt_bytes,
+               max(prompt_chars) AS prompt_chars,
+               max(json_bytes) AS json_bytes,
                {_locator_sql(job, is_table(con, job))}
         FROM bb_classified WHERE disposition = 'send' GROUP BY input_hash
         """
@@ -488,8 +492,8 @@ def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id")
     )
 
 
-def _lines_query(job: Job, columns: str, by_rowid: bool, requests: str = "bb_send", alias: str = "q") -> str:
-    """Rows of `requests` (`bb_send`, or a range of `bb_lines`) joined back to the staging relation `s`
+def _lines_query(job: Job, columns: str, by_rowid: bool, requests: str, alias: str) -> str:
+    """Rows of `requests` (a range of `bb_lines`, or the sample of them) joined back to the staging relation `s`
     for their prompt text. Run under `joins_as_written`: the staging rows, prompts and all, stream past
     a hash table of the (narrow) requests, never the other way round."""
     return f"""
@@ -560,20 +564,24 @@ def measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, max_request
         _measure(con, job, plan, min(job.max_requests_per_batch, max_requests or job.max_requests_per_batch))
 
 
+def line_framing_bytes(job: Job) -> int:
+    """Bytes of a request line besides its custom_id's and its prompt's JSON (see `line_sql`)."""
+    prefix, suffix = job.params_split()
+    return len(b'{"custom_id":,"params":}') + len(prefix.encode()) + len(suffix.encode())
+
+
 def _measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, cap: int) -> None:
-    # Sizes first, numbering second: a window over the join would sort the prompts along with the keys.
-    with joins_as_written(con):
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE bb_sizes AS "
-            + _lines_query(job, "q.request_custom_id, q.bb_rowid, q.bb_key, q.input_hash, q.attempt, q.key_count, "
-                           f"length({prompt_sql(job, 's')}) AS prompt_chars, strlen({line_sql(job)}) AS nbytes",
-                           is_table(con, job))
-        )
+    # A line's size is its framing, its custom_id's JSON and its prompt's JSON (measured when the row
+    # was staged): no line is built and the staging relation is not read again. The numbering sorts
+    # these narrow rows only.
     con.execute(
         "CREATE OR REPLACE TEMP TABLE bb_lines AS "
-        "SELECT row_number() OVER (ORDER BY request_custom_id) - 1 AS rn, * FROM bb_sizes"
+        "SELECT row_number() OVER (ORDER BY request_custom_id) - 1 AS rn, request_custom_id, bb_rowid, bb_key, "
+        "input_hash, attempt, key_count, prompt_chars, "
+        f"{line_framing_bytes(job)} + strlen(CAST(to_json(request_custom_id) AS VARCHAR)) + json_bytes AS nbytes "
+        "FROM bb_send"
     )
-    con.execute("DROP TABLE bb_sizes")
+    con.execute("DROP TABLE bb_send")
     n, biggest, chars = con.execute(
         "SELECT count(*), coalesce(max(nbytes), 0), coalesce(sum(prompt_chars), 0) FROM bb_lines"
     ).fetchall()[0]
@@ -582,15 +590,25 @@ def _measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, cap: int) 
     if BODY_OVERHEAD + cap * (biggest + 1) <= limit:
         # Even a full batch of the largest line fits the byte cap: cut by count, sizes summed in SQL.
         spans = _count_ranges(int(n), cap)
-        con.execute("CREATE OR REPLACE TEMP TABLE bb_spans (k INTEGER, first BIGINT, last BIGINT)")
-        con.executemany("INSERT INTO bb_spans VALUES (?, ?, ?)", [(k, a, b) for k, (a, b) in enumerate(spans)])
+        _record_chunks(con, spans)
         sums = dict(con.execute(
-            "SELECT k, sum(nbytes) + count(*) - 1 FROM bb_lines JOIN bb_spans ON rn BETWEEN first AND last GROUP BY k"
+            "SELECT k, sum(nbytes) + count(*) - 1 FROM bb_lines JOIN bb_chunks ON rn BETWEEN first AND last GROUP BY k"
         ).fetchall())
         ranges = [(a, b, BODY_OVERHEAD + int(sums[k])) for k, (a, b) in enumerate(spans)]
     else:
         ranges = cut_chunks(_streamed_sizes(con), cap, limit)
+        _record_chunks(con, [(a, b) for a, b, _ in ranges])
     plan.chunks = [Chunk(i, a, b, b - a + 1, body) for i, (a, b, body) in enumerate(ranges)]
+
+
+def _record_chunks(con: duckdb.DuckDBPyConnection, spans: list[tuple[int, int]]) -> None:
+    """`bb_chunks`: each batch's index and range of `bb_lines` rows, in one statement (one row per batch)."""
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE bb_chunks AS "
+        "SELECT CAST(unnest($k) AS INTEGER) AS k, CAST(unnest($first) AS BIGINT) AS first, "
+        "CAST(unnest($last) AS BIGINT) AS last",
+        {"k": list(range(len(spans))), "first": [a for a, _ in spans], "last": [b for _, b in spans]},
+    )
 
 
 @dataclass
@@ -610,15 +628,17 @@ def sample_lines(con: duckdb.DuckDBPyConnection, job: Job, size: int, strata: in
     each = size if groups == 1 else max(2, size // groups)
     con.execute(
         "CREATE OR REPLACE TEMP TABLE bb_strata AS "
-        "SELECT rn, ntile($g) OVER (ORDER BY prompt_chars, input_hash) AS stratum FROM bb_lines",
+        "SELECT rn, input_hash, prompt_chars, ntile($g) OVER (ORDER BY prompt_chars, input_hash) AS stratum FROM bb_lines",
         {"g": groups},
     )
     counts = {int(k): (int(r), int(c)) for k, r, c in con.execute(
-        "SELECT stratum, count(*), sum(prompt_chars) FROM bb_lines JOIN bb_strata USING (rn) GROUP BY stratum"
+        "SELECT stratum, count(*), sum(prompt_chars) FROM bb_strata GROUP BY stratum"
     ).fetchall()}
+    # The `each` rows of lowest (hash of input, rn) per stratum: a bounded heap per stratum, not a sort of all.
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE bb_sample AS SELECT l.*, t.stratum FROM bb_lines l JOIN bb_strata t USING (rn) "
-        "QUALIFY row_number() OVER (PARTITION BY t.stratum ORDER BY hash(l.input_hash), l.rn) <= $each",
+        "CREATE OR REPLACE TEMP TABLE bb_sample AS SELECT l.*, t.stratum FROM bb_lines l JOIN ("
+        "  SELECT stratum, unnest(min_by(rn, struct_pack(h := hash(input_hash), rn := rn), $each)) AS rn "
+        "  FROM bb_strata GROUP BY stratum) t USING (rn)",
         {"each": each},
     )
     with joins_as_written(con):

@@ -289,12 +289,16 @@ def _prepare(settings: Settings, run_stamp: str, out: list[str],
                     "body_bytes, prepared_at, lane) VALUES (?, ?, 'prepared', ?, ?, ?, ?, ?)",
                     [name, job.name, str(path), chunk.requests, chunk.body_bytes, now, plan.lane],
                 )
-                con.execute(
-                    "INSERT INTO bb_state.sent_requests SELECT ?, ?, request_custom_id, input_hash, attempt, key_count, prompt_chars "
-                    "FROM bb_lines WHERE rn BETWEEN ? AND ?",
-                    [name, job.name, chunk.first, chunk.last],
-                )
                 out.append(name)
+            if names:
+                # Every batch's requests in one pass over `bb_lines` (a pass per batch would grow with the square).
+                con.execute(
+                    "INSERT INTO bb_state.sent_requests "
+                    "SELECT c.name, $job, l.request_custom_id, l.input_hash, l.attempt, l.key_count, l.prompt_chars "
+                    "FROM bb_lines l JOIN bb_chunks b ON l.rn BETWEEN b.first AND b.last "
+                    "JOIN (SELECT unnest($k) AS k, unnest($names) AS name) c ON c.k = b.k",
+                    {"job": job.name, "k": [c.index for c in plan.chunks], "names": names},
+                )
             if fault:
                 fault("before_prepare_commit")
             con.execute("COMMIT")

@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 MODERATE = {
     "collect": ["--rows", "100000", "--repeat", "2"],
     "plan": ["--rows", "1000000", "--repeat", "2"],
+    "plan_scale": ["--sizes", "200000,600000"],
     "e2e": ["--rows", "50000"],
     "submit_memory": ["--rows", "50000"],
     "scale": ["--rows", "300000", "--small", "50000"],

@@ -1,0 +1,81 @@
+"""Request files as `submit` prepares them (offline: no API call), checked line by line against the warehouse.
+
+A line's size is known before it is built (its framing, its custom_id's JSON and its prompt's JSON,
+measured when the row is staged), and batches are cut by those sizes; these tests check that what is
+written is exactly what was measured and journalled, also for prompts whose JSON escaping grows them."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pytest
+
+from batch_bridge import bridge, state, submit
+from batch_bridge.export import BODY_OVERHEAD
+from helpers import settings_for, write_project
+
+# Quotes, backslashes, newlines, tabs, a control character, accents, CJK and an emoji: JSON escapes
+# some of them (\", \\, \n, \t, \u0001), and UTF-8 takes several bytes for others.
+AWKWARD = ["say \"hi\"", "back\\slash", "two\nlines", "tab\there", "ctl\x01char", "café déjà vu",
+           "漢字かな", "emoji 🎉 ok", "plain words"]
+
+
+def rows_sql(n: int) -> str:
+    cases = " ".join(f"WHEN i % {len(AWKWARD)} = {k} THEN {duckdb_literal(t)}" for k, t in enumerate(AWKWARD))
+    return (f"SELECT 'r' || lpad(i::VARCHAR, 5, '0') AS id, "
+            f"repeat('x', i % 37) || (CASE {cases} END) || ' #' || i AS prompt FROM range({n}) t(i)")
+
+
+def duckdb_literal(text: str) -> str:
+    return " || chr(1) || ".join("'" + part.replace("'", "''") + "'" for part in text.split("\x01"))
+
+
+def prepared(tmp_path, materialized: str, n: int, **env: str):
+    meta = {"job": "items", "key": "id", "model": "claude-haiku-4-5", "max_tokens": 50, "prompt_column": "prompt",
+            "system": "Label it.", "max_bytes_per_batch": 9_000}
+    write_project(tmp_path, meta, materialized=materialized)
+    s = settings_for(tmp_path, None, BATCH_BRIDGE_COUNT_SAMPLE="0", **env)
+    con = duckdb.connect(str(s.warehouse))
+    kind = "VIEW" if materialized == "view" else "TABLE"
+    con.execute(f'CREATE OR REPLACE {kind} main."stg_items" AS {rows_sql(n)}')
+    prompts = dict(con.execute("SELECT id, prompt FROM main.stg_items").fetchall())
+    con.close()
+    report = submit.prepare_submissions(s, bridge.load_jobs(s))
+    return s, report.plans[0], prompts
+
+
+@pytest.mark.parametrize("materialized", ["table", "view"])
+def test_request_files_hold_exactly_what_was_measured_and_journalled(tmp_path, materialized):
+    s, plan, prompts = prepared(tmp_path, materialized, 300)
+    assert len(plan.chunks) > 2  # the byte cap binds: several batches cut by line sizes
+    with state.connect(s) as con:
+        subs = con.execute("SELECT submission_id, request_file, request_count, body_bytes FROM bb_state.submissions "
+                           "ORDER BY submission_id").fetchall()
+        journal = {}
+        for sub_id, cid, chars in con.execute(
+                "SELECT submission_id, request_custom_id, prompt_chars FROM bb_state.sent_requests").fetchall():
+            journal.setdefault(sub_id, {})[cid] = chars
+    assert len(subs) == len(plan.chunks)
+    seen: list[list[str]] = []
+    for sub_id, path, count, body in subs:
+        raw = open(path, "rb").read()
+        assert len(raw) == body - BODY_OVERHEAD + 1 and body <= 9_000  # lines, commas become newlines
+        lines = [json.loads(x) for x in raw.decode().splitlines()]
+        assert len(lines) == count
+        ids = [x["custom_id"] for x in lines]
+        for x in lines:
+            assert x["params"]["messages"][-1]["content"] == prompts[x["custom_id"]]
+        assert journal[sub_id] == {i: len(prompts[i]) for i in ids}
+        seen.append(sorted(ids))
+    # Every row once, and batches hold consecutive runs of custom_ids in their order.
+    assert [i for ids in seen for i in ids] == sorted(prompts)
+
+
+def test_count_cut_by_the_queue_limit_matches_the_sizes_written(tmp_path):
+    s, plan, prompts = prepared(tmp_path, "table", 120, BATCH_BRIDGE_MAX_QUEUED_REQUESTS="25")
+    assert [c.requests for c in plan.chunks] == [25, 25, 25, 25, 20]
+    files = sorted(s.requests_dir.glob("*.jsonl"))
+    assert sorted(f.stat().st_size for f in files) == sorted(c.body_bytes - BODY_OVERHEAD + 1 for c in plan.chunks)
+    ids = sorted(json.loads(x)["custom_id"] for f in files for x in f.read_text().splitlines())
+    assert ids == sorted(prompts)
