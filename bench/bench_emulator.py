@@ -1,8 +1,9 @@
 """Benchmark: one 100,000-request (~200 MB) batch through the emulator, run as a subprocess.
 
 Prints wall time for create, processing and download, the emulator's CPU seconds by stage, and
-its peak RSS (server plus processing process) next to the body size: the point is that the
-emulator streams (RSS stays far below the body size).
+its peak RSS (server plus processing processes) next to the body size: the point is that the
+emulator streams (RSS stays far below the body size). Twice, side by side: the batch processed in
+parts across the two processing processes (as a large batch due alone is), and in one.
 
     .venv/bin/python bench/bench_emulator.py [--requests 100000] [--text-bytes 2000]
 """
@@ -81,9 +82,33 @@ def main() -> None:
 
     print(f"building body size for {args.requests:,} requests ...", file=sys.stderr)
     size = sum(len(c) for c in body_chunks(args.requests, args.text_bytes))
+    # Side by side: the batch processed in parts across the two processing processes (the default for
+    # a batch due alone), and in one of them (a split minimum above the batch's size).
+    split = measure(args, size, [])
+    whole = measure(args, size, ["--split-min-requests", str(args.requests + 1)])
+    mb = 1024 * 1024
+    print(f"requests                 {args.requests:,}")
+    print(f"create body              {size / mb:,.1f} MB")
+    for name, r in (("split in 2 parts", split), ("one process", whole)):
+        print(f"--- processing {name}")
+        print(f"create (upload+validate) {r['create']:6.2f} s  ({size / mb / r['create']:,.0f} MB/s)")
+        print(f"processing (to ended)    {r['process']:6.2f} s  ({args.requests / r['process']:,.0f} requests/s)")
+        print(f"download, raw httpx2     {r['raw']:6.2f} s  ({r['raw_bytes'] / mb:,.1f} MB, {r['raw_bytes'] / mb / r['raw']:,.0f} MB/s)")
+        print(f"download, SDK results()  {r['sdk']:6.2f} s  ({r['lines'] / r['sdk']:,.0f} lines/s; SDK reads 64-byte chunks)")
+        cpu = r["cpu"]
+        if cpu:
+            print(f"emulator CPU, parsing    {cpu['create_parse']:6.2f} s  ({cpu['create_parse'] / args.requests * 1e6:.1f} µs/request)")
+            print(f"emulator CPU, processing {cpu['processing']:6.2f} s  ({cpu['processing'] / args.requests * 1e6:.1f} µs/request)")
+        print(f"emulator RSS idle        {r['idle_rss'] / mb:,.1f} MB")
+        print(f"emulator RSS peak        {r['peak_rss'] / mb:,.1f} MB")
+        print(f"peak RSS / body size     {r['peak_rss'] / size:.3f}")
+    print(f"RATIO processing wall, split / one process = {split['process'] / whole['process']:.2f}x")
 
+
+def measure(args: argparse.Namespace, size: int, flags: list[str]) -> dict:
+    """One emulator subprocess (with `flags`), one batch: create, wait until ended, download twice."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batch_bridge.emulator", "--port", "0"],
+        [sys.executable, "-m", "batch_bridge.emulator", "--port", "0", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -123,7 +148,7 @@ def main() -> None:
             t3 = time.perf_counter()
             lines = sum(1 for _ in client.messages.batches.results(batch_id))
             t_sdk = time.perf_counter() - t3
-            cpu = httpx2.get(f"{url}/_emulator/stats").json().get("cpu_seconds", {})
+            stats = httpx2.get(f"{url}/_emulator/stats").json()
     finally:
         sampler.__exit__(None, None, None)
         proc.terminate()
@@ -131,19 +156,9 @@ def main() -> None:
         proc.stdout.close()
 
     assert lines == args.requests == batch.request_counts.succeeded, (lines, batch.request_counts)
-    mb = 1024 * 1024
-    print(f"requests                 {args.requests:,}")
-    print(f"create body              {size / mb:,.1f} MB")
-    print(f"create (upload+validate) {t_create:6.2f} s  ({size / mb / t_create:,.0f} MB/s)")
-    print(f"processing (to ended)    {t_process:6.2f} s  ({args.requests / t_process:,.0f} requests/s)")
-    print(f"download, raw httpx2     {t_raw:6.2f} s  ({raw_bytes / mb:,.1f} MB, {raw_bytes / mb / t_raw:,.0f} MB/s)")
-    print(f"download, SDK results()  {t_sdk:6.2f} s  ({lines / t_sdk:,.0f} lines/s; SDK reads 64-byte chunks)")
-    if cpu:
-        print(f"emulator CPU, parsing    {cpu['create_parse']:6.2f} s  ({cpu['create_parse'] / args.requests * 1e6:.1f} µs/request)")
-        print(f"emulator CPU, processing {cpu['processing']:6.2f} s  ({cpu['processing'] / args.requests * 1e6:.1f} µs/request)")
-    print(f"emulator RSS idle        {idle_rss / mb:,.1f} MB")
-    print(f"emulator RSS peak        {sampler.peak / mb:,.1f} MB")
-    print(f"peak RSS / body size     {sampler.peak / size:.3f}")
+    assert stats["batches_split"] == (0 if flags else 1), stats["batches_split"]
+    return {"create": t_create, "process": t_process, "raw": t_raw, "raw_bytes": raw_bytes, "sdk": t_sdk,
+            "lines": lines, "cpu": stats.get("cpu_seconds", {}), "idle_rss": idle_rss, "peak_rss": sampler.peak}
 
 
 if __name__ == "__main__":
