@@ -28,7 +28,7 @@ from typing import Any, Callable
 import duckdb
 
 from .errors import ApiError
-from .export import JobPlan, sample_lines
+from .export import JobPlan, Sample, sample_lines
 from .jobs import Job
 from .pricing import PriceBook
 
@@ -196,8 +196,7 @@ def _keep_counts(con: duckdb.DuckDBPyConnection, endpoint: str, counts: dict[int
 class StartedCount:
     """The sample of `bb_lines` whose tokens are being counted (`start_count`), for `count_input`."""
 
-    counting: Counting
-    sample: Any  # export.Sample
+    sample: Sample
     prefix_key: int
     have: dict[int, int]  # counts known from earlier plans
     asking: Asking
@@ -220,7 +219,7 @@ def start_count(con: duckdb.DuckDBPyConnection, job: Job, counting: Counting) ->
     todo = {h: json.loads(line)["params"] for _, h, _, line in sample.lines if h not in have}
     if prefix_key not in have:
         todo[prefix_key] = _prefix_params(job)
-    return StartedCount(counting, sample, prefix_key, have, Asking(counting, todo))
+    return StartedCount(sample, prefix_key, have, Asking(counting, todo))
 
 
 def count_input(con: duckdb.DuckDBPyConnection, job: Job, counting: Counting,
