@@ -462,12 +462,17 @@ def room_for_rows(
     (hash tables, sorts, uncommitted inserts) spills to disk; what does not spill is a few vectors of
     the rows being streamed, which grows with their width: 2,048 answers of 60 KB are 120 MB per copy.
     A limit the user set is theirs, a cap that is never raised."""
-    excess = row_bytes - ORDINARY_ROW_BYTES
-    if settings.memory_limit_set or excess <= 0:
+    if settings.memory_limit_set or row_bytes <= ORDINARY_ROW_BYTES:
         return nullcontext()
+    return _room(con, _rows_limit(settings, row_bytes, rows))
+
+
+def _rows_limit(settings: Settings, row_bytes: float, rows: int = VECTOR_ROWS) -> int:
+    """The default memory_limit plus a few vectors of rows `row_bytes` wide beyond the ordinary width
+    (of `rows`, when there are fewer than a vector), capped at ROOM_CAP_BYTES."""
     base = size_bytes(settings.memory_limit)
-    room = int(WIDE_ROW_VECTORS * min(max(rows, 1), VECTOR_ROWS) * excess)
-    return _room(con, min(base + room, max(base, ROOM_CAP_BYTES)))
+    room = int(WIDE_ROW_VECTORS * min(max(rows, 1), VECTOR_ROWS) * max(0.0, row_bytes - ORDINARY_ROW_BYTES))
+    return min(base + room, max(base, ROOM_CAP_BYTES))
 
 
 # What statements streaming rows past small tables hold besides the rows (a full publish's pass: the
@@ -485,10 +490,7 @@ def room_for_streaming(con: duckdb.DuckDBPyConnection, settings: Settings, row_b
     an earlier step (a load) left cached beyond it. A limit the user set is theirs and is kept as it is."""
     if settings.memory_limit_set:
         return nullcontext()
-    default = size_bytes(settings.memory_limit)
-    widest = min(default + max(0, int(WIDE_ROW_VECTORS * VECTOR_ROWS * (row_bytes - ORDINARY_ROW_BYTES))),
-                 max(default, ROOM_CAP_BYTES))
-    limit = min(STREAMING_BASE_BYTES + int(WIDE_ROW_VECTORS * VECTOR_ROWS * row_bytes), widest)
+    limit = min(STREAMING_BASE_BYTES + int(WIDE_ROW_VECTORS * VECTOR_ROWS * row_bytes), _rows_limit(settings, row_bytes))
     return _setting(con, "memory_limit", f"'{limit // 2**20}MiB'")
 
 
@@ -497,10 +499,7 @@ def room_for_picking(con: duckdb.DuckDBPyConnection, settings: Settings, row_byt
     for statements that hold many keys at once (a merge's pick of up to an eighth of a job's keys)."""
     if settings.memory_limit_set:
         return nullcontext()
-    base = size_bytes(settings.memory_limit)
-    excess = max(0.0, row_bytes - ORDINARY_ROW_BYTES)
-    limit = min(base + int(WIDE_ROW_VECTORS * VECTOR_ROWS * excess), max(base, ROOM_CAP_BYTES))
-    return _setting(con, "memory_limit", f"'{limit // 2**20}MiB'")
+    return _setting(con, "memory_limit", f"'{_rows_limit(settings, row_bytes) // 2**20}MiB'")
 
 
 @contextmanager
@@ -514,8 +513,8 @@ def _room(con: duckdb.DuckDBPyConnection, limit: int) -> Iterator[None]:
 
 
 # DuckDB checkpoints whenever its WAL passes checkpoint_threshold (16 MB by default), and a checkpoint
-# rewrites a table's last, partly filled row group (up to 122,880 answers): a load committing a slice of
-# 8 MB at a time would do that every slice or two. Measured: 60 commits of 14,000 rows of 500 bytes took
+# rewrites a table's last, partly filled row group (up to 122,880 answers): a load committing a slice at
+# a time would do that every slice or two. Measured (slices of 8 MB): 60 commits of 14,000 rows of 500 bytes took
 # 8.3 s with automatic checkpoints, 1.7 s without, at the same peak RSS.
 LOAD_WAL_LIMIT = "4GB"
 

@@ -192,11 +192,9 @@ class Worker(threading.Thread):
             return
         join_parts(job.results_path, job.parts)
         outcomes = [r for r in results if isinstance(r, Outcome)]
-        total = Outcome(counts=dict(sum((Counter(o.counts) for o in outcomes), Counter())),
+        total = Outcome(counts={kind: sum(o.counts[kind] for o in outcomes) for kind in outcomes[0].counts},
                         faults=sum((o.faults for o in outcomes), Counter()),
                         cpu_seconds=sum(o.cpu_seconds for o in outcomes))
-        for kind in ("succeeded", "errored", "canceled", "expired"):
-            total.counts.setdefault(kind, 0)
         self._record(batch, job, total)
 
     def _next_step(self, batch: Batch) -> tuple[Mode, float]:
