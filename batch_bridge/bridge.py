@@ -103,10 +103,12 @@ _PUBLISH_DEFERRED: ContextVar[bool] = ContextVar("batch_bridge_publish_deferred"
 
 
 def _publish_all(settings: Settings, jobs: list[Job]) -> None:
-    """Rewrite each job's results source (and owed history parts); once per command."""
+    """Fold what the command loaded into the per-input summaries, then rewrite each job's results
+    source (and owed history parts); once per command."""
     if _PUBLISH_DEFERRED.get():
         return
     with state.connect(settings) as con:
+        state.fold_outcomes(con)
         for j in jobs:
             publish(con, settings, j, fault=crash_point)
 

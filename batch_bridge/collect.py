@@ -397,8 +397,10 @@ def load_downloaded(
 ) -> LoadReport:
     """Load every downloaded batch into `responses`, set-wise, slice by slice, and mark it collected.
 
-    The last slice's transaction folds the batch's responses into `input_outcomes` (and
-    `key_inputs.answered`), the per-input summary that `plan` reads instead of the whole history.
+    The last slice's transaction marks the batch collected and owes its answers to `input_outcomes`
+    (and `key_inputs.answered`), the per-input summaries that `plan` reads instead of the whole
+    history; they are folded in once FOLD_ANSWERS answers are owed, and by the command before it ends
+    (`state.fold_outcomes`).
 
     Publishes nothing: the command calls `results.publish` once when it is done loading, which also
     writes the history part of every collected batch that has none yet."""
@@ -431,6 +433,7 @@ def load_downloaded(
                         report.foreign.append(batch[0])
                         continue
                     _account_errors(con, batch[0], report)
+        state.fold_outcomes(con, at_least=state.FOLD_ANSWERS)
     return report
 
 
@@ -537,8 +540,9 @@ def _load_batch(
     a file of its own and read, extracted and INSERTed in one transaction with the position after it
     (`state.record_slice`). DuckDB holds an uncommitted INSERT in memory and buffers up to 32 MB of
     the file it reads, so the peak is one slice whatever the batch's size; a load cut short resumes at
-    the next slice and never loads a line twice. The last slice's transaction also folds the batch's
-    answers into `input_outcomes` and marks it collected, so `plan` sees a batch whole or not at all.
+    the next slice and never loads a line twice. The last slice's transaction also marks the batch
+    collected and owes its answers to the summaries (`state.owe_outcomes`), so a batch is loaded whole
+    or not at all.
 
     Returns False when the batch, adopted on its request count, proved another client's (then
     nothing of it stays loaded)."""
@@ -598,7 +602,7 @@ def _load_slices(
                 )
             state.record_slice(con, batch_id, done + lines, end)
             if last:
-                _finish_batch(con, job_name, batch_id, progress)
+                _finish_batch(con, job_name, batch_id, done + lines, progress)
                 if fault:
                     fault("during_load")
             con.execute("COMMIT")
@@ -616,17 +620,18 @@ def _load_slices(
     return True
 
 
-def _finish_batch(con: duckdb.DuckDBPyConnection, job_name: str, batch_id: str, progress: Progress) -> None:
-    """In the last slice's transaction: warn of models without a price, fold the batch's answers into
-    `input_outcomes`, mark it collected."""
+def _finish_batch(con: duckdb.DuckDBPyConnection, job_name: str, batch_id: str, answers: int,
+                  progress: Progress) -> None:
+    """In the last slice's transaction: warn of models without a price, mark the batch collected with
+    its answers owed to the summaries."""
     unknown = con.execute(
         "SELECT DISTINCT model FROM bb_state.responses WHERE job = ? AND batch_id = ? "
         "AND model IS NOT NULL AND cost_usd IS NULL AND status IN ('succeeded', 'parse_failed') ORDER BY 1",
         [job_name, batch_id]).fetchall()
     for (m,) in unknown:
         progress.step(f"warning: no price for model {m!r}; its cost is reported as unknown (NULL)")
-    state.record_outcomes(con, job_name, [batch_id])
     state.mark_collected(con, batch_id)
+    state.owe_outcomes(con, job_name, batch_id, answers)
 
 
 def collect(

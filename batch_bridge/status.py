@@ -7,6 +7,7 @@ from typing import Any
 
 import duckdb
 
+from . import state
 from .export import REJECTED_REASONS
 from .state import utcnow
 
@@ -73,6 +74,7 @@ def row_counts(con: duckdb.DuckDBPyConnection, job: str) -> dict[str, Any]:
     the type of their latest answer and rows never sent by reason, so that the parts add up; plus
     `stale`: keys without an answer for their current input that still show an earlier answer.
     Shared by `status` and `report`."""
+    state.fold_outcomes(con, job)  # answers loaded so far count in `key_inputs.answered`
     rows = con.execute(
         """
         WITH keys AS (SELECT custom_id, input_hash AS h, answered FROM bb_state.key_inputs WHERE job = $job),
@@ -155,6 +157,7 @@ def row_counts(con: duckdb.DuckDBPyConnection, job: str) -> dict[str, Any]:
 def lanes_summary(con: duckdb.DuckDBPyConnection, job: str) -> dict[str, dict[str, Any]]:
     """Per lane (batch, sync): keys whose current answer came through it, answers billed, and their cost."""
     rows = {lane: {"rows_answered": 0, "billed_requests": 0, "cost_usd": 0.0} for lane in ("batch", "sync")}
+    state.fold_outcomes(con, job)  # answers loaded so far count in `key_inputs.answered`
     for lane, billed, cost, unknown in con.execute(
         """SELECT lane, count(*) FILTER (WHERE status IN ('succeeded', 'parse_failed')), coalesce(sum(cost_usd), 0),
                   count(*) FILTER (WHERE cost_usd IS NULL AND status IN ('succeeded', 'parse_failed'))

@@ -167,6 +167,8 @@ def plan_jobs(
     plans, estimates = [], {}
     book = load_prices(settings.prices_file)
     counting = counting_for(settings, client)
+    for j in jobs:  # classify reads the per-input summaries: answers loaded so far must be in them
+        state.fold_outcomes(con, j.name)
     by_catalog: dict[str, list[Job]] = {}
     for j in jobs:
         by_catalog.setdefault(j.relation.database, []).append(j)

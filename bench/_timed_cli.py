@@ -65,7 +65,8 @@ def install() -> None:
     api.download_results = _stamp("download", api.download_results)
     collect.load_downloaded = _stamp("load", collect.load_downloaded)
     collect._insert_responses = _stamp("load_insert", collect._insert_responses)  # one slice's read + INSERT
-    collect._finish_batch = _stamp("load_finish", collect._finish_batch)  # a batch's outcomes folded in
+    collect._finish_batch = _stamp("load_finish", collect._finish_batch)  # a batch marked collected
+    state.fold_outcomes = _stamp("fold", state.fold_outcomes)  # loaded answers folded into the summaries
     bridge.publish = _stamp("publish", bridge.publish)
     # Finer stamps inside "other", for the time a job of many batches spends between them.
     collect._cut_slice = _stamp("load_cut", collect._cut_slice)
@@ -80,7 +81,7 @@ def install() -> None:
 
 
 # Exclusive attribution when phases nest or overlap: the first active one in this order wins.
-PRIORITY = ("publish", "write_requests", "download", "upload", "poll", "sleep", "load_insert", "load_finish", "load_cut",
+PRIORITY = ("fold", "publish", "write_requests", "download", "upload", "poll", "sleep", "load_insert", "load_finish", "load_cut",
             "load", "plan", "manifest", "state_open", "state_close", "refresh", "pending", "send_pending")
 
 

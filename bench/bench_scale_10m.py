@@ -32,7 +32,7 @@ from bench_scale import CORES, one
 STAGES = {  # stage -> the bench/_timed_cli.py phases it is made of
     "plan": ("plan",),
     "submit": ("write_requests", "upload"),
-    "collect": ("download", "load", "load_insert", "load_finish", "load_cut"),
+    "collect": ("download", "load", "load_insert", "load_finish", "load_cut", "fold"),
     "publish": ("publish",),
     "waiting": ("poll", "sleep"),
     "other": ("other", "manifest", "state_open", "state_close", "refresh", "pending", "send_pending"),
@@ -72,11 +72,10 @@ def main() -> None:
               f"{r['emu_rss'] / 1e6:.0f} MB")
         for k, v in stages.items():
             print(f"    {k:8s} {v:8.1f} s  {v / m:7.2f} s per million rows  peak RSS in it {peaks[k] / 1e6:7.1f} MB")
-        finish = [b - a for name, a, b in r["phases"] if name == "load_finish"]
-        if finish:
-            print(f"    of collect: reading and inserting slices {r['shares'].get('load_insert', 0):.1f} s, folding each "
-                  f"batch's outcomes in {sum(finish):.1f} s ({len(finish)} batches: the first {finish[0]:.2f} s, "
-                  f"the last {finish[-1]:.2f} s)")
+        folds = [b - a for name, a, b in r["phases"] if name == "fold" and b - a >= 0.01]
+        print(f"    of collect: reading and inserting slices {r['shares'].get('load_insert', 0):.1f} s, folding the "
+              f"answers into the per-input summaries {r['shares'].get('fold', 0):.1f} s ({len(folds)} folds of 10 ms "
+              f"or more" + (f", the longest {max(folds):.2f} s)" if folds else ")"))
         inside = r["shares"]
         print("    seconds (peak RSS MB) by phase: " + ", ".join(
             f"{k} {v:.1f} ({r['peaks'].get(k, 0) / 1e6:.0f})" for k, v in sorted(inside.items(), key=lambda kv: -kv[1])))

@@ -111,6 +111,10 @@ def assert_converged(s, emulator) -> None:
     assert {r["status"] for r in rows} == {"succeeded"}
     parts = {p.stem for p in (s.results_dir("items") / "history").glob("*.parquet")} - {"_schema"}
     assert parts == local, "one history part per collected batch, also after a crash"
+    # Every loaded answer is folded into the per-input summaries, exactly once.
+    assert state_rows(s, "SELECT count(*) FROM bb_state.unfolded_batches") == [(0,)]
+    assert sorted(state_rows(s, "SELECT * FROM bb_state.input_outcomes")) == sorted(
+        state_rows(s, state.outcomes_select("true")))
     # Converged for good: another run sends nothing and changes nothing.
     before = emulator.counters()["create_posts"]
     sub, _ = rerun(s)
@@ -188,6 +192,39 @@ def test_kill_during_collect_then_rerun_loads_exactly_once(proj, emulator, point
     report = bridge.collect(proj, jobs, client)
     assert report.lost == [] and sum(report.loaded.values()) == ROWS - loaded
     assert not list(proj.raw_results_dir.glob("*.part"))
+    assert_converged(proj, emulator)
+
+
+def test_killed_before_the_fold_status_and_plan_fold_first_and_count_the_answers(proj, emulator):
+    """A collect killed after a batch's load leaves its answers owed to the per-input summaries (the
+    fold runs for many batches at once); `status` and `plan` fold them before reading, so the rows
+    count as answered and are not sent again."""
+    jobs = bridge.load_jobs(proj)
+    client = api.build_client(proj)
+    bridge.submit(proj, jobs, client)
+    bridge.wait(proj, jobs, client, timeout=30)
+    created = emulator.counters()["requests_created"]
+
+    def owed() -> int:
+        return state_rows(proj, "SELECT coalesce(sum(answers), 0) FROM bb_state.unfolded_batches")[0][0]
+
+    crash(proj, "collect", "after_load")
+    first = state_rows(proj, "SELECT count(*) FROM bb_state.responses")[0][0]
+    assert 0 < first < ROWS and owed() == first
+    assert state_rows(proj, "SELECT count(*) FROM bb_state.input_outcomes") == [(0,)]
+    r = cli(proj, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["jobs"][0]["rows"]["succeeded"] == first
+    assert owed() == 0
+
+    crash(proj, "collect", "after_load")  # the next batch, killed before its fold
+    second = state_rows(proj, "SELECT count(*) FROM bb_state.responses")[0][0]
+    assert first < second < ROWS and owed() == second - first
+    plans, _ = bridge.plan(proj, jobs)
+    assert (plans[0].send_keys, owed()) == (0, 0)
+    assert state_rows(proj, "SELECT count(*) FROM bb_state.key_inputs WHERE answered") == [(second,)]
+    rerun(proj)
+    assert emulator.counters()["requests_created"] == created
     assert_converged(proj, emulator)
 
 

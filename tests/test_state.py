@@ -7,6 +7,7 @@ import duckdb
 import pytest
 
 from batch_bridge import api, bridge, state
+from batch_bridge import collect as collect_mod
 from batch_bridge.purge import purge
 from helpers import current, load_staging, settings_for, write_project
 
@@ -78,6 +79,27 @@ def test_outcomes_stay_equal_to_the_responses_through_failures_retries_and_purge
     assert plan(s) == p
 
 
+def test_batches_folded_in_passes_give_the_summaries_one_fold_gives(project, emulator):
+    """Loading owes each batch's answers to the summaries; a fold in passes of whole batches leaves
+    them exactly what `responses` says, and nothing is folded while less than `at_least` is owed."""
+    s = project(rows_sql(25), max_requests_per_batch=10)  # batches of 10, 10 and 5 requests
+    jobs = bridge.load_jobs(s)
+    client = api.build_client(s)
+    bridge.submit(s, jobs, client)
+    bridge.wait(s, jobs, client, timeout=30)
+    collect_mod.collect(client, s, {j.name: j for j in jobs})  # loads, does not publish
+    with state.connect(s) as con:
+        assert con.execute("SELECT count(*), sum(answers) FROM bb_state.unfolded_batches").fetchone() == (3, 25)
+        assert state.fold_outcomes(con, at_least=26) == 0
+        assert con.execute("SELECT count(*) FROM bb_state.input_outcomes").fetchone() == (0,)
+        assert state.fold_outcomes(con, at_least=25, pass_answers=15) == 3  # passes: 10, then 10 + 5
+        assert con.execute("SELECT count(*) FROM bb_state.unfolded_batches").fetchone() == (0,)
+        assert state.fold_outcomes(con) == 0
+    assert_summaries_match_history(s)
+    assert fetch(s, "SELECT count(*) FROM bb_state.key_inputs WHERE answered") == [(25,)]
+    assert plan(s)["rows_to_send"] == 0
+
+
 def test_an_old_state_file_is_migrated_and_plans_the_same(project):
     s = project(rows_sql(40))
     run(s)
@@ -97,6 +119,7 @@ def test_an_old_state_file_is_migrated_and_plans_the_same(project):
         con.execute("DROP TABLE bb_state.model_info")
         con.execute("DROP TABLE bb_state.token_counts")
         con.execute("DROP TABLE bb_state.published")
+        con.execute("DROP TABLE bb_state.unfolded_batches")
         for table in ("submissions", "batches", "responses"):
             con.execute(f"ALTER TABLE bb_state.{table} DROP COLUMN lane")
         con.execute("DELETE FROM bb_state._migrations WHERE name <> 'm001_initial'")
@@ -108,7 +131,7 @@ def test_an_old_state_file_is_migrated_and_plans_the_same(project):
         ("m001_initial",), ("m002_input_outcomes",), ("m003_key_inputs",), ("m004_result_bytes",),
         ("m005_unknown_outcomes",), ("m006_report_estimates",), ("m007_model_info",), ("m008_token_counts",),
         ("m009_lanes",), ("m010_published",),
-        ("m011_load_slices",)]
+        ("m011_load_slices",), ("m012_unfolded_batches",)]
     assert_summaries_match_history(s)
     # Batches collected before m004 get the size of their stored answers (the result file may be gone).
     [(lines, size, answers)] = fetch(
