@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from batch_bridge import api, bridge, collect, state, submit
+from batch_bridge import api, bridge, collect, results, state, submit
 
 
 def _stamp(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -24,6 +24,17 @@ def _stamp(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             sys.stderr.write(f"@@phase {name} {t:.6f} {time.monotonic():.6f}\n")
             sys.stderr.flush()
+    return wrapper
+
+
+def _stamp_history(write: Callable[..., Any]) -> Callable[..., Any]:
+    """results._write with the writes of history parts stamped ("publish_history")."""
+    stamped = _stamp("publish_history", write)
+
+    def wrapper(con: Any, query: str, dest: Any, *a: Any, **kw: Any) -> Any:
+        if dest.parent.name == "history" and dest.stem != "_schema":
+            return stamped(con, query, dest, *a, **kw)
+        return write(con, query, dest, *a, **kw)
     return wrapper
 
 
@@ -68,6 +79,7 @@ def install() -> None:
     collect._finish_batch = _stamp("load_finish", collect._finish_batch)  # a batch marked collected
     state.fold_outcomes = _stamp("fold", state.fold_outcomes)  # loaded answers folded into the summaries
     bridge.publish = _stamp("publish", bridge.publish)
+    results._write = _stamp_history(results._write)
     # Finer stamps inside "other", for the time a job of many batches spends between them.
     collect._cut_slice = _stamp("load_cut", collect._cut_slice)
     submit.send_pending = _stamp("send_pending", submit.send_pending)
@@ -81,7 +93,7 @@ def install() -> None:
 
 
 # Exclusive attribution when phases nest or overlap: the first active one in this order wins.
-PRIORITY = ("fold", "publish", "write_requests", "download", "upload", "poll", "sleep", "load_insert", "load_finish", "load_cut",
+PRIORITY = ("fold", "publish_history", "publish", "write_requests", "download", "upload", "poll", "sleep", "load_insert", "load_finish", "load_cut",
             "load", "plan", "manifest", "state_open", "state_close", "refresh", "pending", "send_pending")
 
 

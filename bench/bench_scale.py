@@ -11,7 +11,8 @@ with phase stamps). Measured per run:
     plan (stage/classify/measure, twice in submit), write_requests (export COPY), upload (create
     POSTs), poll (retrieve calls), sleep (waiting between polls), download, load (of which load_cut:
     copying a slice of a result file, load_insert: its read_json + INSERT, load_finish: a batch marked
-    collected), fold (loaded answers folded into the per-input summaries), publish (parquet files),
+    collected), fold (loaded answers folded into the per-input summaries), publish (parquet files; of
+    which publish_history: the history parts),
     state_open / state_close (opening the state DB, and closing it), refresh / pending / send_pending
     (the `run` loop between batches), other (imports, ...);
   - the emulator's CPU seconds during the run (psutil cpu_times of its process) / wall, split into create
@@ -35,7 +36,8 @@ from _timed_cli import active, exclusive, parse
 
 CORES = os.cpu_count() or 1
 ORDER = ("other", "manifest", "state_open", "state_close", "refresh", "pending", "send_pending", "plan", "write_requests",
-         "upload", "poll", "sleep", "download", "load", "load_cut", "load_insert", "load_finish", "fold", "publish")
+         "upload", "poll", "sleep", "download", "load", "load_cut", "load_insert", "load_finish", "fold", "publish",
+         "publish_history")
 
 
 def one(n: int, args: argparse.Namespace, **env_extra: str) -> dict:

@@ -33,7 +33,7 @@ STAGES = {  # stage -> the bench/_timed_cli.py phases it is made of
     "plan": ("plan",),
     "submit": ("write_requests", "upload"),
     "collect": ("download", "load", "load_insert", "load_finish", "load_cut", "fold"),
-    "publish": ("publish",),
+    "publish": ("publish", "publish_history"),
     "waiting": ("poll", "sleep"),
     "other": ("other", "manifest", "state_open", "state_close", "refresh", "pending", "send_pending"),
 }

@@ -286,3 +286,38 @@ def test_dbt_reads_the_generated_source_after_a_change(tmp_path, emulator):
         con.close()
     assert (n, keys, stale) == (ROWS, ROWS, 0)
     assert text == by_id(s)["r042"]["output_text"] and text != "" and text is not None
+
+
+def test_history_parts_of_several_batches_hold_each_key_with_each_answer_it_had(tmp_path, emulator):
+    """The history parts of a command's batches (their keys found once for the group of them): each part
+    holds exactly its batch's answers, once per key that had the answered input: both keys of a shared
+    prompt (one deduplicated), and a changed key's earlier answer beside its new one (parts are written
+    once: `is_stale` says what was stale when its batch was published)."""
+    write_project(tmp_path, {**META, "max_requests_per_batch": 8})
+    s = settings_for(tmp_path, emulator.base_url)
+    pairs = "SELECT 'k' || lpad(i::VARCHAR, 3, '0') AS id, {} AS prompt FROM range(40) t(i)"
+    load_staging(s, pairs.format("'review of pair ' || (i // 2)"))  # 40 keys, 20 distinct prompts
+    first = run(s)[0].batches
+    changed = tuple(range(0, 24, 2))  # 12 keys, one of each of 12 pairs
+    load_staging(s, pairs.format(f"CASE WHEN i IN {changed} THEN 'changed review ' || i ELSE 'review of pair ' || (i // 2) END"))
+    second = run(s)[0].batches
+    assert len(first) >= 2 and len(second) >= 2, (first, second)
+    parts = s.results_dir("items") / "history"
+    con = duckdb.connect()
+    for b in first + second:
+        stems = con.execute(f"SELECT DISTINCT batch_id FROM read_parquet('{parts / (b + '.parquet')}')").fetchall()
+        assert stems == [(b,)]
+    rows = con.execute(
+        f"SELECT id, batch_id, deduplicated, is_stale FROM read_parquet('{parts}/msgbatch_*.parquet')").fetchall()
+    assert len(rows) == 40 + 12
+    by_key: dict[str, list[tuple]] = {}
+    for key, batch, dedup, stale in rows:
+        by_key.setdefault(key, []).append((batch in second, dedup, stale))
+    for i in range(40):
+        had = sorted(by_key[f"k{i:03d}"])
+        if i in changed:  # the pair's shared answer, and its own new one
+            assert [(b, st) for b, _, st in had] == [(False, False), (True, False)], (i, had)
+            assert had[1][1] is False
+        else:
+            assert [(b, st) for b, _, st in had] == [(False, False)], (i, had)
+    assert sum(d for _, d, _ in (r[1:] for r in rows) if d) == 20  # one key of each pair in the first run
