@@ -98,46 +98,33 @@ def _projection(con: duckdb.DuckDBPyConnection, job: Job) -> str:
     """
 
 
-def history_sql(con: duckdb.DuckDBPyConnection, job: Job, batch_ids: list[str] | None = None,
-                keys: str | None = None) -> str:
+def history_sql(con: duckdb.DuckDBPyConnection, job: Job, batch_ids: list[str] | None = None) -> str:
     """Every (key, answer) pair, or only those of the given batches.
 
     For given batches, the keys are narrowed to those that had one of their inputs first, so a
-    part costs time in proportion to its batch, not to every key of the job. `keys`: a relation of
-    those keys (`part_keys_sql`), found once for several batches whose parts are written one by one.
+    part costs time in proportion to its batch, not to every key of the job.
     """
     job_lit = quote_literal(job.name)
-    only = "" if batch_ids is None else _of_batches(batch_ids)
+    only = ""
+    if batch_ids is not None:
+        only = " AND batch_id IN (" + (", ".join(quote_literal(b) for b in batch_ids) or "NULL") + ")"
     return _projection(con, job) + f"""
         FROM (
-            WITH kv AS ({keys or part_keys_sql(job, only)})
+            WITH v AS (
+                SELECT DISTINCT custom_id, input_hash FROM bb_state.key_versions
+                WHERE job = {job_lit} AND input_hash IN (
+                    SELECT input_hash FROM bb_state.responses WHERE job = {job_lit}{only})
+            ),
+            l AS (
+                SELECT custom_id, arg_max(input_hash, seen_at) AS current_hash, arg_max(key_json, seen_at) AS key_json
+                FROM bb_state.key_versions WHERE job = {job_lit} AND custom_id IN (SELECT custom_id FROM v)
+                GROUP BY custom_id
+            ),
+            kv AS (SELECT l.custom_id, l.key_json, l.current_hash, v.input_hash FROM v JOIN l ON l.custom_id = v.custom_id)
             SELECT kv.custom_id, kv.key_json, kv.current_hash, r.*
             FROM (SELECT * FROM bb_state.responses WHERE job = {job_lit}{only}) r
             JOIN kv ON kv.input_hash = r.input_hash
         ) h
-    """
-
-
-def _of_batches(batch_ids: list[str]) -> str:
-    return " AND batch_id IN (" + (", ".join(quote_literal(b) for b in batch_ids) or "NULL") + ")"
-
-
-def part_keys_sql(job: Job, only: str = "") -> str:
-    """(custom_id, key_json, current_hash, input_hash) of every key one of whose inputs has a response
-    matching `only` (a condition on `responses`, after its job's): the keys of those batches' history."""
-    job_lit = quote_literal(job.name)
-    return f"""
-        WITH v AS (
-            SELECT DISTINCT custom_id, input_hash FROM bb_state.key_versions
-            WHERE job = {job_lit} AND input_hash IN (
-                SELECT input_hash FROM bb_state.responses WHERE job = {job_lit}{only})
-        ),
-        l AS (
-            SELECT custom_id, arg_max(input_hash, seen_at) AS current_hash, arg_max(key_json, seen_at) AS key_json
-            FROM bb_state.key_versions WHERE job = {job_lit} AND custom_id IN (SELECT custom_id FROM v)
-            GROUP BY custom_id
-        )
-        SELECT l.custom_id, l.key_json, l.current_hash, v.input_hash FROM v JOIN l ON l.custom_id = v.custom_id
     """
 
 
@@ -225,29 +212,6 @@ def _write(con: duckdb.DuckDBPyConnection, query: str, dest: Path, tmp: Path | N
     con.execute(f"COPY ({query}) TO {quote_literal(str(tmp))} ({PARQUET})")
     os.chmod(tmp, 0o600)
     os.replace(tmp, dest)
-
-
-# Answers of the batches whose history parts share one search for their keys: the keys found are held
-# in a temporary table (about 70 bytes a key, spilled beyond the publish's memory limit).
-PART_GROUP_ANSWERS = 500_000
-
-
-def _part_groups(con: duckdb.DuckDBPyConnection, batch_ids: list[str]) -> list[list[str]]:
-    """`batch_ids` in order, in groups of consecutive batches of up to PART_GROUP_ANSWERS answers (a
-    larger batch alone)."""
-    if not batch_ids:
-        return []
-    sizes = dict(con.execute("SELECT batch_id, coalesce(result_lines, 0) FROM bb_state.batches "
-                             "WHERE list_contains(?, batch_id)", [batch_ids]).fetchall())
-    groups: list[list[str]] = []
-    size = 0
-    for b in batch_ids:
-        if not groups or size + sizes.get(b, 0) > PART_GROUP_ANSWERS:
-            groups.append([])
-            size = 0
-        groups[-1].append(b)
-        size += sizes.get(b, 0)
-    return groups
 
 
 def _unpublished_batches(con: duckdb.DuckDBPyConnection, job: Job, parts: Path) -> list[str]:
@@ -455,17 +419,8 @@ def _publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, fault
     )
     _write(con, history_sql(con, job, []), parts / "_schema.parquet")  # the job's columns may have changed
     # One COPY per part: a COPY partitioned by batch held a row group per open part (11 parts of a 1M-row
-    # run: 88 MB of buffers), and per batch is faster too (BENCHMARKS.md). Finding a part's keys scans
-    # the job's whole `key_versions` twice, so they are found once for a group of parts.
-    for group in _part_groups(con, todo):
-        if len(group) == 1:
-            _write(con, history_sql(con, job, group), parts / f"{group[0]}.parquet")
-            continue
-        con.execute("CREATE OR REPLACE TEMP TABLE bb_part_keys AS " + part_keys_sql(job, _of_batches(group)))
-        try:
-            for b in group:
-                _write(con, history_sql(con, job, [b], keys="SELECT * FROM bb_part_keys"), parts / f"{b}.parquet")
-        finally:
-            con.execute("DROP TABLE IF EXISTS bb_part_keys")
+    # run: 88 MB of buffers), and per batch is faster too (BENCHMARKS.md).
+    for b in todo:
+        _write(con, history_sql(con, job, [b]), parts / f"{b}.parquet")
     shutil.rmtree(parts / ".incoming", ignore_errors=True)  # left by a partitioned COPY of older versions
     return out / CURRENT
