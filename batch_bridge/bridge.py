@@ -64,7 +64,8 @@ def plan(
 ) -> tuple[list[JobPlan], dict[str, Estimate]]:
     """What `submit` would send now, after the same preflight (without a client: what it could not
     check is said); sends nothing, and records only what the Models API answered and the input token
-    counts (kept, so that the next plan asks nothing again)."""
+    counts (kept, so that the next plan asks nothing again), besides folding answers already loaded
+    into the per-input summaries it reads (`state.fold_outcomes`)."""
     with state.connect(settings) as con:
         found = preflight.check_jobs(con, settings, jobs, client)
         return submit_mod.plan_jobs(con, settings, jobs, progress=progress, preflights=found, client=client)
