@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 from typing import Callable, get_args
@@ -233,6 +234,9 @@ CURRENT = "current.parquet"
 # A full rewrite writes each bucket in a pass of its own over the answers (a partitioned COPY held a row
 # group per open bucket and ran out of 128MB at 64 buckets): capping the count keeps it linear in rows.
 MAX_BUCKETS = 16
+# Keys a full rewrite's pass picks within the limit for streaming (`state.room_for_streaming`): measured
+# with ~62,500 (a 1M-key job); ~500,000 ran out of it.
+STREAMED_PICK_KEYS = 65_536
 
 
 def bucket_file(bucket: int, buckets: int) -> str:
@@ -323,10 +327,15 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
                 _merge_buckets(con, job, want, current, out, fault)
         else:
             fresh.mkdir()
+            # A bucket of more than STREAMED_PICK_KEYS keys (past MAX_BUCKETS: ~625,000 at 10M) ran out of the
+            # limit for streaming (52 MiB) in its pick: such picks get the room a merge's pick has.
+            crowded = keys > want * STREAMED_PICK_KEYS
+            row_bytes = _answer_bytes(con, job)
             for b in range(want):
                 # A pass per bucket, its keys picked and written: it holds ~1/`want` of the picks (all 1M
-                # picks at once held 70 MB, BENCHMARKS.md), so the limit for streaming suffices.
-                pick_current(con, job, want, bucket=b)
+                # picks at once held 70 MB, BENCHMARKS.md), so the limit for streaming suffices up to the cap.
+                with room_for_picking(con, settings, row_bytes) if crowded else nullcontext():
+                    pick_current(con, job, want, bucket=b)
                 _write(con, current_sql(con, job, b), fresh / bucket_file(b, want))
                 if b == 0:
                     fault("publish_between_buckets")
