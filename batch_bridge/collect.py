@@ -372,23 +372,13 @@ def _reject_bad_file(con: duckdb.DuckDBPyConnection, batches: list[tuple]) -> No
             continue
         line, why = bad
         where = f"line {line}" if line else "file"
-        _in_transaction(con, lambda: state.discard_download(
+        state.in_transaction(con, lambda: state.discard_download(
             con, b[0], f"result {where}: {why}; downloaded again by the next collect"))
         Path(path).unlink(missing_ok=True)
         raise ResultsError(
             f"results of batch {b[0]} ({path}), {where}: {why}; nothing of job {b[1]!r} was loaded",
             hint="the file was removed; the next `batch-bridge collect` downloads it again",
         )
-
-
-def _in_transaction(con: duckdb.DuckDBPyConnection, step: Callable[[], object]) -> None:
-    con.execute("BEGIN")
-    try:
-        step()
-        con.execute("COMMIT")
-    except Exception:
-        state.rollback(con)
-        raise
 
 
 def load_downloaded(
@@ -458,7 +448,7 @@ def _release_foreign(con: duckdb.DuckDBPyConnection, batch: tuple, lines: int, m
     batch_id, job_name, submission_id, result_file = batch[:4]
     why = (f"adopted on its request count, but {lines - matched:,} of the {lines:,} answers in a slice of its "
            f"{batch[4] or 0:,} are not to our requests: another client's batch; never loaded, cancelled or deleted")
-    _in_transaction(con, lambda: state.release_foreign(con, batch_id, why))
+    state.in_transaction(con, lambda: state.release_foreign(con, batch_id, why))
     Path(result_file).unlink(missing_ok=True)  # another client's data is not ours to keep
     progress.step(f"warning: job {job_name!r}: batch {batch_id} {why}; submission {submission_id} looks for its "
                   "own batch again")
@@ -595,7 +585,7 @@ def _load_slices(
                 return False
             if n != lines or (last and done + lines != expected):
                 state.rollback(con)
-                _in_transaction(con, lambda: state.forget_loaded_slices(con, batch_id))
+                state.in_transaction(con, lambda: state.forget_loaded_slices(con, batch_id))
                 raise ResultsError(
                     f"job {job_name!r}, batch {batch_id}: {done + n:,} result lines matched sent requests "
                     f"in its first {done + lines:,}, expected {expected:,} in all; nothing of it was loaded"

@@ -388,6 +388,17 @@ def rollback(con: duckdb.DuckDBPyConnection) -> None:
         pass
 
 
+def in_transaction(con: duckdb.DuckDBPyConnection, step: Callable[[], object]) -> None:
+    """Run `step` in a transaction of its own: committed whole, or rolled back and re-raised."""
+    con.execute("BEGIN")
+    try:
+        step()
+        con.execute("COMMIT")
+    except BaseException:
+        rollback(con)
+        raise
+
+
 def migrate(con: duckdb.DuckDBPyConnection) -> None:
     """Apply every migration not yet applied; runs on every open, so old and new files match."""
     con.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP)")
@@ -885,16 +896,13 @@ def fold_outcomes(con: duckdb.DuckDBPyConnection, job: str | None = None, at_lea
         passes[-1][1].append(batch_id)
         size += answers
     for name, ids in passes:
-        con.execute("BEGIN")
-        try:
-            _record_outcomes(con, name, ids)
-            con.execute("DELETE FROM bb_state.unfolded_batches WHERE job = ? AND list_contains(?, batch_id)",
-                        [name, ids])
-            con.execute("COMMIT")
-        except BaseException:
-            rollback(con)
-            raise
+        in_transaction(con, lambda: _fold_pass(con, name, ids))
     return len(owed)
+
+
+def _fold_pass(con: duckdb.DuckDBPyConnection, job: str, batch_ids: list[str]) -> None:
+    _record_outcomes(con, job, batch_ids)
+    con.execute("DELETE FROM bb_state.unfolded_batches WHERE job = ? AND list_contains(?, batch_id)", [job, batch_ids])
 
 
 def _record_outcomes(con: duckdb.DuckDBPyConnection, job: str, batch_ids: list[str]) -> None:
