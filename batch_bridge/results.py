@@ -328,7 +328,9 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
         else:
             fresh.mkdir()
             # A bucket of more than STREAMED_PICK_KEYS keys (past MAX_BUCKETS: ~625,000 at 10M) ran out of the
-            # limit for streaming (52 MiB) in its pick: such picks get the room a merge's pick has.
+            # limit for streaming (52 MiB) in its pick, and its write, whose hash table holds the bucket's
+            # picks, spilled most of them (a 10M-key job's full rewrite: 667 s, 159 s with the room, measured):
+            # such passes, pick and write, get the room a merge's pick has.
             crowded = keys > want * STREAMED_PICK_KEYS
             row_bytes = _answer_bytes(con, job)
             for b in range(want):
@@ -336,7 +338,7 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
                 # picks at once held 70 MB, BENCHMARKS.md), so the limit for streaming suffices up to the cap.
                 with room_for_picking(con, settings, row_bytes) if crowded else nullcontext():
                     pick_current(con, job, want, bucket=b)
-                _write(con, current_sql(con, job, b), fresh / bucket_file(b, want))
+                    _write(con, current_sql(con, job, b), fresh / bucket_file(b, want))
                 if b == 0:
                     fault("publish_between_buckets")
             _swap(fresh, current, old)
