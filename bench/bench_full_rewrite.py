@@ -4,8 +4,8 @@ For each size (default 1,000,000 and 10,000,000 keys), the state `bench_publish.
 set-wise (every key answered, `--answer-chars` characters, in batches of 100,000, collected), a first
 `publish` (not timed: it also writes every batch's history part), then `publish` again with its marks
 forgotten, so it rewrites every bucket file of `current.parquet` into a new directory: the publish that
-ends a job's first `run`. Timed per bucket file (its pick and its write) and in all; reported as
-seconds per million keys, the largest size over the smallest. At 10M the 16-bucket cap makes each
+ends a job's first `run`. Timed in all, and each bucket file's write (its pick is most of the rest);
+reported as seconds per million keys, the largest size over the smallest. At 10M the 16-bucket cap makes each
 bucket ~625,000 keys (~62,500 at 1M).
 
     .venv/bin/python bench/bench_full_rewrite.py [--sizes 1000000,10000000] [--answer-chars 200]
@@ -67,7 +67,7 @@ def main() -> None:
         whole, buckets = one(n, args.answer_chars)
         per_m[n] = whole / (n / 1e6)
         print(f"{n:,} keys: full rewrite {whole:.1f} s = {per_m[n]:.2f} s per million keys; {len(buckets)} bucket "
-              f"files, the write of each {min(buckets):.2f}-{max(buckets):.2f} s (the rest of the time: their picks)",
+              f"files, the write of each {min(buckets):.2f}-{max(buckets):.2f} s (most of the rest: their picks)",
               flush=True)
     lo, hi = min(sizes), max(sizes)
     print(f"RATIO s per million keys, {hi:,} / {lo:,} keys (1.00 = linear): {per_m[hi] / per_m[lo]:.2f}x")
