@@ -275,15 +275,16 @@ def _shape_error(value: object, shape: object, where: str) -> str | None:
 
 # DuckDB's JSON reader buffers max(32 MB, 2 x maximum_object_size) of its file per thread (less for a
 # smaller file: measured, a 10 MB file took 18 MB), and DuckDB raises a smaller maximum_object_size to
-# its own 16 MB default. The bound given is the slice's size (`_cut_slice`), which its longest line
-# cannot exceed: ordinary slices read with DuckDB's default, and a slice holding a longer line gets a
-# buffer that follows it instead of a fixed maximum.
+# its own 16 MB default. The bound given is the longest line of the slice (`_cut_slice` measures it), so
+# ordinary slices read with DuckDB's default, and a slice holding a longer line gets a buffer that
+# follows that line instead of a fixed maximum. (The slice's own size would do as a bound, but a 32 MiB
+# slice and the end of its last line is 33 MiB: a 66 MiB buffer counted against the memory limit.)
 MAX_RESULT_LINE = 16 * 1024 * 1024
 
 
-def _object_size(slice_bytes: int) -> int:
-    """maximum_object_size for a file of `slice_bytes` (the longest line it can hold), in whole MiB."""
-    return max(MAX_RESULT_LINE, -(-(slice_bytes + 1) // 2**20) * 2**20)
+def _object_size(longest_line: int) -> int:
+    """maximum_object_size for a file whose longest line is `longest_line` bytes, in whole MiB."""
+    return max(MAX_RESULT_LINE, -(-(longest_line + 1) // 2**20) * 2**20)
 
 
 def _read_sql(path: str, max_line: int = MAX_RESULT_LINE) -> str:
@@ -466,12 +467,25 @@ def _line_bytes(batch: tuple) -> float:
 _COPY_CHUNK = 2**20
 
 
-def _cut_slice(src: BinaryIO, offset: int, dest: Path, size: int) -> tuple[int, int]:
+def _cut_slice(src: BinaryIO, offset: int, dest: Path, size: int) -> tuple[int, int, int]:
     """Copy whole lines of `src` from byte `offset`, about `size` bytes of them (one line at least), to
-    `dest`, readable by its owner only (results hold user data). Returns (lines, the offset after them)."""
+    `dest`, readable by its owner only (results hold user data). Returns (lines, the offset after them,
+    a bound on the longest of them in bytes: exact for a line that spans chunks of the copy, the chunk's
+    size for lines within one, which is all `_object_size` needs)."""
     src.seek(offset)
     lines = written = 0
+    longest = run = 0  # run: the bytes of the line being copied so far
     tail = b"\n"
+
+    def copied(chunk: bytes) -> None:
+        nonlocal longest, run
+        first = chunk.find(b"\n")
+        if first < 0:
+            run += len(chunk)
+            return
+        longest = max(longest, run + first + 1, min(len(chunk), _COPY_CHUNK))
+        run = len(chunk) - chunk.rfind(b"\n") - 1
+
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with open(fd, "wb") as out:
         while written < size:
@@ -479,17 +493,19 @@ def _cut_slice(src: BinaryIO, offset: int, dest: Path, size: int) -> tuple[int, 
             if not chunk:
                 break
             out.write(chunk)
+            copied(chunk)
             written += len(chunk)
             lines += chunk.count(b"\n")
             tail = chunk[-1:]
         if tail != b"\n":  # the slice ends inside a line: take the rest of it
             rest = src.readline()
             out.write(rest)
+            copied(rest)
             written += len(rest)
             lines += rest.count(b"\n")
             if not rest.endswith(b"\n"):
                 lines += 1  # a last line without a newline is complete JSON (as the download counts it)
-    return lines, offset + written
+    return lines, offset + written, max(longest, run)
 
 
 def _insert_responses(con: duckdb.DuckDBPyConnection, job: Job, batch: tuple, book: PriceBook, now: object,
@@ -565,10 +581,10 @@ def _load_slices(
     expected = result_lines or 0
     size = os.fstat(src.fileno()).st_size
     while True:
-        lines, end = _cut_slice(src, offset, piece, settings.load_slice_bytes)
+        lines, end, longest = _cut_slice(src, offset, piece, settings.load_slice_bytes)
         last = end >= size
         try:
-            n = _insert_responses(con, job, batch, book, state.utcnow(), str(piece), _object_size(end - offset),
+            n = _insert_responses(con, job, batch, book, state.utcnow(), str(piece), _object_size(longest),
                                   "bb_batch_sent")
         except duckdb.Error as e:
             state.rollback(con)

@@ -9,6 +9,7 @@ import duckdb
 import pytest
 
 from batch_bridge import api, bridge, state
+from batch_bridge import collect as collect_mod
 from batch_bridge.config import DEFAULT_MEMORY_LIMIT
 from batch_bridge.emulator import EmulatorConfig, run_emulator
 from batch_bridge.errors import BudgetExceeded
@@ -244,6 +245,52 @@ def _longer_answer(params, custom_id=None):
     """A 60,000-character answer per request (a long report)."""
     return {"content": [{"type": "text", "text": (f"{custom_id}: " + "a long and careful answer " * 2400)[:60_000]}],
             "stop_reason": "end_turn"}
+
+
+def _one_huge_answer(params, custom_id=None):
+    """A 33 MiB answer for request k1 (DuckDB's 16 MiB default
+    maximum_object_size reads lines up to its 32 MiB buffer), short ones otherwise."""
+    text = "x" * (33 * 2**20) if custom_id == "k1" else f"{custom_id}: fine"
+    usage = {"input_tokens": 10, "output_tokens": len(text) // 4}  # given: the emulator need not tokenize it
+    return {"content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "usage": usage}
+
+
+def test_an_answer_longer_than_the_readers_default_loads_whole(tmp_path):
+    """The JSON reader's maximum_object_size follows the longest line of the slice it reads: a result line
+    of 33 MiB (beyond what DuckDB's 16 MiB default reads) loads whole, next to ordinary ones in its slice."""
+    with run_emulator(EmulatorConfig(responder=_one_huge_answer)) as emu:
+        write_project(tmp_path, meta(max_tokens=20000))
+        s = settings_for(tmp_path, emu.base_url)
+        load_staging(s, "SELECT 'k' || i AS id, 'text number ' || i AS prompt FROM range(3) t(i)")
+        jobs, client = bridge.load_jobs(s), api.build_client(s)
+        bridge.submit(s, jobs, client)
+        bridge.wait(s, jobs, client, timeout=60)
+        report = bridge.collect(s, jobs, client)
+        client.close()
+    assert report.loaded == {"items": 3}
+    rows = {r["id"]: r for r in current(s, "items")}
+    assert {k: r["status"] for k, r in rows.items()} == {"k0": "succeeded", "k1": "succeeded", "k2": "succeeded"}
+    assert len(rows["k1"]["output_text"]) == 33 * 2**20 and rows["k2"]["output_text"] == "k2: fine"
+
+
+def test_a_slice_of_ordinary_lines_reads_with_the_default_buffer_whatever_its_size(tmp_path):
+    """A slice's reader is sized by its longest line, not by the slice: 33 MiB of 700-byte lines reads with
+    DuckDB's 16 MiB default (a bound of the slice's size gave 33 MiB, a 66 MiB buffer counted against
+    the memory limit), and a line spanning many copy chunks is measured whole."""
+    line = b'{"custom_id":"k","result":{"type":"succeeded"}}' + b" " * 650 + b"\n"
+    src = tmp_path / "results.jsonl"
+    src.write_bytes(line * (33 * 2**20 // len(line)))
+    with open(src, "rb") as f:
+        lines, end, longest = collect_mod._cut_slice(f, 0, tmp_path / "slice", 32 * 2**20)
+    assert end > 32 * 2**20 and lines == end // len(line) and longest >= len(line)
+    assert collect_mod._object_size(longest) == collect_mod.MAX_RESULT_LINE == 16 * 2**20
+    long_line = b'{"custom_id":"k","pad":"' + b"y" * (5 * 2**20 + 123) + b'"}\n'
+    src.write_bytes(line * 10 + long_line + line * 10)
+    with open(src, "rb") as f:
+        lines, end, longest = collect_mod._cut_slice(f, 0, tmp_path / "slice", 2 * len(line))
+        assert (lines, end) == (2, 2 * len(line))
+        lines, end, longest = collect_mod._cut_slice(f, end, tmp_path / "slice", 32 * 2**20)
+    assert lines == 19 and end == src.stat().st_size and longest == len(long_line)
 
 
 def test_long_answers_get_room_by_default_but_a_limit_the_user_set_is_a_cap(tmp_path):
