@@ -48,10 +48,11 @@ DEFAULT_PUBLISH_BUCKET_ROWS = 65_536
 ENV_LOAD_SLICE = "BATCH_BRIDGE_LOAD_SLICE_BYTES"
 # Bytes of a result file loaded per transaction (`collect.load_downloaded`): an uncommitted INSERT is held
 # in memory and DuckDB's JSON reader buffers up to 32 MB of its file, so a batch of 100,000 answers
-# loaded in one transaction made the peak of a run grow with its batches. 32 MiB loads 100,000 answers (78 MB)
-# in 3 slices at the peak RSS of 8 MiB slices and ~20% faster (each slice costs a commit and a pass over the
-# batch's sent requests). Measured in BENCHMARKS.md (Collect, Scale).
-DEFAULT_LOAD_SLICE_BYTES = 32 * 2**20
+# loaded in one transaction made the peak of a run grow with its batches. 16 MiB loads 100,000 answers
+# (78 MB) in 5 slices within 5% of the time 32 MiB slices take (each slice costs a commit and a pass over
+# the batch's sent requests), and a 50,000-answer run's load peaks ~19 MB lower. Measured in
+# BENCHMARKS.md (Collect, End to end).
+DEFAULT_LOAD_SLICE_BYTES = 16 * 2**20
 # The API's cap on a workspace's requests in the processing queue at Tier 1 (200,000 at Tier 2): creates
 # beyond it answer 429, so the bridge keeps its own batches within it.
 DEFAULT_MAX_QUEUED = 100_000
@@ -401,7 +402,7 @@ def resolve(
         load_slice = 0
     if load_slice < 1:
         raise ConfigError(f"{ENV_LOAD_SLICE}={slice_raw!r} is not a positive size",
-                          hint="give bytes or a size, e.g. 32MiB (the default)")
+                          hint="give bytes or a size, e.g. 16MiB (the default)")
     return Settings(
         project_dir=pdir,
         profiles_dir=prdir,
