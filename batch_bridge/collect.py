@@ -471,7 +471,7 @@ def _cut_slice(src: BinaryIO, offset: int, dest: Path, size: int) -> tuple[int, 
     """Copy whole lines of `src` from byte `offset`, about `size` bytes of them (one line at least), to
     `dest`, readable by its owner only (results hold user data). Returns (lines, the offset after them,
     a bound on the longest of them in bytes: exact for a line that spans chunks of the copy, the chunk's
-    size for lines within one, which is all `_object_size` needs)."""
+    size for lines within one (1 MiB, far below what `_object_size` rounds to))."""
     src.seek(offset)
     lines = written = 0
     longest = run = 0  # run: the bytes of the line being copied so far
@@ -483,7 +483,7 @@ def _cut_slice(src: BinaryIO, offset: int, dest: Path, size: int) -> tuple[int, 
         if first < 0:
             run += len(chunk)
             return
-        longest = max(longest, run + first + 1, min(len(chunk), _COPY_CHUNK))
+        longest = max(longest, run + first + 1, len(chunk))  # the lines within it are no longer than it
         run = len(chunk) - chunk.rfind(b"\n") - 1
 
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
