@@ -152,16 +152,16 @@ def counting_for(settings: Settings, client: anthropic.Anthropic | None) -> Coun
 
 def plan_jobs(
     con: duckdb.DuckDBPyConnection, settings: Settings, jobs: list[Job], *, progress: Progress = Silent(),
-    prepare: Callable[[Job, JobPlan, duckdb.DuckDBPyConnection, dict[str, str]], None] | None = None,
+    prepare: Preparer | None = None,
     warehouse: WarehouseAccess | None = None,
     preflights: dict[str, JobPreflight] | Future[dict[str, JobPreflight]] | None = None,
     client: anthropic.Anthropic | None = None,
 ) -> tuple[list[JobPlan], dict[str, Estimate]]:
     """Stage and classify every job (warehouse attached read-only, or read through `warehouse`);
-    optionally prepare submissions.
+    optionally prepare submissions (`prepare`: write their request files, then journal them).
 
     With the preflight's findings (or a Future of them, still being found: it is waited for once the
-    rows are classified), rows longer than the model's context window are `too_long`, and
+    rows are classified and their request files written), rows longer than the model's context window are `too_long`, and
     each plan carries the findings (with a warning when a cache marked in the job cannot work). With a
     client, input tokens are counted by the API (see estimate.py); without, a rule estimates them."""
     plans, estimates = [], {}
@@ -179,31 +179,43 @@ def plan_jobs(
                 key_types = stage(con, job)
                 if isinstance(preflights, Future) and preflights.done():
                     preflights = preflights.result()
-                if isinstance(preflights, Future):
-                    # Still asking the API (the SDK's import comes first): classify as if the model's
-                    # context window held every row, then wait. The guess stands when no staged row
-                    # is over the window; otherwise the rows are classified again with it.
-                    plan = _classified(con, settings, job, None)
-                    preflights = preflights.result()
-                    found = preflights.get(job.name) or JobPreflight(job.name, job.model)
-                    limit = _input_limit(con, job, found)
-                    if limit is not None and _any_over(con, limit):
-                        plan = _classified(con, settings, job, limit)
-                else:
-                    found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
-                    plan = _classified(con, settings, job, _input_limit(con, job, found))
-                # The sample's token counts are asked for (HTTP, in threads) while the request files
-                # are written and journalled.
-                counts = (start_count(con, job, counting)
-                          if counting is not None and counting.sample > 0 and plan.send_requests else None)
+                written: Written | None = None
                 try:
-                    if prepare is not None:
-                        prepare(job, plan, con, key_types)
-                    estimates[job.name] = estimate_job(con, job, plan, book, counting,
-                                                       cache_hit_rate=settings.cache_hit_rate, started=counts)
+                    if isinstance(preflights, Future):
+                        # Still asking the API (the SDK's import comes first): classify as if the model's
+                        # context window held every row, and write the request files on that guess
+                        # meanwhile, then wait. The guess stands when no staged row is over the window;
+                        # otherwise the rows are classified again with it and the files written again.
+                        plan = _classified(con, settings, job, None)
+                        written = prepare.write(job, plan, con) if prepare is not None else None
+                        preflights = preflights.result()
+                        found = preflights.get(job.name) or JobPreflight(job.name, job.model)
+                        limit = _input_limit(con, job, found)
+                        if limit is not None and _any_over(con, limit):
+                            plan = _classified(con, settings, job, limit)
+                            if written is not None:
+                                written.discard()
+                                written = None
+                    else:
+                        found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
+                        plan = _classified(con, settings, job, _input_limit(con, job, found))
+                    # The sample's token counts are asked for (HTTP, in threads) while the request files
+                    # are journalled (and written, when they were not yet).
+                    counts = (start_count(con, job, counting)
+                              if counting is not None and counting.sample > 0 and plan.send_requests else None)
+                    try:
+                        if prepare is not None:
+                            written = written or prepare.write(job, plan, con)
+                            prepare.journal(job, plan, con, key_types, written)
+                            written = None  # journalled: the submissions own the files now
+                        estimates[job.name] = estimate_job(con, job, plan, book, counting,
+                                                           cache_hit_rate=settings.cache_hit_rate, started=counts)
+                    finally:
+                        if counts is not None:
+                            counts.close()
                 finally:
-                    if counts is not None:
-                        counts.close()
+                    if written is not None:  # written, then refused or failed before its journal
+                        written.discard()
                 for warning in estimates[job.name].warnings:
                     progress.step(f"{job.name}: warning: {warning}")
                 warning = cache_warning(job, estimates[job.name])
@@ -276,22 +288,45 @@ def check_budget(job: Job, estimate: Estimate, max_cost: float | None) -> None:
             )
 
 
-def _prepare(settings: Settings, run_stamp: str, out: list[str],
-             fault: Callable[[str], None] | None = None) -> Callable[..., None]:
-    def prepare(job: Job, plan: JobPlan, con: duckdb.DuckDBPyConnection, key_types: dict[str, str]) -> None:
-        names = [f"{run_stamp}_{job.name}_{c.index:03d}_{uuid.uuid4().hex[:6]}" for c in plan.chunks]
-        paths = write_requests(con, job, plan, settings.requests_dir, names) if plan.chunks else []
+@dataclass
+class Written:
+    """A job's request files, written and not yet journalled."""
+
+    names: list[str]
+    paths: list[Path]
+
+    def discard(self) -> None:
+        for p in self.paths:
+            p.unlink(missing_ok=True)
+
+
+class Preparer:
+    """Writes a job's request files, then journals them as `prepared` submissions (their names go to
+    `out`). Two steps, so that `plan_jobs` writes the files while the preflight is still answering and
+    journals them only once the preflight stands."""
+
+    def __init__(self, settings: Settings, run_stamp: str, out: list[str],
+                 fault: Callable[[str], None] | None = None) -> None:
+        self.settings, self.run_stamp, self.out, self.fault = settings, run_stamp, out, fault
+
+    def write(self, job: Job, plan: JobPlan, con: duckdb.DuckDBPyConnection) -> Written:
+        names = [f"{self.run_stamp}_{job.name}_{c.index:03d}_{uuid.uuid4().hex[:6]}" for c in plan.chunks]
+        paths = write_requests(con, job, plan, self.settings.requests_dir, names) if plan.chunks else []
+        return Written(names, paths)
+
+    def journal(self, job: Job, plan: JobPlan, con: duckdb.DuckDBPyConnection, key_types: dict[str, str],
+                written: Written) -> None:
+        names = written.names
         con.execute("BEGIN")
         try:
             snapshot_key_versions(con, job, key_types)
             now = state.utcnow()
-            for chunk, name, path in zip(plan.chunks, names, paths):
+            for chunk, name, path in zip(plan.chunks, names, written.paths):
                 con.execute(
                     "INSERT INTO bb_state.submissions (submission_id, job, state, request_file, request_count, "
                     "body_bytes, prepared_at, lane) VALUES (?, ?, 'prepared', ?, ?, ?, ?, ?)",
                     [name, job.name, str(path), chunk.requests, chunk.body_bytes, now, plan.lane],
                 )
-                out.append(name)
             if names:
                 # Every batch's requests in one pass over `bb_lines` (a pass per batch would grow with the square).
                 con.execute(
@@ -301,14 +336,13 @@ def _prepare(settings: Settings, run_stamp: str, out: list[str],
                     "JOIN (SELECT unnest($k) AS k, unnest($names) AS name) c ON c.k = b.k",
                     {"job": job.name, "k": [c.index for c in plan.chunks], "names": names},
                 )
-            if fault:
-                fault("before_prepare_commit")
+            if self.fault:
+                self.fault("before_prepare_commit")
             con.execute("COMMIT")
         except Exception:
             state.rollback(con)
             raise
-
-    return prepare
+        self.out.extend(names)
 
 
 def record_estimates(con: duckdb.DuckDBPyConnection, plans: list[JobPlan], estimates: dict[str, Estimate],
@@ -320,7 +354,7 @@ def record_estimates(con: duckdb.DuckDBPyConnection, plans: list[JobPlan], estim
     by_job = {p.job.name: p for p in plans}
     rows = []
     for name in names:
-        job, index, _ = name.split("_", 1)[1].rsplit("_", 2)  # named by _prepare: stamp_job_index_random
+        job, index, _ = name.split("_", 1)[1].rsplit("_", 2)  # named by Preparer.write: stamp_job_index_random
         plan, e = by_job.get(job), estimates.get(job)
         if plan is None or e is None or not e.requests:
             continue
@@ -351,13 +385,14 @@ def prepare_submissions(
     client: anthropic.Anthropic | None = None,
 ) -> SubmitReport:
     """Preflight every job, plan it, check budgets, and journal `prepared` submissions with their
-    request files. A job the preflight refuses stops them all before anything is written."""
+    request files. A job the preflight refuses stops them all before anything is journalled (request
+    files written meanwhile are removed)."""
     report = SubmitReport()
     stamp = state.utcnow().strftime("%Y%m%dT%H%M%SZ")
     with state.connect(settings) as con, ThreadPoolExecutor(max_workers=1) as pool:
         # The preflight asks the Models API (after the SDK's import, see api.preload) while the rows are
-        # staged and classified; `plan_jobs` waits for it before anything is counted or written, and a
-        # refusal stops all before any write.
+        # staged, classified and their request files written; `plan_jobs` waits for it before anything
+        # is counted or journalled, and a refusal stops all before any journal (removing those files).
         own = con.cursor()  # made here: a connection busy in this thread refuses calls from another
         found = checking = pool.submit(_check_apart, own, settings, jobs, client)
         # Budgets are checked on a dry plan first, so that a refused job writes nothing at all (and
@@ -368,7 +403,7 @@ def prepare_submissions(
             for plan in plans:
                 check_budget(plan.job, estimates[plan.job.name], max_cost)
         names: list[str] = []
-        plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=_prepare(settings, stamp, names, fault),
+        plans, estimates = plan_jobs(con, settings, jobs, progress=progress, prepare=Preparer(settings, stamp, names, fault),
                                      warehouse=warehouse, preflights=found, client=client)
         record_estimates(con, plans, estimates, names)
         checking.result()  # resolved by plan_jobs already; raises here if a job list left it unread

@@ -1,6 +1,6 @@
 """The sync lane: a journalled submission's requests sent as synchronous Messages calls.
 
-A sync-lane submission is prepared exactly like a batch's (`submit._prepare`: the same request file,
+A sync-lane submission is prepared exactly like a batch's (`submit.Preparer`: the same request file,
 the same `sent_requests` rows, committed before anything is sent), so dedupe, incremental hashing,
 rejected rows and the in-flight check are the batch lane's. Instead of a create, `state.start_sync`
 gives it a local run id (`msg_run_<submission>`) and a `batches` row of lane `sync`; each line of the

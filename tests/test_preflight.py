@@ -154,13 +154,23 @@ def test_a_slow_models_api_still_holds_rows_to_the_context_window_and_its_refusa
     assert sorted(row["id"] for row in current(s, "items")) == ["k0", "k1", "k3", "k4"]
     st = json.loads(invoke(["status", "--json"], env).stdout)
     assert st["jobs"][0]["not_sent"]["too_long"]["rows"] == 1
-    # A refusal that arrives after the classification stops the run before anything is written.
+    # The request file written on the guess (all 5 rows, while the Models API was still answering) was
+    # replaced: the one file left is the journalled one, with the 4 rows sent.
+    with duckdb.connect(str(s.state_path), read_only=True) as con:
+        journalled = {r[0] for r in con.execute("SELECT request_file FROM submissions").fetchall()}
+    files = {str(p) for p in s.requests_dir.glob("*.jsonl")}
+    assert files == journalled and len(files) == 1
+    assert sum(1 for _ in open(next(iter(files)))) == 4
+    # A refusal that arrives after the classification stops the run before anything is journalled, and
+    # the request files written meanwhile are removed.
     write_project(tmp_path, meta(model="claude-sonet-4-5", max_tokens=60))
     r = invoke(["run", "--timeout", "30"], env)
     assert r.exit_code == 2 and "claude-sonnet-4-5" in r.stderr, r.output
     assert stats(emulator)["create_posts"] == 1
     with duckdb.connect(str(s.state_path), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM submissions").fetchone()[0] == 1
+    assert {str(p) for p in s.requests_dir.glob("*.jsonl")} == files
+    assert not list(s.requests_dir.glob(".*.tmp"))
 
 
 def _closed_port() -> int:
