@@ -361,10 +361,42 @@ def m012_unfolded_batches(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+
+def m013_key_inputs_key_json(con: duckdb.DuckDBPyConnection) -> None:
+    """Each key's key values in `key_inputs` beside its current input (the `key_json` of its latest
+    `key_versions` row), so that a publish finds a key's current input and key in one row instead of
+    aggregating all its versions. The table is copied rather than updated: an UPDATE of every row of a
+    10M-key table is held in memory until it commits, a copy is written to disk as it goes."""
+    con.execute(
+        """
+        CREATE TABLE key_inputs_new (
+            job VARCHAR NOT NULL,
+            custom_id VARCHAR NOT NULL,
+            input_hash UHUGEINT NOT NULL,
+            answered BOOLEAN NOT NULL,
+            static_hash VARCHAR,
+            hash_version VARCHAR,
+            prompt_bytes BIGINT,
+            fingerprint UBIGINT,
+            key_json VARCHAR               -- = the key's latest key_versions.key_json
+        )
+        """
+    )
+    con.execute(
+        """
+        INSERT INTO key_inputs_new
+        SELECT k.*, l.key_json FROM key_inputs k
+        LEFT JOIN (SELECT job, custom_id, arg_max(key_json, seen_at) AS key_json FROM key_versions
+                   GROUP BY job, custom_id) l ON l.job = k.job AND l.custom_id = k.custom_id
+        """
+    )
+    con.execute("DROP TABLE key_inputs")
+    con.execute("ALTER TABLE key_inputs_new RENAME TO key_inputs")
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_unknown_outcomes,
     m006_report_estimates, m007_model_info, m008_token_counts, m009_lanes, m010_published,
-    m011_load_slices, m012_unfolded_batches]
+    m011_load_slices, m012_unfolded_batches, m013_key_inputs_key_json]
 
 
 # DuckDB reports running out of its memory_limit as OutOfMemoryException, or, when it happens at COMMIT,

@@ -107,19 +107,22 @@ def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: d
         """,
         {"job": job.name, "now": now},
     )
+    # A key's `key_json` changes with its input, as its `key_versions` rows do (the one inserted above).
     con.execute(
         f"""
         MERGE INTO bb_state.key_inputs t
-        USING (SELECT custom_id, input_hash, disposition = 'up_to_date' AS answered, prompt_bytes, fingerprint
+        USING (SELECT custom_id, input_hash, disposition = 'up_to_date' AS answered, prompt_bytes, fingerprint,
+                      {key_json_sql(job, 'c')} AS key_json
                FROM bb_classified c WHERE {stored}) n
         ON t.job = $job AND t.custom_id = n.custom_id
         WHEN MATCHED AND (t.input_hash <> n.input_hash OR t.answered <> n.answered
                           OR t.fingerprint IS DISTINCT FROM n.fingerprint OR t.prompt_bytes IS DISTINCT FROM n.prompt_bytes
                           OR t.static_hash IS DISTINCT FROM $static_hash OR t.hash_version IS DISTINCT FROM $hash_version)
           THEN UPDATE SET input_hash = n.input_hash, answered = n.answered, static_hash = $static_hash,
-                          hash_version = $hash_version, prompt_bytes = n.prompt_bytes, fingerprint = n.fingerprint
+                          hash_version = $hash_version, prompt_bytes = n.prompt_bytes, fingerprint = n.fingerprint,
+                          key_json = CASE WHEN t.input_hash <> n.input_hash THEN n.key_json ELSE t.key_json END
         WHEN NOT MATCHED THEN INSERT VALUES ($job, n.custom_id, n.input_hash, n.answered, $static_hash, $hash_version,
-                                             n.prompt_bytes, n.fingerprint)
+                                             n.prompt_bytes, n.fingerprint, n.key_json)
         """,
         {"job": job.name, "static_hash": job.static_hash, "hash_version": HASH_VERSION},
     )

@@ -123,7 +123,8 @@ def main() -> None:
             # What `collect` (input_outcomes) and `submit` (key_inputs) maintain beside that history.
             con.execute("INSERT INTO bb_state.input_outcomes " + state.outcomes_select("job = 'items'"))
             con.execute(
-                "INSERT INTO bb_state.key_inputs SELECT 'items', id, input_hash, true, ?, ?, sent_bytes, fingerprint FROM hist",
+                "INSERT INTO bb_state.key_inputs SELECT 'items', id, input_hash, true, ?, ?, sent_bytes, fingerprint, "
+                "'[\"' || id || '\"]' FROM hist",
                 [job.static_hash, HASH_VERSION],
             )
             con.execute("COMMIT")

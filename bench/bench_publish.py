@@ -63,7 +63,8 @@ def build_state(settings, rows: int, answer_chars: int) -> None:
             "'end_turn', 'claude-haiku-4-5', 40, 25, 0.00016, TIMESTAMP '2026-01-01', TIMESTAMP '2026-01-01' + "
             "INTERVAL (b) HOUR FROM k", {"chars": answer_chars})
         con.execute("INSERT INTO bb_state.input_outcomes " + state.outcomes_select("job = 'items'"))
-        con.execute("INSERT INTO bb_state.key_inputs SELECT 'items', id, h, true, NULL, NULL, NULL, NULL FROM k")
+        con.execute("INSERT INTO bb_state.key_inputs SELECT 'items', id, h, true, NULL, NULL, NULL, NULL, '[\"' || id || '\"]' "
+                    "FROM k")
         con.execute("COMMIT")
         con.execute("CHECKPOINT")
 

@@ -82,7 +82,8 @@ def build_state(settings, rows: int) -> None:
         # What `submit` keeps beside key_versions: each key's current input, and whether it has an answer.
         con.execute(
             "INSERT INTO bb_state.key_inputs SELECT 'items', custom_id, v.h, coalesce(o.succeeded, false), NULL, NULL, "
-            "NULL, NULL FROM (SELECT custom_id, arg_max(input_hash, seen_at) AS h FROM bb_state.key_versions GROUP BY ALL) v "
+            "NULL, NULL, v.key_json FROM (SELECT custom_id, arg_max(input_hash, seen_at) AS h, arg_max(key_json, seen_at) "
+            "AS key_json FROM bb_state.key_versions GROUP BY ALL) v "
             "LEFT JOIN bb_state.input_outcomes o ON o.input_hash = v.h"
         )
         con.execute(

@@ -51,10 +51,11 @@ def fetch(s, sql: str) -> list[tuple]:
 
 def assert_summaries_match_history(s) -> None:
     """`input_outcomes` is the aggregate of `responses`; `key_inputs` is each key's latest
-    `key_versions` input, `answered` exactly when that input has a succeeded answer."""
+    `key_versions` input and key values, `answered` exactly when that input has a succeeded answer."""
     assert fetch(s, "SELECT * FROM bb_state.input_outcomes") == fetch(s, state.outcomes_select("true"))
-    assert fetch(s, "SELECT job, custom_id, input_hash FROM bb_state.key_inputs") == fetch(
-        s, "SELECT job, custom_id, arg_max(input_hash, seen_at) FROM bb_state.key_versions GROUP BY ALL")
+    assert fetch(s, "SELECT job, custom_id, input_hash, key_json FROM bb_state.key_inputs") == fetch(
+        s, "SELECT job, custom_id, arg_max(input_hash, seen_at), arg_max(key_json, seen_at) "
+           "FROM bb_state.key_versions GROUP BY ALL")
     assert fetch(s, "SELECT count(*) FROM bb_state.key_inputs k LEFT JOIN bb_state.input_outcomes o "
                     "USING (job, input_hash) WHERE k.answered <> coalesce(o.succeeded, false)") == [(0,)]
 
@@ -131,7 +132,7 @@ def test_an_old_state_file_is_migrated_and_plans_the_same(project):
         ("m001_initial",), ("m002_input_outcomes",), ("m003_key_inputs",), ("m004_result_bytes",),
         ("m005_unknown_outcomes",), ("m006_report_estimates",), ("m007_model_info",), ("m008_token_counts",),
         ("m009_lanes",), ("m010_published",),
-        ("m011_load_slices",), ("m012_unfolded_batches",)]
+        ("m011_load_slices",), ("m012_unfolded_batches",), ("m013_key_inputs_key_json",)]
     assert_summaries_match_history(s)
     # Batches collected before m004 get the size of their stored answers (the result file may be gone).
     [(lines, size, answers)] = fetch(
@@ -143,6 +144,20 @@ def test_an_old_state_file_is_migrated_and_plans_the_same(project):
     assert_summaries_match_history(s)
     assert fetch(s, "SELECT count(fingerprint) FROM bb_state.key_inputs") == [(40,)]
     assert plan(s)["up_to_date_rows"] == 40
+
+
+def test_a_key_restaged_with_another_type_keeps_the_key_values_of_its_latest_version(project):
+    """`key_inputs.key_json` is the key values as the key's latest `key_versions` row holds them: a key
+    staged as a number, then as text with a changed prompt, has ["3"] there; the unchanged keys keep [n]."""
+    s = project("SELECT i AS id, 'review number ' || i AS prompt FROM range(6) t(i)")
+    run(s)
+    load_staging(s, "SELECT CAST(i AS VARCHAR) AS id, 'review number ' || i || CASE WHEN i = 3 THEN ' changed' ELSE '' END "
+                    "AS prompt FROM range(6) t(i)")
+    run(s)
+    assert_summaries_match_history(s)
+    assert fetch(s, "SELECT custom_id, key_json FROM bb_state.key_inputs WHERE custom_id IN ('2', '3')") == [
+        ("2", "[2]"), ("3", '["3"]')]
+    assert sorted(r["id"] for r in current(s, "items")) == ["0", "1", "2", "3", "4", "5"]
 
 
 def test_prompts_changed_without_changing_their_length_are_all_detected(project):
