@@ -3,7 +3,7 @@
 For each size (default 1,000,000 and 3,000,000 staged rows, ~200-character prompts, no history: every
 row is sent), a fresh project, then `submit.prepare_submissions` offline (no client: the rule estimates,
 no preflight call) in a child process of its own: stage, classify, measure, estimate, write the
-request files and journal them (`_prepare`). Per step: wall and CPU seconds (the process's, all
+request files and journal them (`Preparer`). Per step: wall and CPU seconds (the process's, all
 threads) per million rows; for the child: peak RSS (sampled every 20 ms, per step and in all; not
 ru_maxrss, which a child started by fork and exec inherits from its parent), and its RSS before the
 first row was read (the floor: Python, the bridge's modules and DuckDB's first open). Batches are cut at the default caps
@@ -67,8 +67,7 @@ def child(root: Path, home: str) -> None:
 
     for name in STEPS[:-1]:
         setattr(submit, name, timed(name, getattr(submit, name)))
-    prepare = submit._prepare
-    submit._prepare = lambda *a, **kw: timed("journal", prepare(*a, **kw))  # its own part: journal rows, COMMIT
+    submit.Preparer.journal = timed("journal", submit.Preparer.journal)  # its own part: journal rows, COMMIT
     if os.environ.get("BENCH_SQL"):  # experiment: settings run after the bridge's own on every connection
         from batch_bridge import state
         configure = state._configure
