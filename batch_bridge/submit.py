@@ -164,9 +164,10 @@ def plan_jobs(
     optionally prepare submissions (`prepare`: write their request files, then journal them).
 
     With the preflight's findings (or a Future of them, still being found: it is waited for once the
-    rows are classified and their request files written), rows longer than the model's context window are `too_long`, and
-    each plan carries the findings (with a warning when a cache marked in the job cannot work). With a
-    client, input tokens are counted by the API (see estimate.py); without, a rule estimates them."""
+    rows are classified, their request files written and journalled in a transaction not yet
+    committed), rows longer than the model's context window are `too_long`, and each plan carries the
+    findings (with a warning when a cache marked in the job cannot work). With a client, input tokens
+    are counted by the API (see estimate.py); without, a rule estimates them."""
     plans, estimates = [], {}
     book = load_prices(settings.prices_file)
     counting = counting_for(settings, client)
@@ -186,19 +187,22 @@ def plan_jobs(
                 try:
                     if isinstance(preflights, Future):
                         # Still asking the API (the SDK's import comes first): classify as if the model's
-                        # context window held every row, and write the request files on that guess
-                        # meanwhile, then wait. The guess stands when no staged row is over the window;
-                        # otherwise the rows are classified again with it and the files written again.
+                        # context window held every row, write the request files and journal them in a
+                        # transaction on that guess meanwhile, then wait. The guess stands when no staged
+                        # row is over the window (the journal is committed below); otherwise it is rolled
+                        # back, and the rows are classified, written and journalled again with the window.
                         plan = _classified(con, settings, job, None)
-                        written = prepare.write(job, plan, con) if prepare is not None else None
+                        if prepare is not None:
+                            written = prepare.write(job, plan, con)
+                            prepare.begin(job, plan, con, key_types, written)
                         preflights = preflights.result()
                         found = preflights.get(job.name) or JobPreflight(job.name, job.model)
                         limit = _input_limit(con, job, found)
                         if limit is not None and _any_over(con, limit):
-                            plan = _classified(con, settings, job, limit)
-                            if written is not None:
-                                written.discard()
+                            if prepare is not None and written is not None:
+                                prepare.abandon(con, written)
                                 written = None
+                            plan = _classified(con, settings, job, limit)
                     else:
                         found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
                         plan = _classified(con, settings, job, _input_limit(con, job, found))
@@ -217,8 +221,8 @@ def plan_jobs(
                         if counts is not None:
                             counts.close()
                 finally:
-                    if written is not None:  # written, then refused or failed before its journal
-                        written.discard()
+                    if prepare is not None and written is not None:  # refused, or failed before its journal's COMMIT
+                        prepare.abandon(con, written)
                 for warning in estimates[job.name].warnings:
                     progress.step(f"{job.name}: warning: {warning}")
                 warning = cache_warning(job, estimates[job.name])
@@ -293,20 +297,17 @@ def check_budget(job: Job, estimate: Estimate, max_cost: float | None) -> None:
 
 @dataclass
 class Written:
-    """A job's request files, written and not yet journalled."""
+    """A job's request files, written and not yet journalled (or journalled in a transaction still open)."""
 
     names: list[str]
     paths: list[Path]
-
-    def discard(self) -> None:
-        for p in self.paths:
-            p.unlink(missing_ok=True)
+    begun: bool = False  # their journal's transaction is open: `Preparer.journal` commits it
 
 
 class Preparer:
     """Writes a job's request files, then journals them as `prepared` submissions (their names go to
-    `out`). Two steps, so that `plan_jobs` writes the files while the preflight is still answering and
-    journals them only once the preflight stands."""
+    `out`). In steps, so that `plan_jobs` writes the files and journals them in a transaction while the
+    preflight is still answering, and commits that transaction only once the preflight stands."""
 
     def __init__(self, settings: Settings, run_stamp: str, out: list[str],
                  fault: Callable[[str], None] | None = None) -> None:
@@ -317,8 +318,9 @@ class Preparer:
         paths = write_requests(con, job, plan, self.settings.requests_dir, names) if plan.chunks else []
         return Written(names, paths)
 
-    def journal(self, job: Job, plan: JobPlan, con: duckdb.DuckDBPyConnection, key_types: dict[str, str],
-                written: Written) -> None:
+    def begin(self, job: Job, plan: JobPlan, con: duckdb.DuckDBPyConnection, key_types: dict[str, str],
+              written: Written) -> None:
+        """BEGIN and the journal's rows, left uncommitted: `journal` commits them, `abandon` rolls them back."""
         names = written.names
         con.execute("BEGIN")
         try:
@@ -339,13 +341,35 @@ class Preparer:
                     "JOIN (SELECT unnest($k) AS k, unnest($names) AS name) c ON c.k = b.k",
                     {"job": job.name, "k": [c.index for c in plan.chunks], "names": names},
                 )
+        except BaseException:
+            state.rollback(con)
+            raise
+        written.begun = True
+
+    def journal(self, job: Job, plan: JobPlan, con: duckdb.DuckDBPyConnection, key_types: dict[str, str],
+                written: Written) -> None:
+        """Journal the files (or finish the journal `begin` left open): COMMIT."""
+        if not written.begun:
+            self.begin(job, plan, con, key_types, written)
+        try:
             if self.fault:
                 self.fault("before_prepare_commit")
             con.execute("COMMIT")
-        except Exception:
+        except BaseException:
             state.rollback(con)
             raise
-        self.out.extend(names)
+        finally:
+            written.begun = False
+        self.out.extend(written.names)
+
+    @staticmethod
+    def abandon(con: duckdb.DuckDBPyConnection, written: Written) -> None:
+        """Roll back a journal left open and remove the files: refused, or written on a wrong guess."""
+        if written.begun:
+            state.rollback(con)
+            written.begun = False
+        for p in written.paths:
+            p.unlink(missing_ok=True)
 
 
 def record_estimates(con: duckdb.DuckDBPyConnection, plans: list[JobPlan], estimates: dict[str, Estimate],

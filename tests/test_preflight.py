@@ -154,10 +154,13 @@ def test_a_slow_models_api_still_holds_rows_to_the_context_window_and_its_refusa
     assert sorted(row["id"] for row in current(s, "items")) == ["k0", "k1", "k3", "k4"]
     st = json.loads(invoke(["status", "--json"], env).stdout)
     assert st["jobs"][0]["not_sent"]["too_long"]["rows"] == 1
-    # The request file written on the guess (all 5 rows, while the Models API was still answering) was
-    # replaced: the one file left is the journalled one, with the 4 rows sent.
+    # The request file written and journalled on the guess (all 5 rows, while the Models API was still
+    # answering) was replaced and its journal rolled back: the one file left is the journalled one, with
+    # the 4 rows sent, and so are the sent requests.
     with duckdb.connect(str(s.state_path), read_only=True) as con:
         journalled = {r[0] for r in con.execute("SELECT request_file FROM submissions").fetchall()}
+        assert con.execute("SELECT count(*) FROM sent_requests").fetchone()[0] == 4
+        versions = con.execute("SELECT count(*) FROM key_versions").fetchone()[0]
     files = {str(p) for p in s.requests_dir.glob("*.jsonl")}
     assert files == journalled and len(files) == 1
     assert sum(1 for _ in open(next(iter(files)))) == 4
@@ -169,6 +172,7 @@ def test_a_slow_models_api_still_holds_rows_to_the_context_window_and_its_refusa
     assert stats(emulator)["create_posts"] == 1
     with duckdb.connect(str(s.state_path), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM submissions").fetchone()[0] == 1
+        assert con.execute("SELECT count(*) FROM key_versions").fetchone()[0] == versions  # rolled back
     assert {str(p) for p in s.requests_dir.glob("*.jsonl")} == files
     assert not list(s.requests_dir.glob(".*.tmp"))
 
