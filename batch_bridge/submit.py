@@ -206,8 +206,9 @@ def plan_jobs(
                     else:
                         found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
                         plan = _classified(con, settings, job, _input_limit(con, job, found))
-                    # The sample's token counts are asked for (HTTP, in threads) while the request files
-                    # are journalled (and written, when they were not yet).
+                    # The sample's token counts are asked for (HTTP, in threads) while the journal is
+                    # committed (and the request files written and journalled first, when the preflight
+                    # had answered before the rows were classified).
                     counts = (start_count(con, job, counting)
                               if counting is not None and counting.sample > 0 and plan.send_requests else None)
                     try:
@@ -412,14 +413,15 @@ def prepare_submissions(
     client: anthropic.Anthropic | None = None,
 ) -> SubmitReport:
     """Preflight every job, plan it, check budgets, and journal `prepared` submissions with their
-    request files. A job the preflight refuses stops them all before anything is journalled (request
-    files written meanwhile are removed)."""
+    request files. A job the preflight refuses stops them all before any journal is committed (one
+    begun meanwhile is rolled back, and its request files removed)."""
     report = SubmitReport()
     stamp = state.utcnow().strftime("%Y%m%dT%H%M%SZ")
     with state.connect(settings) as con, ThreadPoolExecutor(max_workers=1) as pool:
         # The preflight asks the Models API (after the SDK's import, see api.preload) while the rows are
-        # staged, classified and their request files written; `plan_jobs` waits for it before anything
-        # is counted or journalled, and a refusal stops all before any journal (removing those files).
+        # staged and classified and their request files written and journalled in a transaction;
+        # `plan_jobs` waits for it before anything is counted or committed, and a refusal rolls that
+        # journal back and removes those files.
         own = con.cursor()  # made here: a connection busy in this thread refuses calls from another
         found = checking = pool.submit(_check_apart, own, settings, jobs, client)
         # Budgets are checked on a dry plan first, so that a refused job writes nothing at all (and
