@@ -361,7 +361,6 @@ def m012_unfolded_batches(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-
 def m013_key_inputs_key_json(con: duckdb.DuckDBPyConnection) -> None:
     """Each key's key values in `key_inputs` beside its current input (the `key_json` of its latest
     `key_versions` row), so that a publish finds a key's current input and key in one row instead of
@@ -392,6 +391,7 @@ def m013_key_inputs_key_json(con: duckdb.DuckDBPyConnection) -> None:
     )
     con.execute("DROP TABLE key_inputs")
     con.execute("ALTER TABLE key_inputs_new RENAME TO key_inputs")
+
 
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial, m002_input_outcomes, m003_key_inputs, m004_result_bytes, m005_unknown_outcomes,
