@@ -213,7 +213,8 @@ def plan_jobs(
                               if counting is not None and counting.sample > 0 and plan.send_requests else None)
                     try:
                         if prepare is not None:
-                            written = written or prepare.write(job, plan, con)
+                            if written is None:  # not written during the preflight
+                                written = prepare.write(job, plan, con)
                             prepare.journal(job, plan, con, key_types, written)
                             written = None  # journalled: the submissions own the files now
                         estimates[job.name] = estimate_job(con, job, plan, book, counting,
