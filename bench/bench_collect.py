@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--prompt-chars", type=int, default=200)
     ap.add_argument("--schema", action="store_true", help="give the job an output_schema (adds JSON validation)")
-    ap.add_argument("--slice-bytes", default=None, help="BATCH_BRIDGE_LOAD_SLICE_BYTES (default: the product's, 8MiB)")
+    ap.add_argument("--slice-bytes", default=None, help="BATCH_BRIDGE_LOAD_SLICE_BYTES (default: the product's, 16MiB)")
     args = ap.parse_args()
 
     from batch_bridge import api, bridge, collect, results, state
