@@ -368,15 +368,15 @@ def m013_key_inputs_key_json(con: duckdb.DuckDBPyConnection) -> None:
     10M-key table is held in memory until it commits, a copy is written to disk as it goes."""
     con.execute(
         """
-        CREATE TABLE key_inputs_new (
+        CREATE TABLE key_inputs_new (  -- one row per (job, custom_id); written with key_versions
             job VARCHAR NOT NULL,
             custom_id VARCHAR NOT NULL,
-            input_hash UHUGEINT NOT NULL,
-            answered BOOLEAN NOT NULL,
-            static_hash VARCHAR,
-            hash_version VARCHAR,
+            input_hash UHUGEINT NOT NULL,  -- = the key's latest key_versions.input_hash
+            answered BOOLEAN NOT NULL,     -- = input_outcomes.succeeded of that input_hash
+            static_hash VARCHAR,           -- the job definition the fingerprint was taken under
+            hash_version VARCHAR,          -- the DuckDB version whose hash() made it
             prompt_bytes BIGINT,
-            fingerprint UBIGINT,
+            fingerprint UBIGINT,           -- hash(prompt, 'bbfp' || prompt): see docs/DESIGN.md
             key_json VARCHAR               -- = the key's latest key_versions.key_json
         )
         """
