@@ -31,14 +31,15 @@ def duckdb_literal(text: str) -> str:
     return " || chr(1) || ".join("'" + part.replace("'", "''") + "'" for part in text.split("\x01"))
 
 
-def prepared(tmp_path, materialized: str, n: int, **env: str):
+def prepared(tmp_path, materialized: str, n: int, shuffled: bool = False, **env: str):
     meta = {"job": "items", "key": "id", "model": "claude-haiku-4-5", "max_tokens": 50, "prompt_column": "prompt",
             "system": "Label it.", "max_bytes_per_batch": 9_000}
     write_project(tmp_path, meta, materialized=materialized)
     s = settings_for(tmp_path, None, BATCH_BRIDGE_COUNT_SAMPLE="0", **env)
     con = duckdb.connect(str(s.warehouse))
     kind = "VIEW" if materialized == "view" else "TABLE"
-    con.execute(f'CREATE OR REPLACE {kind} main."stg_items" AS {rows_sql(n)}')
+    rows = f"SELECT * FROM ({rows_sql(n)}) ORDER BY hash(id)" if shuffled else rows_sql(n)  # rowids unrelated to keys
+    con.execute(f'CREATE OR REPLACE {kind} main."stg_items" AS {rows}')
     prompts = dict(con.execute("SELECT id, prompt FROM main.stg_items").fetchall())
     con.close()
     report = submit.prepare_submissions(s, bridge.load_jobs(s))
@@ -68,8 +69,25 @@ def test_request_files_hold_exactly_what_was_measured_and_journalled(tmp_path, m
             assert x["params"]["messages"][-1]["content"] == prompts[x["custom_id"]]
         assert journal[sub_id] == {i: len(prompts[i]) for i in ids}
         seen.append(sorted(ids))
-    # Every row once, and batches hold consecutive runs of custom_ids in their order.
-    assert [i for ids in seen for i in ids] == sorted(prompts)
+    # Every row in exactly one batch (in no particular order: rows are numbered as read, not sorted).
+    assert sorted(i for ids in seen for i in ids) == sorted(prompts)
+
+
+def test_each_batch_is_a_run_of_consecutive_table_rows_whatever_the_key_order(tmp_path):
+    # Each batch's COPY joins its rows back to the staging table; rows numbered in rowid order make each
+    # batch one narrow range of the table, which the join reads alone (custom_id order would scatter them).
+    s, plan, prompts = prepared(tmp_path, "table", 120, shuffled=True, BATCH_BRIDGE_MAX_QUEUED_REQUESTS="25")
+    con = duckdb.connect(str(s.warehouse), read_only=True)
+    rowid = dict(con.execute("SELECT id, rowid FROM main.stg_items").fetchall())
+    con.close()
+    in_table_order = [k for k, _ in sorted(rowid.items(), key=lambda kv: kv[1])]
+    assert in_table_order != sorted(in_table_order)  # the table is not stored in key order
+    runs = []
+    for f in sorted(s.requests_dir.glob("*.jsonl")):
+        rows = sorted(rowid[json.loads(x)["custom_id"]] for x in f.read_text().splitlines())
+        assert rows == list(range(rows[0], rows[0] + len(rows))), f.name
+        runs.append((rows[0], rows[-1]))
+    assert len(runs) == len(plan.chunks) == 5 and sum(b - a + 1 for a, b in runs) == 120
 
 
 def test_count_cut_by_the_queue_limit_matches_the_sizes_written(tmp_path):
