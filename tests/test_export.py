@@ -69,7 +69,7 @@ def test_request_files_hold_exactly_what_was_measured_and_journalled(tmp_path, m
             assert x["params"]["messages"][-1]["content"] == prompts[x["custom_id"]]
         assert journal[sub_id] == {i: len(prompts[i]) for i in ids}
         seen.append(sorted(ids))
-    # Every row in exactly one batch (in no particular order: rows are numbered as read, not sorted).
+    # Every row in exactly one batch (batches follow the table's order, not the custom_ids').
     assert sorted(i for ids in seen for i in ids) == sorted(prompts)
 
 
