@@ -228,6 +228,7 @@ def _wait(
     start = clock()
     interval = settings.poll_interval
     while True:
+        polled_at = clock()
         # Each poll holds the state open for its steps; the sleep between polls does not.
         with state.kept_open(settings):
             unconfirmed: list[str] = []  # young batches answering 404 (propagation delay): still in flight
@@ -266,7 +267,9 @@ def _wait(
                     hint="nothing is lost: run `batch-bridge collect` or `wait` again later",
                 )
             young = young_batch_pause([i for i in infos if i.processing_status != "ended"], unconfirmed)
-            pause = min(interval, young)
+            # The interval counts from this poll's start: its own work (a status write, a download and
+            # load) does not stretch the time between polls.
+            pause = max(0.0, min(interval - (clock() - polled_at), young))
             pause = pause if timeout is None else min(pause, max(0.0, timeout - elapsed))
         with state.let_go(settings):  # another process may use the state between polls
             sleep(pause)

@@ -201,8 +201,8 @@ class StartedCount:
     have: dict[int, int]  # counts known from earlier plans
     asking: Asking
 
-    def close(self) -> None:
-        self.asking.close()
+    def close(self, wait: bool = True) -> None:
+        self.asking.close(wait)
 
 
 def start_count(con: duckdb.DuckDBPyConnection, job: Job, counting: Counting) -> StartedCount:

@@ -42,7 +42,7 @@ import duckdb
 from . import api, collect, lanes, state
 from .config import Settings
 from .errors import ApiAccountError, ApiRequestRejected, BudgetExceeded
-from .estimate import Counting, Estimate, calibration, estimate_job, input_tokens_sql, start_count
+from .estimate import Counting, Estimate, StartedCount, calibration, estimate_job, input_tokens_sql, start_count
 from .export import (HASH_VERSION, InputLimit, JobPlan, WarehouseAccess, classify, key_json_sql, measure, stage,
                      warehouse_attached, write_requests)
 from .jobs import Job, quote_literal
@@ -184,6 +184,7 @@ def plan_jobs(
                 if isinstance(preflights, Future) and preflights.done():
                     preflights = preflights.result()
                 written: Written | None = None
+                counts: StartedCount | None = None
                 try:
                     if isinstance(preflights, Future):
                         # Still asking the API (the SDK's import comes first): classify as if the model's
@@ -195,6 +196,9 @@ def plan_jobs(
                         if prepare is not None:
                             written = prepare.write(job, plan, con)
                             prepare.begin(job, plan, con, key_types, written)
+                        # The sample's token counts are asked for now: their threads wait for the SDK's
+                        # import like the preflight, then ask beside it, not after it.
+                        counts = _start_count(con, job, plan, counting)
                         preflights = preflights.result()
                         found = preflights.get(job.name) or JobPreflight(job.name, job.model)
                         limit = _input_limit(con, job, found)
@@ -202,6 +206,9 @@ def plan_jobs(
                             if prepare is not None and written is not None:
                                 prepare.abandon(con, written)
                                 written = None
+                            if counts is not None:  # a sample of requests that are not sent as they were
+                                counts.close()
+                                counts = None
                             plan = _classified(con, settings, job, limit)
                     else:
                         found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
@@ -209,20 +216,18 @@ def plan_jobs(
                     # The sample's token counts are asked for (HTTP, in threads) while the journal is
                     # committed (and the request files written and journalled first, when the preflight
                     # had answered before the rows were classified).
-                    counts = (start_count(con, job, counting)
-                              if counting is not None and counting.sample > 0 and plan.send_requests else None)
-                    try:
-                        if prepare is not None:
-                            if written is None:  # not written during the preflight
-                                written = prepare.write(job, plan, con)
-                            prepare.journal(job, plan, con, key_types, written)
-                            written = None  # journalled: the submissions own the files now
-                        estimates[job.name] = estimate_job(con, job, plan, book, counting,
-                                                           cache_hit_rate=settings.cache_hit_rate, started=counts)
-                    finally:
-                        if counts is not None:
-                            counts.close()
+                    if counts is None:
+                        counts = _start_count(con, job, plan, counting)
+                    if prepare is not None:
+                        if written is None:  # not written during the preflight
+                            written = prepare.write(job, plan, con)
+                        prepare.journal(job, plan, con, key_types, written)
+                        written = None  # journalled: the submissions own the files now
+                    estimates[job.name] = estimate_job(con, job, plan, book, counting,
+                                                       cache_hit_rate=settings.cache_hit_rate, started=counts)
                 finally:
+                    if counts is not None:  # gathered by the estimate, or not needed (no waiting for a refused job's)
+                        counts.close(wait=False)
                     if prepare is not None and written is not None:  # refused, or failed before its journal's COMMIT
                         prepare.abandon(con, written)
                 for warning in estimates[job.name].warnings:
@@ -239,6 +244,14 @@ def plan_jobs(
                 )
                 plans.append(plan)
     return plans, estimates
+
+
+def _start_count(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, counting: Counting | None
+                 ) -> StartedCount | None:
+    """The token counting of the plan's sample, begun (None when nothing is to be counted)."""
+    if counting is None or counting.sample <= 0 or not plan.send_requests:
+        return None
+    return start_count(con, job, counting)
 
 
 def _classified(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, limit: InputLimit | None) -> JobPlan:

@@ -10,6 +10,7 @@ import pytest
 
 from batch_bridge import api, bridge, dbt_runner, state
 from batch_bridge.export import CUSTOM_ID_PATTERN
+from batch_bridge.progress import Recorder
 from helpers import current, load_staging, settings_for, write_project
 
 SCHEMA = {
@@ -317,6 +318,29 @@ def test_count_only_cut_matches_the_greedy_cut():
     for n, cap in ((0, 5), (1, 5), (35, 10), (100, 7), (21, 3), (500, 50), (2329, 50), (100_001, 100_000)):
         greedy = [(a, b) for a, b, _ in cut_chunks([100] * n, max_requests=cap, max_body=10**9)]
         assert _count_ranges(n, cap) == greedy
+
+
+def test_the_poll_interval_counts_from_each_polls_start(project, emulator):
+    """A poll's own work does not stretch the interval: after a poll that took 0.3 s (its progress
+    report is slow here), the pause before the next is at most the interval less those 0.3 s."""
+    s = project(sql=rows_sql(50)).with_(poll_interval=1.0, max_poll_interval=1.0)
+    emulator.configure(latency=3.0)
+    pauses: list[float] = []
+
+    class SlowTicks(Recorder):
+        def tick(self, what: str, done: int, total: int | None = None) -> None:
+            super().tick(what, done, total)
+            if what == "batches ended":
+                time.sleep(0.3)
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        time.sleep(seconds)
+
+    _, w = run(s, sleep=sleep, progress=SlowTicks())
+    assert w.collected == {"items": 50}
+    assert len(pauses) >= 2, pauses  # a 3 s batch polled about every second
+    assert all(0.0 <= p <= 0.7 + 1e-9 for p in pauses), pauses
 
 
 def test_a_young_batch_is_polled_at_its_age_not_after_the_poll_interval(project, emulator):

@@ -177,6 +177,21 @@ def test_a_slow_models_api_still_holds_rows_to_the_context_window_and_its_refusa
     assert not list(s.requests_dir.glob(".*.tmp"))
 
 
+def test_the_samples_token_counts_are_asked_for_while_the_models_api_answers(tmp_path, emulator):
+    # The token counts need the SDK, as the preflight does: they are asked for as soon as it is
+    # imported, beside the Models API call, not once that call has answered.
+    emulator.configure(models_latency=1.5)
+    s, env = setup(tmp_path, emulator, meta())
+    emulator.stats.reset()
+    assert invoke(["run", "--timeout", "30"], env).exit_code == 0
+    arrivals = emulator.stats.arrivals()
+    models = [t for t, ep, _ in arrivals if ep == "models"]
+    counts = [t for t, ep, _ in arrivals if ep == "count_tokens"]
+    assert models and len(counts) == 7, arrivals  # the 6 requests and the job's shared prefix
+    assert max(counts) < models[0] + 1.5, (models, counts)  # all asked before the Models API answered
+    assert stats(emulator)["requests_created"] == 6
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
