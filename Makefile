@@ -10,9 +10,13 @@ TOKENIZER := $(VENV)/share/batch_bridge/claude-tokenizer.json
 
 .PHONY: demo test bench soak install clean seeds
 
+# The package is byte-compiled at install, as pip does when it installs a wheel: an editable install
+# leaves that to the first import, and where PYTHONDONTWRITEBYTECODE is set, to every command.
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m compileall -q batch_bridge
 	test -s $(TOKENIZER) || { tmp=$$(mktemp -d) && \
 	  $(PY) -m pip download --quiet --disable-pip-version-check --no-deps anthropic==0.25.0 -d $$tmp && \
 	  mkdir -p $(dir $(TOKENIZER)) && \
