@@ -213,9 +213,9 @@ def plan_jobs(
                     else:
                         found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
                         plan = _classified(con, settings, job, _input_limit(con, job, found))
-                    # The sample's token counts are asked for (HTTP, in threads) while the journal is
-                    # committed (and the request files written and journalled first, when the preflight
-                    # had answered before the rows were classified).
+                    # When the preflight had answered before the rows were classified (or they were
+                    # classified again), the sample's token counts are asked for now (HTTP, in threads),
+                    # while the request files are written and journalled.
                     if counts is None:
                         counts = _start_count(con, job, plan, counting)
                     if prepare is not None:
