@@ -206,8 +206,8 @@ def plan_jobs(
                             if prepare is not None and written is not None:
                                 prepare.abandon(con, written)
                                 written = None
-                            if counts is not None:  # a sample of requests that are not sent as they were
-                                counts.close()
+                            if counts is not None:  # a sample of requests not sent as they were: not waited for
+                                counts.close(wait=False)
                                 counts = None
                             plan = _classified(con, settings, job, limit)
                     else:
