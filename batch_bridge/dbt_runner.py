@@ -6,15 +6,18 @@ The bridge parses into its own target path so it never disturbs the user's `targ
 
 A parse costs seconds and some 70 MB (dbt is imported only for it), and a scheduled `dbt build` has
 usually just written a complete manifest: the bridge reads dbt's own `target/manifest.json` instead
-when it is newer than every project file and the profile, and names the staging relations where this
-target puts them (the warehouse's catalog or an attached one, the target's schema). Otherwise, and
-for anything it cannot vouch for, it parses into its own target path as before.
+when it is newer than every change to the files dbt parses and to the profile, and names the staging
+relations where this target puts them (the warehouse's catalog or an attached one, the target's
+schema). Otherwise, and for anything it cannot vouch for, it parses into its own target path; that
+parse is kept under the same two conditions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +29,13 @@ from .config import Settings, catalog_name, read_profile_target
 from .errors import ConfigError, WarehouseError
 
 _lock = threading.Lock()
-_SKIP_DIRS = {"target", "dbt_packages", "logs", "dbt_modules", ".batch_bridge"}
+# What dbt parses: files of these kinds in the project's resource paths (dbt's defaults below, or the
+# project's own `*-paths`), and the project-level files next to dbt_project.yml.
+_SOURCE_SUFFIXES = (".sql", ".yml", ".yaml", ".py", ".md")
+_RESOURCE_PATHS = {"model-paths": ["models"], "macro-paths": ["macros"], "snapshot-paths": ["snapshots"],
+                   "analysis-paths": ["analyses"], "test-paths": ["tests"], "seed-paths": ["seeds"], "docs-paths": []}
+# package-lock.yml: `dbt deps` rewrites it when it installs other versions of the packages.
+_PROJECT_FILES = ("dbt_project.yml", "packages.yml", "dependencies.yml", "package-lock.yml", "selectors.yml")
 
 
 @contextmanager
@@ -90,14 +99,69 @@ def invoke(settings: Settings, args: list[str], *, target_path: Path | None = No
     return result
 
 
-def _newest_source_mtime(project_dir: Path) -> float:
-    newest = (project_dir / "dbt_project.yml").stat().st_mtime
-    for root, dirs, files in os.walk(project_dir):
-        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")]
-        for f in files:
-            if f.endswith((".sql", ".yml", ".yaml", ".py", ".md")):
-                newest = max(newest, os.stat(os.path.join(root, f)).st_mtime)
+def _changed_at(path: str | Path) -> float:
+    """When a file or directory last changed: its mtime, or its ctime when later. Copies that keep
+    their source's mtime (`rsync -a`, `cp -p`, `tar x`) still set the ctime, and a directory's times
+    move when a file in it is added, removed or renamed."""
+    st = os.stat(path)
+    return max(st.st_mtime, st.st_ctime)
+
+
+def _newest_change(project_dir: Path, *, packages: bool = True) -> float:
+    """The latest change to what dbt parses in `project_dir`: its project files and every directory and
+    source file under its resource paths, and (with `packages`) the same in its `local:` packages.
+
+    Only the resource paths are walked: a warehouse file beside the models, or dbt's own outputs,
+    change while dbt runs, after it wrote its manifest. Infinity when dbt_project.yml cannot be read
+    (dbt's own parse then says why)."""
+    try:
+        project = yaml.safe_load((project_dir / "dbt_project.yml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return float("inf")
+    if not isinstance(project, dict):
+        return float("inf")
+    newest = 0.0
+    for name in _PROJECT_FILES:
+        if (project_dir / name).is_file():
+            newest = max(newest, _changed_at(project_dir / name))
+    roots = {str(p) for key, default in _RESOURCE_PATHS.items() for p in (project.get(key) or default)}
+    for root in sorted(roots):
+        top = project_dir / root
+        if not top.is_dir():
+            continue
+        for here, dirs, files in os.walk(top, followlinks=True):  # as dbt finds its files
+            dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+            newest = max(newest, _changed_at(here))
+            for f in files:
+                if f.endswith(_SOURCE_SUFFIXES):
+                    newest = max(newest, _changed_at(os.path.join(here, f)))
+    if packages:
+        for local in _local_packages(project_dir):
+            newest = max(newest, _newest_change(local, packages=False))
     return newest
+
+
+def _local_packages(project_dir: Path) -> list[Path]:
+    """The directories of the project's `local:` packages (packages.yml or dependencies.yml)."""
+    found = []
+    for name in ("packages.yml", "dependencies.yml"):
+        try:
+            doc = yaml.safe_load((project_dir / name).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        for entry in (doc.get("packages") or []) if isinstance(doc, dict) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("local"), str):
+                path = Path(entry["local"]).expanduser()
+                path = path if path.is_absolute() else project_dir / path
+                if (path / "dbt_project.yml").is_file():
+                    found.append(path)
+    return found
+
+
+def _sources_changed(settings: Settings) -> float:
+    """The latest change to the project (`_newest_change`) or to the profile dbt reads."""
+    profile = settings.profiles_dir / "profiles.yml"
+    return max(_newest_change(settings.project_dir), _changed_at(profile) if profile.is_file() else 0.0)
 
 
 def _dbt_target_manifest(settings: Settings) -> Path:
@@ -130,21 +194,38 @@ def _reusable(settings: Settings, manifest: dict[str, Any]) -> bool:
 
 
 def _dbt_manifest(settings: Settings) -> dict[str, Any] | None:
-    """dbt's own manifest when it is fresh (newer than every project file and the profile) and built for
-    this target; None otherwise."""
+    """dbt's own manifest when it is fresh (newer than every change to the project and the profile) and
+    built for this target; None otherwise."""
     path = _dbt_target_manifest(settings)
     try:
         written = path.stat().st_mtime
     except OSError:
         return None
-    profile = settings.profiles_dir / "profiles.yml"
-    if written < _newest_source_mtime(settings.project_dir) or (profile.is_file() and written < profile.stat().st_mtime):
+    if written < _sources_changed(settings):
         return None
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return manifest if _reusable(settings, manifest) else None
+
+
+# `env_var('X'`, also as YAML writes it in a quoted scalar (`env_var(''X''`, `env_var(\"X\"`).
+_ENV_VAR_CALL = re.compile(r"""env_var\(\s*\\?['"]+([^'"\\\s]+)""")
+
+
+def _env_vars_read(settings: Settings) -> str:
+    """A digest of the environment variables the profile and dbt_project.yml read (`env_var('X')`) and
+    their values as dbt sees them: a target whose schema or path comes from the environment moves with
+    it, without a change to any file. A digest, because such variables often hold credentials."""
+    names: set[str] = set()
+    for path in (settings.profiles_dir / "profiles.yml", settings.project_dir / "dbt_project.yml"):
+        try:
+            names.update(_ENV_VAR_CALL.findall(path.read_text()))
+        except OSError:
+            continue
+    env = {**os.environ, **settings.dbt_env()}
+    return hashlib.sha256("\0".join(f"{n}={env.get(n, '')}" for n in sorted(names)).encode()).hexdigest()
 
 
 def load_manifest(settings: Settings, *, force_parse: bool = False) -> dict[str, Any]:
@@ -158,25 +239,26 @@ def load_manifest(settings: Settings, *, force_parse: bool = False) -> dict[str,
         "profiles_dir": str(settings.profiles_dir),
         "target": settings.target,
         **settings.dbt_env(),
+        "env_vars": _env_vars_read(settings),
     }
-    fresh = (
+    if (
         not force_parse
         and manifest.is_file()
         and stamp.is_file()
         and json.loads(stamp.read_text()) == fingerprint
-        and manifest.stat().st_mtime >= _newest_source_mtime(settings.project_dir)
-    )
-    if not fresh and not force_parse:
+        and manifest.stat().st_mtime >= _sources_changed(settings)
+    ):
+        return json.loads(manifest.read_text())
+    if not force_parse:
         theirs = _dbt_manifest(settings)
         if theirs is not None:
             return theirs
-    if not fresh:
-        out.mkdir(parents=True, exist_ok=True)
-        try:
-            invoke(settings, ["parse", "--quiet"], target_path=out)
-        except WarehouseError as e:
-            raise ConfigError(f"dbt could not parse the project at {settings.project_dir}: {e.message}") from e
-        stamp.write_text(json.dumps(fingerprint))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        invoke(settings, ["parse", "--quiet"], target_path=out)
+    except WarehouseError as e:
+        raise ConfigError(f"dbt could not parse the project at {settings.project_dir}: {e.message}") from e
+    stamp.write_text(json.dumps(fingerprint))
     if not manifest.is_file():
         raise ConfigError(f"dbt parse wrote no manifest at {manifest}")
     return json.loads(manifest.read_text())
