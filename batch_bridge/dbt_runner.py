@@ -201,7 +201,7 @@ def _dbt_manifest(settings: Settings) -> dict[str, Any] | None:
         written = path.stat().st_mtime
     except OSError:
         return None
-    if written < _sources_changed(settings):
+    if written <= _sources_changed(settings):  # a change in the same clock tick may be after it
         return None
     try:
         manifest = json.loads(path.read_text())
@@ -246,7 +246,7 @@ def load_manifest(settings: Settings, *, force_parse: bool = False) -> dict[str,
         and manifest.is_file()
         and stamp.is_file()
         and json.loads(stamp.read_text()) == fingerprint
-        and manifest.stat().st_mtime >= _sources_changed(settings)
+        and manifest.stat().st_mtime > _sources_changed(settings)
     ):
         return json.loads(manifest.read_text())
     if not force_parse:
