@@ -124,7 +124,12 @@ def _newest_change(project_dir: Path, *, packages: bool = True) -> float:
     for name in _PROJECT_FILES:
         if (project_dir / name).is_file():
             newest = max(newest, _changed_at(project_dir / name))
-    roots = {str(p) for key, default in _RESOURCE_PATHS.items() for p in (project.get(key) or default)}
+    roots = set()
+    for key, default in _RESOURCE_PATHS.items():
+        paths = project.get(key) or default
+        roots.update(map(str, paths if isinstance(paths, list) else [paths]))
+    if any("{{" in root for root in roots):
+        return float("inf")  # a path dbt renders from the environment: not ours to guess
     for root in sorted(roots):
         top = project_dir / root
         if not top.is_dir():
@@ -137,7 +142,7 @@ def _newest_change(project_dir: Path, *, packages: bool = True) -> float:
                     newest = max(newest, _changed_at(os.path.join(here, f)))
     if packages:
         for local in _local_packages(project_dir):
-            newest = max(newest, _newest_change(local, packages=False))
+            newest = max(newest, _newest_change(local, packages=False) if "{{" not in str(local) else float("inf"))
     return newest
 
 
@@ -153,7 +158,7 @@ def _local_packages(project_dir: Path) -> list[Path]:
             if isinstance(entry, dict) and isinstance(entry.get("local"), str):
                 path = Path(entry["local"]).expanduser()
                 path = path if path.is_absolute() else project_dir / path
-                if (path / "dbt_project.yml").is_file():
+                if "{{" in entry["local"] or (path / "dbt_project.yml").is_file():
                     found.append(path)
     return found
 

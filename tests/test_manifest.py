@@ -149,3 +149,15 @@ def test_a_change_in_a_local_package_is_seen(tmp_path):
     doc["models"][0]["config"]["meta"]["batch_bridge"]["max_tokens"] = 9
     shared.write_text(yaml.safe_dump(doc))
     assert {j.name: j.max_tokens for j in bridge.load_jobs(s)} == {"items": 50, "shared": 9}
+
+
+def test_resource_paths_dbt_renders_from_the_environment_leave_its_manifest_untrusted(tmp_path):
+    """Which folders dbt parsed then depends on the environment it ran in: the bridge parses itself."""
+    project = write_project(tmp_path, META)
+    doc = yaml.safe_load((project / "dbt_project.yml").read_text())
+    (project / "dbt_project.yml").write_text(yaml.safe_dump(
+        {**doc, "model-paths": ["{{ env_var('BB_TEST_MODELS', 'models') }}"]}))
+    s = settings_for(tmp_path)
+    invoke(s, ["parse", "--quiet"])
+    assert [j.name for j in bridge.load_jobs(s)] == ["items"]
+    assert own_parse(s)
