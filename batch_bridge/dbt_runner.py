@@ -142,12 +142,13 @@ def _newest_change(project_dir: Path, *, packages: bool = True) -> float:
                     newest = max(newest, _changed_at(os.path.join(here, f)))
     if packages:
         for local in _local_packages(project_dir):
-            newest = max(newest, _newest_change(local, packages=False) if "{{" not in str(local) else float("inf"))
+            newest = max(newest, _newest_change(local, packages=False))
     return newest
 
 
 def _local_packages(project_dir: Path) -> list[Path]:
-    """The directories of the project's `local:` packages (packages.yml or dependencies.yml)."""
+    """The directories of the project's `local:` packages (packages.yml or dependencies.yml); one that
+    is not a dbt project (or a path dbt renders) makes `_newest_change` infinite."""
     found = []
     for name in ("packages.yml", "dependencies.yml"):
         try:
@@ -157,9 +158,7 @@ def _local_packages(project_dir: Path) -> list[Path]:
         for entry in (doc.get("packages") or []) if isinstance(doc, dict) else []:
             if isinstance(entry, dict) and isinstance(entry.get("local"), str):
                 path = Path(entry["local"]).expanduser()
-                path = path if path.is_absolute() else project_dir / path
-                if "{{" in entry["local"] or (path / "dbt_project.yml").is_file():
-                    found.append(path)
+                found.append(path if path.is_absolute() else project_dir / path)
     return found
 
 
