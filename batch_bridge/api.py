@@ -12,7 +12,6 @@ SDK exceptions are translated to our hierarchy here and nowhere else; messages n
 from __future__ import annotations
 
 import email.utils
-import importlib
 import os
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import httpx2
 
+from . import imports
 from .config import Settings
 from .errors import ApiAccountError, ApiAuthError, ApiError, ApiRequestRejected, ConfigError, ResultsError
 from .model_info import REAL_API, ModelFacts, facts_of
@@ -103,12 +103,13 @@ def preload() -> None:
     `import anthropic` costs ~1.2 s of CPU (its pydantic types), the largest single cost of a small
     run. Nothing in the bridge imports it at module level, so a command starts this first and does its
     DuckDB work (which releases the GIL) meanwhile; the first `build_client` or error translation then
-    finds it imported, or waits for the import to finish (Python's import lock). Not a daemon thread:
-    an interpreter must not exit while a thread is half way through an import."""
+    finds it imported, or waits for the import to finish (Python's import lock). The import keeps the
+    garbage collector off the SDK's objects (`imports.py`). Not a daemon thread: an interpreter must
+    not exit while a thread is half way through an import."""
     global _preloading
     with _preload_lock:
         if _preloading is None:
-            _preloading = threading.Thread(target=importlib.import_module, args=("anthropic",), name="import-anthropic")
+            _preloading = threading.Thread(target=imports.import_module, args=("anthropic",), name="import-anthropic")
             _preloading.start()
 
 

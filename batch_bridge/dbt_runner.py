@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from . import imports
 from .config import Settings, catalog_name, read_profile_target
 from .errors import ConfigError, WarehouseError
 
@@ -77,7 +78,7 @@ def release_duckdb_handles() -> None:
 
 def invoke(settings: Settings, args: list[str], *, target_path: Path | None = None) -> Any:
     """Run one dbt command in-process (`args` like ["build", "--selector", "x"]); raise on failure."""
-    from dbt.cli.main import dbtRunner
+    dbtRunner = imports.import_module("dbt.cli.main").dbtRunner  # noqa: N806 - dbt's class
 
     full = [
         *args,
