@@ -36,7 +36,7 @@ _BIG = """
 
 def test_a_first_import_runs_without_collections_and_leaves_its_objects_frozen(tmp_path):
     out = _run(tmp_path, """
-        import gc, importlib
+        import gc
         from batch_bridge import imports
         before = gc.get_freeze_count()
         m = imports.import_module("big")
