@@ -1,5 +1,6 @@
 """imports.import_module: the collector paused for a first import of a large library, counted across
-threads, restored whatever happens, and the library's objects moved out of its reach.
+threads, restored whatever happens, and the library's objects moved out of its reach; and the SDK
+client that api.client_on_first_use stands for, built in a thread of its own ahead of its first use.
 
 Each case runs in a fresh interpreter: the collector's state and the frozen generation belong to the
 process, and a module is imported once per process."""
@@ -109,3 +110,62 @@ def test_overlapping_imports_in_two_threads_resume_the_collector_only_when_both_
         enabled_at_end = gc.isenabled()
     """, big=_BIG)
     assert out == "False False True"
+
+
+# --- the SDK client, built beside the caller's work (api._OnFirstUse) -------------------------------
+
+
+def test_the_client_is_built_in_a_thread_before_its_first_use(tmp_path):
+    out = _run(tmp_path, """
+        import threading, time
+        from batch_bridge import api
+        built = []
+
+        class Client:
+            name = "the client"
+
+        def build():
+            built.append(threading.current_thread().name)
+            return Client()
+
+        stand_in = api._OnFirstUse(build)
+        deadline = time.monotonic() + 30
+        while not built and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(built, stand_in.name, stand_in.name, built)
+    """)
+    # Built once, by its own thread, before any attribute was asked for; later uses reuse it.
+    assert out == "['build-anthropic-client'] the client the client ['build-anthropic-client']"
+
+
+def test_a_client_whose_build_fails_ahead_is_built_again_at_first_use_and_raises_there(tmp_path):
+    out = _run(tmp_path, """
+        import threading
+        from batch_bridge import api
+        calls = []
+
+        def flaky():  # fails in the thread, works when the caller asks
+            calls.append(threading.current_thread().name)
+            if len(calls) == 1:
+                raise OSError("no TLS context yet")
+            return "built"
+
+        stand_in = api._OnFirstUse(flaky)
+        for t in threading.enumerate():
+            if t.name == "build-anthropic-client":
+                t.join(30)
+        print(stand_in.upper(), calls)
+
+        def broken():
+            raise ValueError("base_url is not a URL")
+
+        stand_in = api._OnFirstUse(broken)
+        for t in threading.enumerate():
+            if t.name == "build-anthropic-client":
+                t.join(30)
+        try:
+            stand_in.messages
+        except ValueError as e:
+            print("raised:", e)
+    """)
+    assert out.splitlines() == ["BUILT ['build-anthropic-client', 'MainThread']", "raised: base_url is not a URL"]
