@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from batch_bridge.emulator import EmulatorConfig, run_emulator
 from batch_bridge.emulator.config import ConfigError
 from batch_bridge.emulator.runner import Emulator
 from batch_bridge.emulator.schema_gen import generate
-from batch_bridge.emulator.tokens import tokenizer_path
+from batch_bridge.emulator.tokens import BpeCounter, tokenizer_path
 
 REVIEW_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -185,6 +186,25 @@ def test_usage_counts_with_the_claude_tokenizer_not_characters(client: anthropic
         assert usage.service_tier == "batch"
     # Characters / 4 is far off for these texts, in both directions: the counts are the tokenizer's.
     assert bpe(texts["cjk"]) > 1.5 * len(texts["cjk"]) / 4 and bpe(texts["digits"]) > 1.3 * len(texts["digits"]) / 4
+
+
+def test_plain_text_counted_piece_by_piece_between_spaces_matches_the_tokenizer() -> None:
+    # Plain ASCII whose spaces are single (the emulator counts it piece by piece between the spaces,
+    # each piece cached) or not (split into words as a whole), checked against the library's own count.
+    counter = BpeCounter(tokenizer_path())
+    edges = [
+        "", " ", "a", " a", "a ", " leading and trailing ", "it's John's 'quoted' don't we'll I'M",
+        "x=3.14159; y = -2e10, z: 0x1F!!! (parens) [brackets] {braces} <angle> a-b_c/d\\e",
+        "line one\nline two\n\nline three", "tab\tinside words\tonly", "U.S.A. e.g. i.e. ... ?! ,,, ''",
+        "numbers 123 4567 89012345 and 1,000,000.50 $5 10% #7 @me", "'s 't 're 've 'm 'll 'd", "a  b", "a \nb",
+        "a\n b", "a\t b", "a \tb", "a\r\n b", "end with newline\n", "\nstart with newline",
+    ]
+    rng = random.Random(5)
+    alphabet = [*"abcXYZ0189'\".,;:!?()-_=+/", *" " * 8, "\n", "\t", "'s", "'ll", "don't", "U.S.", "3.14", "\n\n"]
+    texts = edges + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 50))) for _ in range(3000)]
+    texts += [" ".join(texts[k:k + 20]) for k in range(0, len(texts), 20)]  # longer texts of the same pieces
+    for text in texts:
+        assert counter.text(text) == bpe(text), repr(text)
 
 
 def test_count_tokens_answers_what_a_batch_request_is_billed(client: anthropic.Anthropic) -> None:

@@ -16,7 +16,9 @@ schema's JSON plus SCHEMA_INSTRUCTIONS (the emulator's assumption: the API does 
 
 Speed: the tokenizer's own regex pre-tokenizer costs ~0.5 µs per character, which would make counting
 the larger part of processing a request. Plain ASCII text is therefore split into words here, with the
-same pattern run by Python's `re`, and the BPE of each distinct word is counted once. Other text is
+same pattern run by Python's `re`, and the BPE of each distinct word is counted once; a text whose
+spaces are all single (most prompts) is cut at them with `str.split` and each piece's count looked up
+(~10 µs for 600 characters against ~30 µs through the pattern). Other text is
 counted by the library in pieces cut where its pre-tokenizer always starts a new word, with repeated
 pieces cached. Both give exactly the library's count of the whole text (tests/test_emulator_responder.py).
 """
@@ -29,6 +31,7 @@ import re
 import sys
 import threading
 from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,6 +52,11 @@ _PIECE_CUT = re.compile(r"(?<=\S) (?=\S)")
 # the alternatives that can match at one position is the pattern's own.
 _ASCII_WORDS = re.compile(r" ?[A-Za-z]+|'s|'t|'re|'ve|'m|'ll|'d| ?[0-9]+| ?[^ \t\n\rA-Za-z0-9]+|[ \t\n\r]+(?![^ \t\n\r])|[ \t\n\r]+")
 _NOT_PLAIN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# A space with whitespace beside it. A plain text without one has only single spaces between two
+# non-spaces, where the pre-tokenizer starts a word whatever came before (BpeCounter._ascii_count).
+# Looked for as substrings, the pairs with a tab or line break only in a text that has one: a regex
+# tries every position (16 µs for 600 characters, this ~1 µs).
+_SPACE_BESIDE_BREAK = (" \n", "\n ", " \t", "\t ", " \r", "\r ")
 # Byte-level alphabet: a byte that is not printable ASCII becomes chr(256 + b) (GPT-2's bytes_to_unicode).
 _BYTE_LEVEL = {b: chr(256 + b) for b in range(33)}
 IMAGE_TOKENS = 1600
@@ -80,6 +88,22 @@ class _WordCounts(dict):
         return n
 
 
+class _PieceCounts(dict):
+    """Token count per piece of plain ASCII text between single spaces, filled on first sight from its
+    pre-tokenized words; `lead` is what precedes a piece as it is counted (" ": the space before it)."""
+
+    def __init__(self, words: _WordCounts, lead: str) -> None:
+        super().__init__()
+        self._words = words
+        self._lead = lead
+
+    def __missing__(self, piece: str) -> int:
+        if len(self) > 200_000:
+            self.clear()
+        n = self[piece] = sum(map(self._words.__getitem__, _ASCII_WORDS.findall(self._lead + piece)))
+        return n
+
+
 class BpeCounter:
     """Counts with the Claude BPE."""
 
@@ -96,6 +120,8 @@ class BpeCounter:
         self._piece = lru_cache(maxsize=8192)(self._count)
         self._texts: dict[str, int] = {}  # whole short texts: a job's system prompt is counted once
         self._words = _WordCounts(self._tok.model.tokenize)
+        self._first_pieces = _PieceCounts(self._words, "")
+        self._later_pieces = _PieceCounts(self._words, " ")
         self._added = [t.content for t in self._tok.get_added_tokens_decoder().values()]
         self._added_start = {a[0] for a in self._added}  # a text without these characters has no added token
 
@@ -108,8 +134,18 @@ class BpeCounter:
     def _ascii_count(self, text: str) -> int:
         """Plain ASCII text (the usual prompt): split into words by the byte-level pre-tokenizer's own
         pattern, here run by Python's `re` (exact for ASCII, and ~5x faster than the tokenizer's), and
-        the BPE of each distinct word counted once."""
-        return sum(map(self._words.__getitem__, _ASCII_WORDS.findall(text)))
+        the BPE of each distinct word counted once.
+
+        Most texts are words between single spaces. Such a text is cut at every space (`str.split`, in
+        C) and each piece's count looked up, a piece after a space counted with that space: the pattern
+        has no lookbehind, no word of it crosses a space with a non-space on either side, and the word
+        that follows such a space begins with it, so the pieces' counts add up to the whole's. A text
+        with a space beside other whitespace is split into words as a whole."""
+        if "  " in text or (("\n" in text or "\t" in text or "\r" in text)
+                            and any(pair in text for pair in _SPACE_BESIDE_BREAK)):
+            return sum(map(self._words.__getitem__, _ASCII_WORDS.findall(text)))
+        pieces = text.split(" ")
+        return self._first_pieces[pieces[0]] + sum(map(self._later_pieces.__getitem__, islice(pieces, 1, None)))
 
     def text(self, text: str) -> int:
         """Tokens of `text`: the sum over pieces cut before a single space between two non-spaces, where
