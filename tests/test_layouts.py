@@ -227,3 +227,49 @@ def test_a_relative_path_from_another_directory_is_refused_with_the_fix(world, m
     assert s.warehouse == shop / "shop.duckdb" and s.home == shop / ".batch_bridge"
     s = resolve(project_dir=shop, profiles_dir=shop, cwd=world, env={"BATCH_BRIDGE_ROOT": str(world)})
     assert s.warehouse == world / "shop.duckdb"
+
+
+def test_profile_env_var_calls_render_as_jinja_renders_them(monkeypatch):
+    """Plain `env_var()` calls are rendered without jinja2; anything else goes through it. Either way the
+    value is Jinja's own rendering of the profile string."""
+    import jinja2
+
+    from batch_bridge.config import ConfigError, _render_env
+
+    env = {"SHOP_DB": "warehouses/shop.duckdb", "TOKEN": "abc{{x}}", "EMPTY": ""}
+
+    def jinja(text: str) -> str:
+        def env_var(name, default=None):
+            if name in env:
+                return env[name]
+            if default is None:
+                raise KeyError(name)
+            return default
+        return jinja2.Environment().from_string(text).render(env_var=env_var)
+
+    texts = [
+        "{{ env_var('SHOP_DB') }}", '{{env_var("SHOP_DB")}}', "{{ env_var('MISSING', 'default.duckdb') }}",
+        "md:shop?motherduck_token={{ env_var('TOKEN', '') }}&x={{ env_var( 'EMPTY' , \"d\" ) }}",
+        "{{ env_var('SHOP_DB') }}\n", "a {{ env_var('SHOP_DB') }}  b\n\n",
+        # Not plain: whitespace control, filters, expressions, statements, comments (rendered by jinja2).
+        "x  {{- env_var('SHOP_DB') -}}  y", "{{ env_var('MISSING', 'a') | upper }}", "{{ env_var('SHOP_DB') ~ '.bak' }}",
+        "{% if true %}{{ env_var('SHOP_DB') }}{% endif %}", "{# note #}{{ env_var('SHOP_DB') }}", "{{ 'it\\'s' }}",
+    ]
+    for text in texts:
+        assert _render_env(text, env) == jinja(text), text
+    with pytest.raises(ConfigError, match="MISSING"):
+        _render_env("{{ env_var('MISSING') }}", env)
+
+
+def test_a_plain_env_var_profile_is_rendered_without_importing_jinja2():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom batch_bridge.config import _render_env\n"
+            "assert _render_env(\"{{ env_var('NOPE', 'wh.duckdb') }}\", {}) == 'wh.duckdb'\n"
+            "print('jinja2' in sys.modules)\n"
+            "_render_env(\"{{ env_var('NOPE', 'wh') | upper }}\", {})\n"
+            "print('jinja2' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
