@@ -229,7 +229,7 @@ def test_a_relative_path_from_another_directory_is_refused_with_the_fix(world, m
     assert s.warehouse == world / "shop.duckdb"
 
 
-def test_profile_env_var_calls_render_as_jinja_renders_them(monkeypatch):
+def test_profile_env_var_calls_render_as_jinja_renders_them():
     """Plain `env_var()` calls are rendered without jinja2; anything else goes through it. Either way the
     value is Jinja's own rendering of the profile string."""
     import jinja2
