@@ -151,6 +151,10 @@ class _OnFirstUse:
         threading.Thread(target=self._build_ahead, name="build-anthropic-client").start()
 
     def _build_ahead(self) -> None:
+        # The SDK is imported by `preload`'s thread, with the collector paused (`imports.py`); this
+        # thread's `import anthropic` must not win the race to the import lock and import it plainly.
+        if _preloading is not None:
+            _preloading.join()
         try:
             self._built()
         except Exception:  # noqa: BLE001 - the first use builds it again and raises there
