@@ -207,22 +207,28 @@ def test_duplicate_keys_among_unchanged_rows_are_still_rejected(project):
 
 
 def test_a_view_as_staging_model_plans_the_same_as_a_table(tmp_path, emulator):
-    """A view has no rowid: its staged rows are found again by key values (NULL keys separately)."""
+    """A view has no rowid: its staged rows are found again by key values (NULL keys separately), a
+    request shared by keys with the same input by the values of the first of them."""
     sql = ("SELECT * FROM (VALUES ('a', 'one'), (NULL, 'no key'), ('d', 'dup 1'), ('d', 'dup 2'), "
-           "('e', '   '), ('g', 'good'), ('h', 'fine')) v(id, prompt)")
+           "('e', '   '), ('g', 'good'), ('h', 'fine'), ('i', 'fine')) v(id, prompt)")
     write_project(tmp_path, job_meta(), sql=sql, materialized="view")
     s = settings_for(tmp_path, emulator.base_url)
     from batch_bridge import dbt_runner
 
     dbt_runner.invoke(s, ["build"])
-    run(s)
-    assert {r["id"] for r in current(s, "items")} == {"a", "g", "h"}
     p = plan(s)
-    assert (p["rows_to_send"], p["up_to_date_rows"]) == (0, 3)
+    assert (p["rows_to_send"], p["requests_to_send"], p["deduplicated_rows"]) == (4, 3, 1)
+    run(s)
+    rows = {r["id"]: r for r in current(s, "items")}
+    assert set(rows) == {"a", "g", "h", "i"}
+    assert rows["h"]["output_text"] == rows["i"]["output_text"] and "fine" in rows["h"]["output_text"]
+    assert (rows["h"]["deduplicated"], rows["i"]["deduplicated"]) == (False, True)
+    p = plan(s)
+    assert (p["rows_to_send"], p["up_to_date_rows"]) == (0, 4)
     assert {k: v["rows"] for k, v in p["skipped"].items()} == {"null_key": 1, "duplicate_key": 2, "empty_prompt": 1}
     write_project(tmp_path, job_meta(), sql=sql.replace("'good'", "'goad'"), materialized="view")
     dbt_runner.invoke(s, ["build"])
     p = plan(s)
-    assert (p["rows_to_send"], p["up_to_date_rows"]) == (1, 2)
+    assert (p["rows_to_send"], p["up_to_date_rows"]) == (1, 3)
     run(s)
     assert_summaries_match_history(s)
