@@ -107,25 +107,25 @@ def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: d
         """,
         {"job": job.name, "now": now},
     )
-    # A key's `key_json` changes with its input, as its `key_versions` rows do (the one inserted above).
-    con.execute(
-        f"""
-        MERGE INTO bb_state.key_inputs t
-        USING (SELECT custom_id, input_hash, disposition = 'up_to_date' AS answered, prompt_bytes, fingerprint,
-                      {key_json_sql(job, 'c')} AS key_json
-               FROM bb_classified c WHERE {stored}) n
-        ON t.job = $job AND t.custom_id = n.custom_id
-        WHEN MATCHED AND (t.input_hash <> n.input_hash OR t.answered <> n.answered
-                          OR t.fingerprint IS DISTINCT FROM n.fingerprint OR t.prompt_bytes IS DISTINCT FROM n.prompt_bytes
-                          OR t.static_hash IS DISTINCT FROM $static_hash OR t.hash_version IS DISTINCT FROM $hash_version)
-          THEN UPDATE SET input_hash = n.input_hash, answered = n.answered, static_hash = $static_hash,
-                          hash_version = $hash_version, prompt_bytes = n.prompt_bytes, fingerprint = n.fingerprint,
-                          key_json = CASE WHEN t.input_hash <> n.input_hash THEN n.key_json ELSE t.key_json END
-        WHEN NOT MATCHED THEN INSERT VALUES ($job, n.custom_id, n.input_hash, n.answered, $static_hash, $hash_version,
-                                             n.prompt_bytes, n.fingerprint, n.key_json)
-        """,
-        {"job": job.name, "static_hash": job.static_hash, "hash_version": HASH_VERSION},
-    )
+    current = (f"SELECT custom_id, input_hash, disposition = 'up_to_date' AS answered, prompt_bytes, fingerprint, "
+               f"{key_json_sql(job, 'c')} AS key_json FROM bb_classified c WHERE {stored}")
+    known = {"job": job.name, "static_hash": job.static_hash, "hash_version": HASH_VERSION}
+    (first,) = con.execute("SELECT NOT EXISTS (SELECT 1 FROM bb_state.key_inputs WHERE job = $job)",
+                           {"job": job.name}).fetchone()
+    if first:
+        # The job's first submit: every key is new, and a MERGE would join them all with nothing
+        # (measured: 1.2 s for 1M keys against 0.7 s for the INSERT, ~15 s for 10M against 9-10 s).
+        con.execute(
+            f"""
+            INSERT INTO bb_state.key_inputs
+            SELECT $job, n.custom_id, n.input_hash, n.answered, $static_hash, $hash_version, n.prompt_bytes,
+                   n.fingerprint, n.key_json
+            FROM ({current}) n
+            """,
+            known,
+        )
+    else:
+        _merge_key_inputs(con, current, known)
     con.execute("DELETE FROM bb_state.rejections WHERE job = ?", [job.name])
     con.execute(
         f"""
@@ -142,6 +142,27 @@ def snapshot_key_versions(con: duckdb.DuckDBPyConnection, job: Job, key_types: d
     con.execute(
         "INSERT OR REPLACE INTO bb_state.jobs VALUES (?, ?, ?, ?, ?)",
         [job.name, json.dumps(job.to_json()), job.static_hash, json.dumps(list(key_types.items())), now],
+    )
+
+
+def _merge_key_inputs(con: duckdb.DuckDBPyConnection, current: str, known: dict[str, str]) -> None:
+    """`key_inputs` brought up to the keys' `current` inputs: changed keys updated, new keys added.
+    A key's `key_json` changes with its input, as its `key_versions` rows do."""
+    con.execute(
+        f"""
+        MERGE INTO bb_state.key_inputs t
+        USING ({current}) n
+        ON t.job = $job AND t.custom_id = n.custom_id
+        WHEN MATCHED AND (t.input_hash <> n.input_hash OR t.answered <> n.answered
+                          OR t.fingerprint IS DISTINCT FROM n.fingerprint OR t.prompt_bytes IS DISTINCT FROM n.prompt_bytes
+                          OR t.static_hash IS DISTINCT FROM $static_hash OR t.hash_version IS DISTINCT FROM $hash_version)
+          THEN UPDATE SET input_hash = n.input_hash, answered = n.answered, static_hash = $static_hash,
+                          hash_version = $hash_version, prompt_bytes = n.prompt_bytes, fingerprint = n.fingerprint,
+                          key_json = CASE WHEN t.input_hash <> n.input_hash THEN n.key_json ELSE t.key_json END
+        WHEN NOT MATCHED THEN INSERT VALUES ($job, n.custom_id, n.input_hash, n.answered, $static_hash, $hash_version,
+                                             n.prompt_bytes, n.fingerprint, n.key_json)
+        """,
+        known,
     )
 
 
@@ -348,13 +369,19 @@ class Preparer:
                     [name, job.name, str(path), chunk.requests, chunk.body_bytes, now, plan.lane],
                 )
             if names:
-                # Every batch's requests in one pass over `bb_lines` (a pass per batch would grow with the square).
+                # Every batch's requests in one pass over `bb_lines` (a pass per batch would grow with the
+                # square), each line matched to its batch by an equi-join on a bucket of line numbers no wider
+                # than a batch (so a bucket meets two batches at most) and then by its range: a join on the
+                # range alone compares every line with every batch (measured on 10M lines in 100 batches:
+                # 6.0 s, against 3.9 s; 0.39 s and 0.30 s for 1M in 10).
+                width = max(1, min(c.requests for c in plan.chunks[:-1] or plan.chunks))
                 con.execute(
                     "INSERT INTO bb_state.sent_requests "
                     "SELECT c.name, $job, l.request_custom_id, l.input_hash, l.attempt, l.key_count, l.prompt_chars "
-                    "FROM bb_lines l JOIN bb_chunks b ON l.rn BETWEEN b.first AND b.last "
+                    "FROM bb_lines l JOIN (SELECT unnest(generate_series(first // $w, last // $w)) AS bucket, first, last, k "
+                    "                      FROM bb_chunks) b ON l.rn // $w = b.bucket AND l.rn BETWEEN b.first AND b.last "
                     "JOIN (SELECT unnest($k) AS k, unnest($names) AS name) c ON c.k = b.k",
-                    {"job": job.name, "k": [c.index for c in plan.chunks], "names": names},
+                    {"job": job.name, "k": [c.index for c in plan.chunks], "names": names, "w": width},
                 )
         except BaseException:
             state.rollback(con)

@@ -146,6 +146,32 @@ def test_an_old_state_file_is_migrated_and_plans_the_same(project):
     assert plan(s)["up_to_date_rows"] == 40
 
 
+def test_a_jobs_first_submit_records_its_keys_as_a_later_submit_does(tmp_path, emulator):
+    """A job's first submit inserts every key into `key_inputs`, a later one merges: the same rows
+    (inputs, fingerprints, the job definition and DuckDB version they were taken under, key values)."""
+    columns = ("SELECT custom_id, input_hash, answered, static_hash, hash_version, prompt_bytes, fingerprint, key_json "
+               "FROM bb_state.key_inputs")
+    rows = rows_sql(130) + " UNION ALL SELECT 'r000999', 'review 000000001 is great, really great!'"  # a shared input
+    found = []
+    for first in (None, rows_sql(8)):  # all at once; or 8 keys, then all of them
+        root = tmp_path / ("once" if first is None else "twice")
+        write_project(root, job_meta(max_requests_per_batch=40))  # batches of 40, 39, 38 and 37 requests
+        s = settings_for(root, emulator.base_url)
+        for sql in ([first] if first else []) + [rows]:
+            load_staging(s, sql)
+            bridge.submit(s, bridge.load_jobs(s), api.build_client(s))
+        found.append(fetch(s, columns))
+        assert_summaries_match_history(s)
+        # Each batch journals exactly its own requests, each request once.
+        assert fetch(s, "SELECT count(*), count(DISTINCT request_custom_id), count(DISTINCT input_hash) "
+                        "FROM bb_state.sent_requests") == [(130, 130, 130)]
+        journalled = fetch(s, "SELECT s.request_count, count(r.request_custom_id) FROM bb_state.submissions s "
+                              "LEFT JOIN bb_state.sent_requests r USING (submission_id) GROUP BY s.submission_id, s.request_count")
+        assert len(journalled) >= 4 and all(expected == n for expected, n in journalled), journalled
+    assert len(found[0]) == 131 and all(r[6] is not None and r[3] and r[4] for r in found[0])
+    assert found[0] == found[1]
+
+
 def test_a_key_restaged_with_another_type_keeps_the_key_values_of_its_latest_version(project):
     """`key_inputs.key_json` is the key values as the key's latest `key_versions` row holds them: a key
     staged as a number, then as text with a changed prompt, has ["3"] there; the unchanged keys keep [n]."""
