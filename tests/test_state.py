@@ -155,7 +155,7 @@ def test_a_jobs_first_submit_records_its_keys_as_a_later_submit_does(tmp_path, e
     found = []
     for first in (None, rows_sql(8)):  # all at once; or 8 keys, then all of them
         root = tmp_path / ("once" if first is None else "twice")
-        write_project(root, job_meta(max_requests_per_batch=40))  # batches of 40, 39, 38 and 37 requests
+        write_project(root, job_meta(max_requests_per_batch=40))  # batches of up to 40, 39, 38, 37 requests in turn
         s = settings_for(root, emulator.base_url)
         for sql in ([first] if first else []) + [rows]:
             load_staging(s, sql)
