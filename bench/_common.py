@@ -124,13 +124,15 @@ def sdk_client(base_url: str, **kw: Any):
 
 
 class PeakRSS:
-    """Samples a process and all its descendants every `interval` s; keeps the peak of their RSS sum."""
+    """Samples a process and all its descendants every `interval` s; keeps the peak of their RSS sum,
+    and their CPU seconds (user + system, all threads) so far at each sample."""
 
     def __init__(self, pid: int, interval: float = 0.02) -> None:
         self.proc = psutil.Process(pid)
         self.interval = interval
         self.peak = 0
         self.samples: list[tuple[float, int]] = []
+        self.cpu: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -138,15 +140,19 @@ class PeakRSS:
         while not self._stop.is_set():
             try:
                 procs = [self.proc, *self.proc.children(recursive=True)]
-                total = 0
+                total, cpu = 0, 0.0
                 for p in procs:
                     try:
                         total += p.memory_info().rss
+                        times = p.cpu_times()
+                        cpu += times.user + times.system
                     except psutil.Error:
                         pass
             except psutil.Error:
                 break
-            self.samples.append((time.monotonic(), total))
+            now = time.monotonic()
+            self.samples.append((now, total))
+            self.cpu.append((now, cpu))
             self.peak = max(self.peak, total)
             self._stop.wait(self.interval)
 
@@ -163,8 +169,8 @@ class PeakRSS:
 
 
 def run_measured(cmd: list[str], env: dict[str, str], *, cwd: Path | None = None) -> dict[str, Any]:
-    """Run a command; wall time, peak RSS (with children, 20 ms sampling), stdout, and stderr lines
-    each stamped with the time it arrived."""
+    """Run a command; wall time, peak RSS (with children, 20 ms sampling), CPU seconds so far at each
+    sample, stdout, and stderr lines each stamped with the time it arrived."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[tuple[float, str]] = []
@@ -191,7 +197,7 @@ def run_measured(cmd: list[str], env: dict[str, str], *, cwd: Path | None = None
         tail = "\n".join(line for _, line in lines[-20:])
         raise RuntimeError(f"{' '.join(cmd)} exited {rc}:\n{tail}")
     return {"wall": wall, "peak_rss": rss.peak, "stderr": lines, "stdout": "".join(out), "t0": t0,
-            "samples": [(t - t0, r) for t, r in rss.samples]}
+            "samples": [(t - t0, r) for t, r in rss.samples], "cpu_samples": [(t - t0, c) for t, c in rss.cpu]}
 
 
 # --- projects -------------------------------------------------------------------------------------

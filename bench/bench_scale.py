@@ -15,6 +15,8 @@ with phase stamps). Measured per run:
     which publish_history: the history parts),
     state_open / state_close (opening the state DB, and closing it), refresh / pending / send_pending
     (the `run` loop between batches), other (imports, ...);
+  - the CPU seconds (user + system, all threads) of the `run` process in each phase, from the same
+    samples, which the disk's pace moves less than the wall;
   - the emulator's CPU seconds during the run (psutil cpu_times of its process) / wall, split into create
     parsing, batch processing and the rest (HTTP) from the emulator's own `cpu_seconds` stats.
 The emulator runs with `--latency 1` so waiting is short and the bridge's own work dominates.
@@ -62,7 +64,15 @@ def one(n: int, args: argparse.Namespace, **env_extra: str) -> dict:
     for t, rss in r["samples"]:
         name = active(phases, t)
         peaks[name] = max(peaks.get(name, 0), rss)
-    return {"n": n, "wall": r["wall"], "rss": r["peak_rss"], "shares": shares, "peaks": peaks, "plan_wall": p["wall"],
+    # CPU seconds by phase: each 20 ms sample's increase goes to the phase active midway between them
+    # (the process's start, before the first sample, to "other").
+    own_cpu: dict[str, float] = {}
+    before = (0.0, 0.0)
+    for t, c in r["cpu_samples"]:
+        name = active(phases, (before[0] + t) / 2)
+        own_cpu[name] = own_cpu.get(name, 0.0) + (c - before[1])
+        before = (t, c)
+    return {"n": n, "wall": r["wall"], "rss": r["peak_rss"], "shares": shares, "peaks": peaks, "cpu": own_cpu, "plan_wall": p["wall"],
             "emu_cpu": cpu, "emu_split": split, "emu_rss": emu_rss, "disk": disk, "batches": f"{created} batches", "lines": lines,
             "phases": phases}
 
@@ -96,7 +106,8 @@ def main() -> None:
         for name in ORDER:
             if name in r["shares"]:
                 s = r["shares"][name]
-                print(f"    {name:15s} {s:7.2f} s {s / r['wall']:6.1%}   peak RSS in it {r['peaks'].get(name, 0) / 1e6:7.1f} MB")
+                print(f"    {name:15s} {s:7.2f} s {s / r['wall']:6.1%}   CPU {r['cpu'].get(name, 0.0):7.2f} s   "
+                      f"peak RSS in it {r['peaks'].get(name, 0) / 1e6:7.1f} MB")
         if args.show_stderr:
             for t, line in r["lines"]:
                 print(f"      +{t:7.2f}s {line}")

@@ -8,10 +8,13 @@ Per run, through bench/_timed_cli.py (the real CLI with phase stamps, see bench_
   - seconds per million rows of each stage: plan (stage, classify, measure), submit (write the request
     files, create the batches), collect (download and load the results), publish (the results
     source), and the time spent waiting for batches (polls and sleeps between them);
+  - the CPU seconds per million rows of each stage (the `run` process, all threads): the bridge's own
+    work, which the disk's pace moves less than the wall;
   - peak RSS of the `run` process (with children) overall and in each stage;
   - the emulator's CPU seconds over the run as a share of the machine (cores x wall);
   - bytes on disk at the end (warehouse, state DB, request and result files).
-The ratio of s per million rows between the two sizes is the linearity check (1.0 = linear).
+The ratio of s per million rows between the two sizes is the linearity check (1.0 = linear); the
+ratio of CPU s per million rows says how much of a stage's growth is the bridge's work, not its waits.
 
 The emulator runs with `--latency 1` and counts tokens with its characters/4 fallback
 (BATCH_BRIDGE_TOKENIZER=/nonexistent, set by this script for the emulator only): the real tokenizer
@@ -64,14 +67,18 @@ def main() -> None:
         m = n / 1e6
         stages = {k: sum(r["shares"].get(p, 0.0) for p in ps) for k, ps in STAGES.items()}
         peaks = {k: max((r["peaks"].get(p, 0) for p in ps), default=0) for k, ps in STAGES.items()}
+        cpu = {k: sum(r["cpu"].get(p, 0.0) for p in ps) for k, ps in STAGES.items()}
         r["per_m"] = {k: v / m for k, v in stages.items()}
+        r["cpu_per_m"] = {k: v / m for k, v in cpu.items()}
         print(f"{n:,} rows ({r['batches']}): run wall {r['wall']:.1f} s = {r['wall'] / m:.1f} s per million rows; "
               f"peak RSS {r['rss'] / 1e6:.1f} MB; on disk at the end {r['disk'] / 1e9:.2f} GB")
         print(f"    emulator CPU {r['emu_cpu']:.1f} s = {r['emu_cpu'] / (CORES * r['wall']):.0%} of the machine "
               f"({CORES} cores x wall), {r['emu_cpu'] / r['wall']:.0%} of one core; emulator RSS at the end "
               f"{r['emu_rss'] / 1e6:.0f} MB")
+        print(f"    the bridge's CPU {sum(cpu.values()):.1f} s (all threads) = {sum(cpu.values()) / m:.2f} s per million rows")
         for k, v in stages.items():
-            print(f"    {k:8s} {v:8.1f} s  {v / m:7.2f} s per million rows  peak RSS in it {peaks[k] / 1e6:7.1f} MB")
+            print(f"    {k:8s} {v:8.1f} s  {v / m:7.2f} s per million rows  CPU {cpu[k] / m:6.2f} s per million rows  "
+                  f"peak RSS in it {peaks[k] / 1e6:7.1f} MB")
         folds = [b - a for name, a, b in r["phases"] if name == "fold" and b - a >= 0.01]
         print(f"    of collect: reading and inserting slices {r['shares'].get('load_insert', 0):.1f} s, folding the "
               f"answers into the per-input summaries {r['shares'].get('fold', 0):.1f} s ({len(folds)} folds of 10 ms "
@@ -87,6 +94,9 @@ def main() -> None:
         print(f"RATIO s per million rows, {b['n']:,} / {a['n']:,} rows (1.00 = linear): " + ", ".join(
             f"{k} {b['per_m'][k] / a['per_m'][k]:.2f}x" for k in ("plan", "submit", "collect", "publish")
             if a["per_m"][k] > 0) + f"; whole run {b['wall'] / b['n'] / (a['wall'] / a['n']):.2f}x")
+        print("RATIO CPU s per million rows (the bridge's own work, which the disk's pace moves less): " + ", ".join(
+            f"{k} {b['cpu_per_m'][k] / a['cpu_per_m'][k]:.2f}x" for k in ("plan", "submit", "collect", "publish")
+            if a["cpu_per_m"][k] > 0) + f"; whole run {sum(b['cpu_per_m'].values()) / sum(a['cpu_per_m'].values()):.2f}x")
         print(f"RATIO peak RSS {b['n']:,} / {a['n']:,} rows = {b['rss'] / a['rss']:.2f}x (target: flat, <= 1.1x)")
 
 
