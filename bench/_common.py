@@ -133,6 +133,7 @@ class PeakRSS:
         self.peak = 0
         self.samples: list[tuple[float, int]] = []
         self.cpu: list[tuple[float, float]] = []
+        self.system: list[tuple[float, float]] = []  # the system (kernel) part of it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -140,12 +141,13 @@ class PeakRSS:
         while not self._stop.is_set():
             try:
                 procs = [self.proc, *self.proc.children(recursive=True)]
-                total, cpu = 0, 0.0
+                total, cpu, system = 0, 0.0, 0.0
                 for p in procs:
                     try:
                         total += p.memory_info().rss
                         times = p.cpu_times()
                         cpu += times.user + times.system
+                        system += times.system
                     except psutil.Error:
                         pass
             except psutil.Error:
@@ -153,6 +155,7 @@ class PeakRSS:
             now = time.monotonic()
             self.samples.append((now, total))
             self.cpu.append((now, cpu))
+            self.system.append((now, system))
             self.peak = max(self.peak, total)
             self._stop.wait(self.interval)
 
@@ -197,7 +200,8 @@ def run_measured(cmd: list[str], env: dict[str, str], *, cwd: Path | None = None
         tail = "\n".join(line for _, line in lines[-20:])
         raise RuntimeError(f"{' '.join(cmd)} exited {rc}:\n{tail}")
     return {"wall": wall, "peak_rss": rss.peak, "stderr": lines, "stdout": "".join(out), "t0": t0,
-            "samples": [(t - t0, r) for t, r in rss.samples], "cpu_samples": [(t - t0, c) for t, c in rss.cpu]}
+            "samples": [(t - t0, r) for t, r in rss.samples], "cpu_samples": [(t - t0, c) for t, c in rss.cpu],
+            "system_samples": [(t - t0, c) for t, c in rss.system]}
 
 
 # --- projects -------------------------------------------------------------------------------------

@@ -42,6 +42,18 @@ ORDER = ("other", "manifest", "state_open", "state_close", "refresh", "pending",
          "publish_history")
 
 
+def by_phase(phases: list[tuple[str, float, float]], samples: list[tuple[float, float]]) -> dict[str, float]:
+    """CPU seconds by phase: each 20 ms sample's increase goes to the phase active midway between it and
+    the sample before (the process's start, before the first sample, to "other")."""
+    out: dict[str, float] = {}
+    before = (0.0, 0.0)
+    for t, c in samples:
+        name = active(phases, (before[0] + t) / 2)
+        out[name] = out.get(name, 0.0) + (c - before[1])
+        before = (t, c)
+    return out
+
+
 def one(n: int, args: argparse.Namespace, **env_extra: str) -> dict:
     """One measured `run` of n staged rows in a fresh project (the bridge's env plus `env_extra`)."""
     with workdir() as root, emulator(latency=args.latency) as emu:
@@ -64,15 +76,8 @@ def one(n: int, args: argparse.Namespace, **env_extra: str) -> dict:
     for t, rss in r["samples"]:
         name = active(phases, t)
         peaks[name] = max(peaks.get(name, 0), rss)
-    # CPU seconds by phase: each 20 ms sample's increase goes to the phase active midway between them
-    # (the process's start, before the first sample, to "other").
-    own_cpu: dict[str, float] = {}
-    before = (0.0, 0.0)
-    for t, c in r["cpu_samples"]:
-        name = active(phases, (before[0] + t) / 2)
-        own_cpu[name] = own_cpu.get(name, 0.0) + (c - before[1])
-        before = (t, c)
-    return {"n": n, "wall": r["wall"], "rss": r["peak_rss"], "shares": shares, "peaks": peaks, "cpu": own_cpu, "plan_wall": p["wall"],
+    own_cpu, own_system = by_phase(phases, r["cpu_samples"]), by_phase(phases, r["system_samples"])
+    return {"n": n, "wall": r["wall"], "rss": r["peak_rss"], "shares": shares, "peaks": peaks, "cpu": own_cpu, "system": own_system, "plan_wall": p["wall"],
             "emu_cpu": cpu, "emu_split": split, "emu_rss": emu_rss, "disk": disk, "batches": f"{created} batches", "lines": lines,
             "phases": phases}
 
@@ -106,7 +111,8 @@ def main() -> None:
         for name in ORDER:
             if name in r["shares"]:
                 s = r["shares"][name]
-                print(f"    {name:15s} {s:7.2f} s {s / r['wall']:6.1%}   CPU {r['cpu'].get(name, 0.0):7.2f} s   "
+                print(f"    {name:15s} {s:7.2f} s {s / r['wall']:6.1%}   CPU {r['cpu'].get(name, 0.0):7.2f} s "
+                      f"(system {r['system'].get(name, 0.0):5.2f} s)   "
                       f"peak RSS in it {r['peaks'].get(name, 0) / 1e6:7.1f} MB")
         if args.show_stderr:
             for t, line in r["lines"]:

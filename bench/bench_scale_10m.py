@@ -84,8 +84,9 @@ def main() -> None:
               f"answers into the per-input summaries {r['shares'].get('fold', 0):.1f} s ({len(folds)} folds of 10 ms "
               f"or more" + (f", the longest {max(folds):.2f} s)" if folds else ")"))
         inside = r["shares"]
-        print("    seconds (peak RSS MB) by phase: " + ", ".join(
-            f"{k} {v:.1f} ({r['peaks'].get(k, 0) / 1e6:.0f})" for k, v in sorted(inside.items(), key=lambda kv: -kv[1])))
+        print("    seconds (CPU s, of it system; peak RSS MB) by phase: " + ", ".join(
+            f"{k} {v:.1f} ({r['cpu'].get(k, 0.0):.1f}, {r['system'].get(k, 0.0):.1f}; {r['peaks'].get(k, 0) / 1e6:.0f})"
+            for k, v in sorted(inside.items(), key=lambda kv: -kv[1])))
         if args.show_stderr:
             for t, line in r["lines"]:
                 print(f"      +{t:7.2f}s {line}")
