@@ -109,7 +109,8 @@ def _publish_all(settings: Settings, jobs: list[Job]) -> None:
     if _PUBLISH_DEFERRED.get():
         return
     with state.connect(settings) as con:
-        state.fold_outcomes(con)
+        with state.room_for_joining(con, settings):
+            state.fold_outcomes(con)
         for j in jobs:
             publish(con, settings, j, fault=crash_point)
 

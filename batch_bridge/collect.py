@@ -418,13 +418,14 @@ def load_downloaded(
                         loaded[job_name] += n
                         progress.tick("results loaded", loaded[job_name], total)
 
-                    with state.room_for_rows(con, settings, _line_bytes(batch), batch[4] or 0), state.one_checkpoint(con):
+                    with state.room_for_loading(con, settings, _line_bytes(batch), batch[4] or 0), state.one_checkpoint(con):
                         ok = _load_batch(con, settings, job, batch, book, fault, progress, ticked)
                     if not ok:
                         report.foreign.append(batch[0])
                         continue
                     _account_errors(con, batch[0], report)
-        state.fold_outcomes(con, at_least=state.FOLD_ANSWERS)
+        with state.room_for_joining(con, settings):
+            state.fold_outcomes(con, at_least=state.FOLD_ANSWERS)
     return report
 
 
@@ -456,7 +457,7 @@ def _release_foreign(con: duckdb.DuckDBPyConnection, batch: tuple, lines: int, m
 
 
 def _line_bytes(batch: tuple) -> float:
-    """The mean width of a downloaded batch's result lines (its answers), for `state.room_for_rows`."""
+    """The mean width of a downloaded batch's result lines (its answers), for `state.room_for_loading`."""
     result_file, result_lines = batch[3], batch[4]
     try:
         return os.path.getsize(result_file) / max(1, result_lines or 0)

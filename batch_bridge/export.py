@@ -509,6 +509,16 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, input_limi
     plan.send_requests, plan.prompt_bytes = int(n), int(pb)
 
 
+def widest_prompts(con: duckdb.DuckDBPyConnection) -> int:
+    """Bytes of the widest vector of staged prompts as JSON (the sum of the `VECTOR_ROWS` widest): what
+    statements reading them hold per vector, for `state.room_for_joining`."""
+    (n,) = con.execute(
+        f"SELECT coalesce(sum(json_bytes), 0) FROM (SELECT json_bytes FROM bb_staged ORDER BY json_bytes DESC NULLS LAST "
+        f"LIMIT {VECTOR_ROWS})"
+    ).fetchone()
+    return int(n)
+
+
 def params_sql(job: Job, alias: str = "s") -> str:
     """SQL of a row's request params as JSON text: the body of its batch line, and of a preview call."""
     prefix, suffix = job.params_split()

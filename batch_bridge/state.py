@@ -44,6 +44,8 @@ import duckdb
 from .config import Settings, size_bytes
 from .errors import BatchBridgeError, InvalidStateTransition, StateError, StateLocked
 
+T = TypeVar("T")
+
 SubmissionState = Literal["prepared", "creating", "created", "abandoned"]
 LocalBatchState = Literal["submitted", "downloaded", "collected", "lost", "foreign"]
 ProcessingStatus = Literal["in_progress", "canceling", "ended"]
@@ -525,10 +527,27 @@ def room_for_rows(
     return _room(con, _rows_limit(settings, row_bytes, rows))
 
 
-def _rows_limit(settings: Settings, row_bytes: float, rows: int = VECTOR_ROWS) -> int:
-    """The default memory_limit plus a few vectors of rows `row_bytes` wide beyond the ordinary width
-    (of `rows`, when there are fewer than a vector), capped at ROOM_CAP_BYTES."""
-    base = size_bytes(settings.memory_limit)
+# A batch's load (`room_for_loading`): each slice read, extracted and INSERTed, and the batch's committed
+# rows, which DuckDB holds until the batch's one checkpoint (spilling them beyond the limit). Measured:
+# 100,000 answers of 4 KB (the ordinary width) loaded at 80MB and not at 64MB; at 128MB a 100,000-answer
+# batch held ~30 MB more than at this limit, in the same time (bench_scale.py).
+LOADING_BASE_BYTES = 96 * 2**20
+
+
+def room_for_loading(
+    con: duckdb.DuckDBPyConnection, settings: Settings, row_bytes: float, rows: int = VECTOR_ROWS
+) -> ContextManager[None]:
+    """Run the enclosed statements (a batch's load) under LOADING_BASE_BYTES plus the room `room_for_rows`
+    gives rows `row_bytes` wide, then checkpoint and restore the limit. A limit the user set is kept."""
+    if settings.memory_limit_set:
+        return nullcontext()
+    return _room(con, _rows_limit(settings, row_bytes, rows, LOADING_BASE_BYTES))
+
+
+def _rows_limit(settings: Settings, row_bytes: float, rows: int = VECTOR_ROWS, base: int | None = None) -> int:
+    """The default memory_limit (or `base`) plus a few vectors of rows `row_bytes` wide beyond the
+    ordinary width (of `rows`, when there are fewer than a vector), capped at ROOM_CAP_BYTES."""
+    base = size_bytes(settings.memory_limit) if base is None else base
     room = int(WIDE_ROW_VECTORS * min(max(rows, 1), VECTOR_ROWS) * max(0.0, row_bytes - ORDINARY_ROW_BYTES))
     return min(base + room, max(base, ROOM_CAP_BYTES))
 
@@ -550,6 +569,47 @@ def room_for_streaming(con: duckdb.DuckDBPyConnection, settings: Settings, row_b
         return nullcontext()
     limit = min(STREAMING_BASE_BYTES + int(WIDE_ROW_VECTORS * VECTOR_ROWS * row_bytes), _rows_limit(settings, row_bytes))
     return _setting(con, "memory_limit", f"'{limit // 2**20}MiB'")
+
+
+# What the steps that hash and join a job's whole state need (the plan's staging, classifying and
+# request files, the fold of answers into the per-input summaries): their hash tables and temp tables
+# spill to disk beyond it. Under the default limit DuckDB keeps the blocks they read cached up to it, and
+# at 1M keys that was the run's peak RSS (bench_scale.py: 297 MB in the plan, 229 MB at this limit).
+JOINING_BASE_BYTES = 64 * 2**20
+# Vectors of prompts the statements that read them hold at once: the vector read, its JSON text
+# (`to_json` builds each vector's in an arena of several copies), the line built from it, the writer's
+# buffer. Measured writing 100,000 requests on one thread: prompts of 2 KB needed 96MB, 4 KB 144MB.
+PROMPT_VECTORS = 16
+
+
+def room_for_joining(con: duckdb.DuckDBPyConnection, settings: Settings, prompt_vector_bytes: int = 0
+                     ) -> ContextManager[None]:
+    """Run the enclosed statements, which hash and join a job's whole state (and read its prompts, the
+    widest vector of them `prompt_vector_bytes`), under JOINING_BASE_BYTES plus PROMPT_VECTORS such
+    vectors, capped at ROOM_CAP_BYTES, then restore the limit. A limit the user set is theirs and is kept."""
+    if settings.memory_limit_set:
+        return nullcontext()
+    limit = min(JOINING_BASE_BYTES + PROMPT_VECTORS * max(0, prompt_vector_bytes), max(JOINING_BASE_BYTES, ROOM_CAP_BYTES))
+    return _setting(con, "memory_limit", f"'{limit // 2**20}MiB'")
+
+
+def grown_until_it_fits(con: duckdb.DuckDBPyConnection, settings: Settings, step: Callable[[], T]) -> T:
+    """`step()` (statements that can be run again from the start: temp tables replaced, files rewritten
+    whole), run again with twice the memory_limit, up to ROOM_CAP_BYTES, while DuckDB runs out of it;
+    the limit is restored after. For the statements that read prompts before their width is known.
+    A limit the user set is a cap: `step` runs once, under it."""
+    if settings.memory_limit_set:
+        return step()
+    (current,) = con.execute("SELECT current_setting('memory_limit')").fetchone()
+    limit = size_bytes(current)
+    while True:
+        try:
+            with _setting(con, "memory_limit", f"'{limit // 2**20}MiB'"):
+                return step()
+        except duckdb.Error as e:
+            if not is_out_of_memory(e) or limit >= ROOM_CAP_BYTES:
+                raise
+            limit = min(2 * limit, ROOM_CAP_BYTES)
 
 
 def room_for_picking(con: duckdb.DuckDBPyConnection, settings: Settings, row_bytes: float) -> ContextManager[None]:
@@ -597,9 +657,6 @@ def joins_as_written(con: duckdb.DuckDBPyConnection) -> ContextManager[None]:
     a 128MB memory_limit). Those statements are written with the wide rows on the left.
     """
     return _setting(con, "disabled_optimizers", "'join_order,build_side_probe_side'")
-
-
-T = TypeVar("T")
 
 
 def is_lock_error(e: Exception) -> bool:

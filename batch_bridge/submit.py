@@ -44,7 +44,7 @@ from .config import Settings
 from .errors import ApiAccountError, ApiRequestRejected, BudgetExceeded
 from .estimate import Counting, Estimate, StartedCount, calibration, estimate_job, input_tokens_sql, start_count
 from .export import (HASH_VERSION, InputLimit, JobPlan, WarehouseAccess, classify, key_json_sql, measure, stage,
-                     warehouse_attached, write_requests)
+                     warehouse_attached, widest_prompts, write_requests)
 from .jobs import Job, quote_literal
 from .preflight import JobPreflight, cache_warning, check_jobs
 from .pricing import load_prices
@@ -192,8 +192,9 @@ def plan_jobs(
     plans, estimates = [], {}
     book = load_prices(settings.prices_file)
     counting = counting_for(settings, client)
-    for j in jobs:  # classify reads the per-input summaries: answers loaded so far must be in them
-        state.fold_outcomes(con, j.name)
+    with state.room_for_joining(con, settings):
+        for j in jobs:  # classify reads the per-input summaries: answers loaded so far must be in them
+            state.fold_outcomes(con, j.name)
     by_catalog: dict[str, list[Job]] = {}
     for j in jobs:
         by_catalog.setdefault(j.relation.database, []).append(j)
@@ -201,69 +202,73 @@ def plan_jobs(
         opened = warehouse(con, settings, catalog, group) if warehouse else warehouse_attached(con, settings, catalog)
         with opened:
             for job in group:
-                key_types = stage(con, job)
-                if isinstance(preflights, Future) and preflights.done():
-                    preflights = preflights.result()
-                written: Written | None = None
-                counts: StartedCount | None = None
-                try:
-                    if isinstance(preflights, Future):
-                        # Still asking the API (the SDK's import comes first): classify as if the model's
-                        # context window held every row, write the request files and journal them in a
-                        # transaction on that guess meanwhile, then wait. The guess stands when no staged
-                        # row is over the window (the journal is committed below); otherwise it is rolled
-                        # back, and the rows are classified, written and journalled again with the window.
-                        plan = _classified(con, settings, job, None)
-                        if prepare is not None:
-                            written = prepare.write(job, plan, con)
-                            prepare.begin(job, plan, con, key_types, written)
-                        # The sample's token counts are asked for now: their threads wait for the SDK's
-                        # import like the preflight, then ask beside it, not after it.
-                        counts = _start_count(con, job, plan, counting)
+                # Under the plan's own limit, with room for the widest prompts once they are staged:
+                # their width is not known before (`state.grown_until_it_fits`).
+                with state.room_for_joining(con, settings):
+                    key_types = state.grown_until_it_fits(con, settings, lambda: stage(con, job))
+                with state.room_for_joining(con, settings, widest_prompts(con)):
+                    if isinstance(preflights, Future) and preflights.done():
                         preflights = preflights.result()
-                        found = preflights.get(job.name) or JobPreflight(job.name, job.model)
-                        limit = _input_limit(con, job, found)
-                        if limit is not None and _any_over(con, limit):
-                            if prepare is not None and written is not None:
-                                prepare.abandon(con, written)
-                                written = None
-                            if counts is not None:  # a sample of requests not sent as they were: not waited for
-                                counts.close(wait=False)
-                                counts = None
-                            plan = _classified(con, settings, job, limit)
-                    else:
-                        found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
-                        plan = _classified(con, settings, job, _input_limit(con, job, found))
-                    # When the preflight had answered before the rows were classified (or they were
-                    # classified again), the sample's token counts are asked for now (HTTP, in threads),
-                    # while the request files are written and journalled.
-                    if counts is None:
-                        counts = _start_count(con, job, plan, counting)
-                    if prepare is not None:
-                        if written is None:  # not written during the preflight
-                            written = prepare.write(job, plan, con)
-                        prepare.journal(job, plan, con, key_types, written)
-                        written = None  # journalled: the submissions own the files now
-                    estimates[job.name] = estimate_job(con, job, plan, book, counting,
-                                                       cache_hit_rate=settings.cache_hit_rate, started=counts)
-                finally:
-                    if counts is not None:  # gathered by the estimate, or not needed (no waiting for a refused job's)
-                        counts.close(wait=False)
-                    if prepare is not None and written is not None:  # refused, or failed before its journal's COMMIT
-                        prepare.abandon(con, written)
-                for warning in estimates[job.name].warnings:
-                    progress.step(f"{job.name}: warning: {warning}")
-                warning = cache_warning(job, estimates[job.name])
-                plan.preflight = found.to_json()
-                if warning:
-                    plan.preflight["warnings"] = [*plan.preflight["warnings"], warning]
-                where = (f"in {len(plan.chunks)} batch(es)" if plan.lane == "batch"
-                         else "as synchronous calls")
-                progress.step(
-                    f"{job.name}: {plan.staged:,} rows staged, {plan.send_keys:,} to send as "
-                    f"{plan.send_requests:,} requests {where}" + (f" ({plan.lane_why})" if plan.send_requests else "")
-                )
-                plans.append(plan)
+                    written: Written | None = None
+                    counts: StartedCount | None = None
+                    try:
+                        if isinstance(preflights, Future):
+                            # Still asking the API (the SDK's import comes first): classify as if the model's
+                            # context window held every row, write the request files and journal them in a
+                            # transaction on that guess meanwhile, then wait. The guess stands when no staged
+                            # row is over the window (the journal is committed below); otherwise it is rolled
+                            # back, and the rows are classified, written and journalled again with the window.
+                            plan = _classified(con, settings, job, None)
+                            if prepare is not None:
+                                written = prepare.write(job, plan, con)
+                                prepare.begin(job, plan, con, key_types, written)
+                            # The sample's token counts are asked for now: their threads wait for the SDK's
+                            # import like the preflight, then ask beside it, not after it.
+                            counts = _start_count(con, job, plan, counting)
+                            preflights = preflights.result()
+                            found = preflights.get(job.name) or JobPreflight(job.name, job.model)
+                            limit = _input_limit(con, job, found)
+                            if limit is not None and _any_over(con, limit):
+                                if prepare is not None and written is not None:
+                                    prepare.abandon(con, written)
+                                    written = None
+                                if counts is not None:  # a sample of requests not sent as they were: not waited for
+                                    counts.close(wait=False)
+                                    counts = None
+                                plan = _classified(con, settings, job, limit)
+                        else:
+                            found = (preflights or {}).get(job.name) or JobPreflight(job.name, job.model)
+                            plan = _classified(con, settings, job, _input_limit(con, job, found))
+                        # When the preflight had answered before the rows were classified (or they were
+                        # classified again), the sample's token counts are asked for now (HTTP, in threads),
+                        # while the request files are written and journalled.
+                        if counts is None:
+                            counts = _start_count(con, job, plan, counting)
+                        if prepare is not None:
+                            if written is None:  # not written during the preflight
+                                written = prepare.write(job, plan, con)
+                            prepare.journal(job, plan, con, key_types, written)
+                            written = None  # journalled: the submissions own the files now
+                        estimates[job.name] = estimate_job(con, job, plan, book, counting,
+                                                           cache_hit_rate=settings.cache_hit_rate, started=counts)
+                    finally:
+                        if counts is not None:  # gathered by the estimate, or not needed (no waiting for a refused job's)
+                            counts.close(wait=False)
+                        if prepare is not None and written is not None:  # refused, or failed before its journal's COMMIT
+                            prepare.abandon(con, written)
+                    for warning in estimates[job.name].warnings:
+                        progress.step(f"{job.name}: warning: {warning}")
+                    warning = cache_warning(job, estimates[job.name])
+                    plan.preflight = found.to_json()
+                    if warning:
+                        plan.preflight["warnings"] = [*plan.preflight["warnings"], warning]
+                    where = (f"in {len(plan.chunks)} batch(es)" if plan.lane == "batch"
+                             else "as synchronous calls")
+                    progress.step(
+                        f"{job.name}: {plan.staged:,} rows staged, {plan.send_keys:,} to send as "
+                        f"{plan.send_requests:,} requests {where}" + (f" ({plan.lane_why})" if plan.send_requests else "")
+                    )
+                    plans.append(plan)
     return plans, estimates
 
 
@@ -351,7 +356,10 @@ class Preparer:
 
     def write(self, job: Job, plan: JobPlan, con: duckdb.DuckDBPyConnection) -> Written:
         names = [f"{self.run_stamp}_{job.name}_{c.index:03d}_{uuid.uuid4().hex[:6]}" for c in plan.chunks]
-        paths = write_requests(con, job, plan, self.settings.requests_dir, names) if plan.chunks else []
+        # Room for the prompts was given from their width (`room_for_joining`); more while DuckDB runs out.
+        paths = state.grown_until_it_fits(
+            con, self.settings, lambda: write_requests(con, job, plan, self.settings.requests_dir, names)
+        ) if plan.chunks else []
         return Written(names, paths)
 
     def begin(self, job: Job, plan: JobPlan, con: duckdb.DuckDBPyConnection, key_types: dict[str, str],

@@ -296,7 +296,8 @@ def test_a_slice_of_ordinary_lines_reads_with_the_default_buffer_whatever_its_si
 def test_long_answers_get_room_by_default_but_a_limit_the_user_set_is_a_cap(tmp_path):
     """2,000 answers of 60 KB: with BATCH_BRIDGE_MEMORY_LIMIT set by the user to the default's value
     (128MB) DuckDB runs out loading them, the file is kept, only whole committed slices are loaded; the
-    default (128MB plus room for a few vectors of rows that wide) loads the rest from the same file."""
+    default (the load's own limit plus room for a few vectors of rows that wide) loads the rest from the
+    same file."""
     assert DEFAULT_MEMORY_LIMIT == "128MB"
     with run_emulator(EmulatorConfig(responder=_longer_answer)) as emu:
         write_project(tmp_path, meta(max_tokens=20000))
@@ -327,3 +328,37 @@ def test_long_answers_get_room_by_default_but_a_limit_the_user_set_is_a_cap(tmp_
     # Checkpointed with the room: a WAL left behind would be replayed on every open, and checkpointing it
     # later, under the default limit, fails (FATAL at 128MB for 2,000 answers of 100 KB).
     assert not s.state_path.with_name(s.state_path.name + ".wal").exists()
+
+
+def _short_answer(params, custom_id=None):
+    """A short answer, its usage given: the emulator need not tokenize the long prompt."""
+    return {"content": [{"type": "text", "text": f"{custom_id}: fine"}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 5000, "output_tokens": 3}}
+
+
+def test_long_prompts_get_room_by_default_but_a_limit_the_user_set_is_a_cap(tmp_path):
+    """2,000 prompts of 20 KB: DuckDB's JSON encoding of a vector of them needs several hundred MB. With
+    BATCH_BRIDGE_MEMORY_LIMIT set by the user to the default's value the plan runs out of it and nothing
+    is journalled or written; by default the plan gets the room and sends every prompt as it is."""
+    prompt = """repeat('a "quoted" \\ line' || chr(10) || i, 1200)"""  # ~20 KB, with characters JSON escapes
+    with run_emulator(EmulatorConfig(responder=_short_answer)) as emu:
+        write_project(tmp_path, meta())
+        s = settings_for(tmp_path, emu.base_url)
+        load_staging(s, f"SELECT 'k' || i AS id, {prompt} AS prompt FROM range(2000) t(i)")
+        jobs, client = bridge.load_jobs(s), api.build_client(s)
+        capped = s.with_(memory_limit=DEFAULT_MEMORY_LIMIT, memory_limit_set=True)
+        with pytest.raises(duckdb.Error) as e:
+            bridge.submit(capped, jobs, client)
+        assert state.is_out_of_memory(e.value), e.value
+        with state.connect(s) as con:
+            assert con.execute("SELECT count(*) FROM bb_state.submissions").fetchone() == (0,)
+        assert not list(s.requests_dir.glob("*.jsonl")) if s.requests_dir.exists() else True
+        report = bridge.submit(s, jobs, client)
+        client.close()
+    assert report.plans[0].send_requests == 2000 and len(report.batches) == 1, report
+    lines = [json.loads(x) for f in s.requests_dir.glob("*.jsonl") for x in f.read_text().splitlines()]
+    sent = {x["custom_id"]: x["params"]["messages"][0]["content"] for x in lines}
+    con = duckdb.connect(str(s.warehouse), read_only=True)
+    expected = dict(con.execute(f"SELECT 'k' || i, {prompt} FROM range(2000) t(i)").fetchall())
+    con.close()
+    assert sent == expected and len(expected["k7"]) > 20_000
