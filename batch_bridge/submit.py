@@ -224,7 +224,7 @@ def plan_jobs(
                                 prepare.begin(job, plan, con, key_types, written)
                             # The sample's token counts are asked for now: their threads wait for the SDK's
                             # import like the preflight, then ask beside it, not after it.
-                            counts = _start_count(con, job, plan, counting)
+                            counts = _start_count(con, settings, job, plan, counting)
                             preflights = preflights.result()
                             found = preflights.get(job.name) or JobPreflight(job.name, job.model)
                             limit = _input_limit(con, job, found)
@@ -243,7 +243,7 @@ def plan_jobs(
                         # classified again), the sample's token counts are asked for now (HTTP, in threads),
                         # while the request files are written and journalled.
                         if counts is None:
-                            counts = _start_count(con, job, plan, counting)
+                            counts = _start_count(con, settings, job, plan, counting)
                         if prepare is not None:
                             if written is None:  # not written during the preflight
                                 written = prepare.write(job, plan, con)
@@ -272,23 +272,27 @@ def plan_jobs(
     return plans, estimates
 
 
-def _start_count(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, counting: Counting | None
+def _start_count(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, plan: JobPlan, counting: Counting | None
                  ) -> StartedCount | None:
     """The token counting of the plan's sample, begun (None when nothing is to be counted)."""
     if counting is None or counting.sample <= 0 or not plan.send_requests:
         return None
-    return start_count(con, job, counting)
+    return state.grown_until_it_fits(con, settings, lambda: start_count(con, job, counting))
 
 
 def _classified(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, limit: InputLimit | None) -> JobPlan:
     """The staged rows of `job` classified (held to `limit`), routed to a lane and measured."""
-    plan = JobPlan(job)
-    classify(con, job, plan, limit)
-    routed = lanes.route(con, job, plan.send_requests)
-    plan.lane, plan.lane_why = routed.lane, routed.why
-    if plan.send_requests:
-        measure(con, job, plan, settings.max_queued_requests)
-    return plan
+    def classified() -> JobPlan:
+        plan = JobPlan(job)
+        classify(con, job, plan, limit)
+        routed = lanes.route(con, job, plan.send_requests)
+        plan.lane, plan.lane_why = routed.lane, routed.why
+        if plan.send_requests:
+            measure(con, job, plan, settings.max_queued_requests)
+        return plan
+
+    # Temp tables from `bb_staged` only: run again, with more memory, if DuckDB runs out of the plan's.
+    return state.grown_until_it_fits(con, settings, classified)
 
 
 def _any_over(con: duckdb.DuckDBPyConnection, limit: InputLimit) -> bool:
@@ -364,7 +368,12 @@ class Preparer:
 
     def begin(self, job: Job, plan: JobPlan, con: duckdb.DuckDBPyConnection, key_types: dict[str, str],
               written: Written) -> None:
-        """BEGIN and the journal's rows, left uncommitted: `journal` commits them, `abandon` rolls them back."""
+        """BEGIN and the journal's rows, left uncommitted: `journal` commits them, `abandon` rolls them back.
+        Rolled back and begun again, with more memory, if DuckDB runs out of the plan's."""
+        state.grown_until_it_fits(con, self.settings, lambda: self._begin(job, plan, con, key_types, written))
+
+    def _begin(self, job: Job, plan: JobPlan, con: duckdb.DuckDBPyConnection, key_types: dict[str, str],
+               written: Written) -> None:
         names = written.names
         con.execute("BEGIN")
         try:
