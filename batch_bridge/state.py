@@ -597,7 +597,8 @@ def grown_until_it_fits(con: duckdb.DuckDBPyConnection, settings: Settings, step
     """`step()` (statements that can be run again from the start: temp tables replaced, files rewritten
     whole), run again with twice the memory_limit, up to ROOM_CAP_BYTES, while DuckDB runs out of it;
     the limit is restored after. For the statements that read prompts before their width is known.
-    A limit the user set is a cap: `step` runs once, under it."""
+    Not for a step inside a transaction begun before it: running out of memory aborts that transaction,
+    and the step would run again outside it. A limit the user set is a cap: `step` runs once, under it."""
     if settings.memory_limit_set:
         return step()
     (current,) = con.execute("SELECT current_setting('memory_limit')").fetchone()

@@ -219,12 +219,14 @@ def plan_jobs(
                             # row is over the window (the journal is committed below); otherwise it is rolled
                             # back, and the rows are classified, written and journalled again with the window.
                             plan = _classified(con, settings, job, None)
+                            # The sample's token counts are asked for now: their threads wait for the SDK's
+                            # import like the preflight, then ask beside it, not after it. Picked before the
+                            # journal's transaction begins: a pick that runs out of memory is picked again
+                            # with more (`state.grown_until_it_fits`), which an aborted transaction would refuse.
+                            counts = _start_count(con, settings, job, plan, counting)
                             if prepare is not None:
                                 written = prepare.write(job, plan, con)
                                 prepare.begin(job, plan, con, key_types, written)
-                            # The sample's token counts are asked for now: their threads wait for the SDK's
-                            # import like the preflight, then ask beside it, not after it.
-                            counts = _start_count(con, settings, job, plan, counting)
                             preflights = preflights.result()
                             found = preflights.get(job.name) or JobPreflight(job.name, job.model)
                             limit = _input_limit(con, job, found)
