@@ -677,27 +677,41 @@ def sample_lines(con: duckdb.DuckDBPyConnection, job: Job, size: int, strata: in
     (n,) = con.execute("SELECT count(*) FROM bb_lines").fetchone()
     groups = 1 if n <= size else max(1, min(strata, size // 2))
     each = size if groups == 1 else max(2, size // groups)
+    # The strata `ntile` over (prompt length, a hash of the input) would cut, without ordering every
+    # request: each length's requests take their place in that order from the counts per length (a table
+    # of one row per length), and are spread over it by a hash of their input, so that a length shared by
+    # many requests is cut as evenly as `ntile` would. A window over every request holds them all: at 10M
+    # requests it did not fit the plan's 64 MiB, and the plan's limit was doubled for it.
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE bb_strata AS "
-        "SELECT rn, input_hash, prompt_chars, ntile($g) OVER (ORDER BY prompt_chars, input_hash) AS stratum FROM bb_lines",
-        {"g": groups},
+        "CREATE OR REPLACE TEMP TABLE bb_lengths AS "
+        "SELECT chars, rows, coalesce(sum(rows) OVER (ORDER BY chars ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) "
+        "       AS before "
+        "FROM (SELECT coalesce(prompt_chars, 0) AS chars, count(*) AS rows FROM bb_lines GROUP BY 1)"
     )
-    counts = {int(k): (int(r), int(c)) for k, r, c in con.execute(
-        "SELECT stratum, count(*), sum(prompt_chars) FROM bb_strata GROUP BY stratum"
-    ).fetchall()}
-    # The `each` rows of lowest (hash of input, rn) per stratum: a bounded heap per stratum, not a sort of all.
+    # Per stratum, its size and characters, and the `each` rows of lowest (hash of input, rn): a bounded
+    # heap per stratum, in the same pass.
+    picked = con.execute(
+        "SELECT stratum, count(*), sum(prompt_chars), min_by(rn, struct_pack(h := hash(input_hash), rn := rn), $each) "
+        "FROM (SELECT l.rn, l.input_hash, l.prompt_chars, "
+        "             least($g, 1 + CAST(floor((d.before + d.rows * (hash(l.input_hash, 'stratum') / 18446744073709551616.0))"
+        "                                      * $g / $n) AS BIGINT)) AS stratum "
+        "      FROM bb_lines l JOIN bb_lengths d ON coalesce(l.prompt_chars, 0) = d.chars) "
+        "GROUP BY stratum",
+        {"g": groups, "n": max(n, 1), "each": each},
+    ).fetchall()
+    con.execute("DROP TABLE bb_lengths")
+    counts = {int(k): (int(r), int(c or 0)) for k, r, c, _ in picked}
+    sampled = [(int(k), int(rn)) for k, _, _, rns in picked for rn in rns]
     con.execute(
         "CREATE OR REPLACE TEMP TABLE bb_sample AS SELECT l.*, t.stratum FROM bb_lines l JOIN ("
-        "  SELECT stratum, unnest(min_by(rn, struct_pack(h := hash(input_hash), rn := rn), $each)) AS rn "
-        "  FROM bb_strata GROUP BY stratum) t USING (rn)",
-        {"each": each},
+        "  SELECT unnest($k) AS stratum, unnest($rn) AS rn) t USING (rn)",
+        {"k": [k for k, _ in sampled], "rn": [rn for _, rn in sampled]},
     )
     with joins_as_written(con):
         rows = con.execute(_lines_query(
             job, f"q.stratum, q.input_hash, q.prompt_chars, {line_sql(job)} AS line", is_table(con, job), "bb_sample", "q"
         )).fetchall()
     con.execute("DROP TABLE bb_sample")
-    con.execute("DROP TABLE bb_strata")
     return Sample([(int(k), int(h), int(c), line) for k, h, c, line in rows], counts)
 
 
