@@ -677,6 +677,27 @@ def sample_lines(con: duckdb.DuckDBPyConnection, job: Job, size: int, strata: in
     (n,) = con.execute("SELECT count(*) FROM bb_lines").fetchone()
     groups = 1 if n <= size else max(1, min(strata, size // 2))
     each = size if groups == 1 else max(2, size // groups)
+    picked = strata_of_lines(con, n, groups, each)
+    counts = {k: (r, c) for k, r, c, _ in picked}
+    sampled = [(k, rn) for k, _, _, rns in picked for rn in rns]
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE bb_sample AS SELECT l.*, t.stratum FROM bb_lines l JOIN ("
+        "  SELECT unnest($k) AS stratum, unnest($rn) AS rn) t USING (rn)",
+        {"k": [k for k, _ in sampled], "rn": [rn for _, rn in sampled]},
+    )
+    with joins_as_written(con):
+        rows = con.execute(_lines_query(
+            job, f"q.stratum, q.input_hash, q.prompt_chars, {line_sql(job)} AS line", is_table(con, job), "bb_sample", "q"
+        )).fetchall()
+    con.execute("DROP TABLE bb_sample")
+    return Sample([(int(k), int(h), int(c), line) for k, h, c, line in rows], counts)
+
+
+def strata_of_lines(con: duckdb.DuckDBPyConnection, n: int, groups: int, each: int
+                    ) -> list[tuple[int, int, int, list[int]]]:
+    """The `n` requests in `bb_lines` cut into `groups` strata of similar prompt length: per stratum (1 to
+    `groups`), its requests, their prompts' characters, and the `rn` of `each` of them picked by a hash
+    of their input."""
     # The strata `ntile` over (prompt length, a hash of the input) would cut, without ordering every
     # request: each length's requests take their place in that order from the counts per length (a table
     # of one row per length), and are spread over it by a hash of their input, so that a length shared by
@@ -700,19 +721,7 @@ def sample_lines(con: duckdb.DuckDBPyConnection, job: Job, size: int, strata: in
         {"g": groups, "n": max(n, 1), "each": each},
     ).fetchall()
     con.execute("DROP TABLE bb_lengths")
-    counts = {int(k): (int(r), int(c or 0)) for k, r, c, _ in picked}
-    sampled = [(int(k), int(rn)) for k, _, _, rns in picked for rn in rns]
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE bb_sample AS SELECT l.*, t.stratum FROM bb_lines l JOIN ("
-        "  SELECT unnest($k) AS stratum, unnest($rn) AS rn) t USING (rn)",
-        {"k": [k for k, _ in sampled], "rn": [rn for _, rn in sampled]},
-    )
-    with joins_as_written(con):
-        rows = con.execute(_lines_query(
-            job, f"q.stratum, q.input_hash, q.prompt_chars, {line_sql(job)} AS line", is_table(con, job), "bb_sample", "q"
-        )).fetchall()
-    con.execute("DROP TABLE bb_sample")
-    return Sample([(int(k), int(h), int(c), line) for k, h, c, line in rows], counts)
+    return [(int(k), int(r), int(c or 0), [int(x) for x in rns]) for k, r, c, rns in picked]
 
 
 def write_requests(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_dir: Path, names: list[str]) -> list[Path]:

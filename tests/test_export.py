@@ -2,7 +2,8 @@
 
 A line's size is known before it is built (its framing, its custom_id's JSON and its prompt's JSON,
 measured when the row is staged), and batches are cut by those sizes; these tests check that what is
-written is exactly what was measured and journalled, also for prompts whose JSON escaping grows them."""
+written is exactly what was measured and journalled, also for prompts whose JSON escaping grows them;
+and that the strata the token-count sample is picked from follow prompt length."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import duckdb
 import pytest
 
-from batch_bridge import bridge, state, submit
+from batch_bridge import bridge, export, state, submit
 from batch_bridge.export import BODY_OVERHEAD
 from helpers import settings_for, write_project
 
@@ -97,3 +98,29 @@ def test_count_cut_by_the_queue_limit_matches_the_sizes_written(tmp_path):
     assert sorted(f.stat().st_size for f in files) == sorted(c.body_bytes - BODY_OVERHEAD + 1 for c in plan.chunks)
     ids = sorted(json.loads(x)["custom_id"] for f in files for x in f.read_text().splitlines())
     assert ids == sorted(prompts)
+
+
+
+def _lines(n: int, lengths_sql: str) -> duckdb.DuckDBPyConnection:
+    """`bb_lines` of `n` requests (as `measure` numbers them) whose prompt lengths `lengths_sql` gives from i."""
+    con = duckdb.connect()
+    con.execute(f"CREATE TEMP TABLE bb_lines AS SELECT i AS rn, md5_number('input ' || i) AS input_hash, "
+                f"({lengths_sql})::INTEGER AS prompt_chars FROM range({n}) t(i)")
+    return con
+
+
+def test_strata_follow_prompt_length_and_cut_a_shared_length_evenly():
+    # Every prompt of one length: the ten strata split them by a hash, each about a tenth.
+    same = export.strata_of_lines(_lines(20_000, "40"), 20_000, 10, 10)
+    assert sorted(k for k, *_ in same) == list(range(1, 11))
+    assert all(1_800 <= rows <= 2_200 and chars == 40 * rows for _, rows, chars, _ in same)
+    assert sum(rows for _, rows, _, _ in same) == 20_000
+    # Lengths 0..9,999, two prompts each: stratum k holds exactly the k-th tenth of the lengths, in order.
+    con = _lines(20_000, "i // 2")
+    varied = sorted(export.strata_of_lines(con, 20_000, 10, 10))
+    for k, rows, chars, picks in varied:
+        lo, hi = (k - 1) * 1_000, k * 1_000 - 1  # lengths of this tenth
+        assert rows == 2_000 and chars == 2 * sum(range(lo, hi + 1))
+        assert len(picks) == 10 and all(lo <= rn // 2 <= hi for rn in picks)
+    # The picks are the same on a second pass (a second plan counts nothing new).
+    assert sorted(export.strata_of_lines(con, 20_000, 10, 10)) == varied
