@@ -699,28 +699,23 @@ def strata_of_lines(con: duckdb.DuckDBPyConnection, n: int, groups: int, each: i
     `groups`), its requests, their prompts' characters, and the `rn` of `each` of them picked by a hash
     of their input."""
     # The strata `ntile` over (prompt length, a hash of the input) would cut, without ordering every
-    # request: each length's requests take their place in that order from the counts per length (a table
-    # of one row per length), and are spread over it by a hash of their input, so that a length shared by
-    # many requests is cut as evenly as `ntile` would. A window over every request holds them all: at 10M
-    # requests it did not fit the plan's 64 MiB, and the plan's limit was doubled for it.
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE bb_lengths AS "
-        "SELECT chars, rows, coalesce(sum(rows) OVER (ORDER BY chars ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) "
-        "       AS before "
-        "FROM (SELECT coalesce(prompt_chars, 0) AS chars, count(*) AS rows FROM bb_lines GROUP BY 1)"
-    )
-    # Per stratum, its size and characters, and the `each` rows of lowest (hash of input, rn): a bounded
-    # heap per stratum, in the same pass.
+    # request: each length's requests take their place in that order from the counts per length (one row
+    # per length), and are spread over it by a hash of their input, so that a length shared by many
+    # requests is cut as evenly as `ntile` would. A window over every request holds them all (at 10M
+    # requests, more than the plan's 64 MiB). Per stratum, its size and characters, and the `each` rows of
+    # lowest (hash of input, rn): a bounded heap per stratum, in the same pass.
     picked = con.execute(
+        "WITH lengths AS ("
+        "  SELECT chars, rows, coalesce(sum(rows) OVER (ORDER BY chars ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before"
+        "  FROM (SELECT coalesce(prompt_chars, 0) AS chars, count(*) AS rows FROM bb_lines GROUP BY 1)) "
         "SELECT stratum, count(*), sum(prompt_chars), min_by(rn, struct_pack(h := hash(input_hash), rn := rn), $each) "
         "FROM (SELECT l.rn, l.input_hash, l.prompt_chars, "
         "             least($g, 1 + CAST(floor((d.before + d.rows * (hash(l.input_hash, 'stratum') / 18446744073709551616.0))"
         "                                      * $g / $n) AS BIGINT)) AS stratum "
-        "      FROM bb_lines l JOIN bb_lengths d ON coalesce(l.prompt_chars, 0) = d.chars) "
+        "      FROM bb_lines l JOIN lengths d ON coalesce(l.prompt_chars, 0) = d.chars) "
         "GROUP BY stratum",
         {"g": groups, "n": max(n, 1), "each": each},
     ).fetchall()
-    con.execute("DROP TABLE bb_lengths")
     return [(int(k), int(r), int(c or 0), [int(x) for x in rns]) for k, r, c, rns in picked]
 
 

@@ -100,7 +100,6 @@ def test_count_cut_by_the_queue_limit_matches_the_sizes_written(tmp_path):
     assert ids == sorted(prompts)
 
 
-
 def _lines(n: int, lengths_sql: str) -> duckdb.DuckDBPyConnection:
     """`bb_lines` of `n` requests (as `measure` numbers them) whose prompt lengths `lengths_sql` gives from i."""
     con = duckdb.connect()
