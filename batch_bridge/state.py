@@ -556,7 +556,7 @@ def _rows_limit(settings: Settings, row_bytes: float, rows: int = VECTOR_ROWS, b
 # picks and hash tables of one bucket's ~65,000 keys, a Parquet row group of 8 MB). Under a higher limit
 # DuckDB keeps the table blocks it read cached up to the limit, and such a pass, reading every answer
 # once per bucket, gains nothing from them: at 1M keys they were 94 MB of the publish's peak RSS.
-# Not for picking many keys at once: a merge's pick of 100,000 changed keys ran out of 55 MiB.
+# Not for a pass that picks and writes a bucket of more than ~65,000 keys (`room_for_picking`).
 STREAMING_BASE_BYTES = 48 * 2**20
 
 
@@ -615,7 +615,8 @@ def grown_until_it_fits(con: duckdb.DuckDBPyConnection, settings: Settings, step
 
 def room_for_picking(con: duckdb.DuckDBPyConnection, settings: Settings, row_bytes: float) -> ContextManager[None]:
     """Run the enclosed statements, inside `room_for_streaming`, under the limit `room_for_rows` gives:
-    for statements that hold many keys at once (a merge's pick of up to an eighth of a job's keys)."""
+    for statements that hold many keys at once (a full rewrite's pass over a bucket of ~625,000 keys
+    builds a hash table of them to stream the answers past)."""
     if settings.memory_limit_set:
         return nullcontext()
     return _setting(con, "memory_limit", f"'{_rows_limit(settings, row_bytes) // 2**20}MiB'")

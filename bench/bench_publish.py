@@ -14,7 +14,7 @@ Timed, one after the other in one run, each `--repeat` times:
     and warm (the same connection again, for another key);
   - one new answer loaded for that changed input (a `responses` row as `collect` writes it), then `publish`;
   - once: a tenth of the keys changed and answered (one batch's worth, as one collect leaves them), then
-    `publish` (every bucket merged).
+    `publish` (every bucket merged), with its peak RSS (Linux: VmHWM, reset before it).
 
 Target: <= 1 s for a one-row change at 1M rows.
 
@@ -37,6 +37,28 @@ WORDS = ("the", "reviewer", "is", "mostly", "satisfied", "delivery", "was", "lat
          "buy", "again", "not", "recommend", "colour", "size", "fits", "well", "battery", "lasts", "long", "screen")
 TEXT = ("left(id || ': ' || array_to_string(list_transform(range($chars // 5), lambda x: "
         f"{list(WORDS)}[(1 + hash(id, x) % {len(WORDS)})::BIGINT]), ' '), $chars)")
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss_now_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def peak_mb() -> float:
+    """The process's peak RSS since `reset_peak` (Linux: VmHWM)."""
+    return _status_mb("VmHWM")
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
 
 
 def build_state(settings, rows: int, answer_chars: int) -> None:
@@ -173,9 +195,14 @@ def main() -> None:
                 f"SELECT 'items', 'msgbatch_batch', id, h, 1, 'succeeded', {TEXT}, 'end_turn', 'claude-haiku-4-5', 40, 25, "
                 "0.00016, now()::TIMESTAMP, now()::TIMESTAMP FROM chg", {"chars": args.answer_chars})
             (batch,) = con.execute("SELECT count(*) FROM chg").fetchone()
+            con.execute("DROP TABLE chg")
+            con.execute("CHECKPOINT")
+            before_mb = rss_now_mb()
+            reset_peak()
             t = time.perf_counter()
             publish(con, s, job)
             merged = time.perf_counter() - t
+            merged_peak_mb = peak_mb()
             (n, keys, new) = con.execute(
                 f"SELECT count(*), count(DISTINCT id), count(*) FILTER (WHERE batch_id = 'msgbatch_batch') "
                 f"FROM read_parquet({quote_literal(str(current))})").fetchone()
@@ -190,7 +217,8 @@ def main() -> None:
         print(f"  one row's input changed, warm:       {fig(warm)}")
         print(f"  one new answer loaded, warm:         {fig(answer)}")
         print(f"  {batch:,} keys changed and answered (a batch; every bucket merged): {merged:.2f} s "
-              f"({merged / min(full):.2f}x the full bucket rewrite, {merged / min(single):.2f}x the one file)")
+              f"({merged / min(full):.2f}x the full bucket rewrite, {merged / min(single):.2f}x the one file); "
+              f"peak RSS {merged_peak_mb:.0f} MB, {merged_peak_mb - before_mb:.0f} MB above the process's before it")
     worst = max(statistics.median(cold), statistics.median(warm), statistics.median(answer))
     print(f"RESULT publish after a one-row change of {args.rows:,} rows: cold median {statistics.median(cold):.2f} s, "
           f"warm {statistics.median(warm):.2f} s, new answer {statistics.median(answer):.2f} s (target <= 1 s: "

@@ -247,6 +247,34 @@ def test_a_full_rewrite_bucket_by_bucket_shows_what_one_pass_over_every_key_show
     assert len({bucket_of(s, f"r{i:03d}", 8) for i in range(10)} | {bucket_of(s, f"r{i:03d}", 8) for i in range(30, 40)}) > 1
 
 
+def test_the_source_shows_the_latest_collected_answer_and_of_one_load_the_latest_attempt(proj):
+    """Answers of one input: the one collected last is shown, whatever its attempt; of answers collected
+    at the same moment, the highest attempt. Rows inserted as `collect` writes them, the wrong one first."""
+    s = proj
+    with state.connect(s) as con:
+        hashes = dict(con.execute("SELECT custom_id, input_hash FROM bb_state.key_inputs "
+                                  "WHERE custom_id IN ('r003', 'r011')").fetchall())
+        (first,) = con.execute("SELECT max(collected_at) FROM bb_state.responses").fetchone()
+        rows_in = [  # (key, attempt, seconds after the run's collect, text)
+            ("r003", 4, 60, "r003 later collect, lower attempt: wrong"),
+            ("r003", 2, 120, "r003 latest collect: shown"),
+            ("r011", 9, 60, "r011 same collect, lower attempt: wrong"),
+            ("r011", 1000, 60, "r011 same collect, highest attempt: shown"),
+            ("r011", 7, 60, "r011 same collect, lower attempt again: wrong"),
+        ]
+        for key, attempt, after, text in rows_in:
+            con.execute(
+                "INSERT INTO bb_state.responses (job, batch_id, request_custom_id, input_hash, attempt, status, "
+                "output_text, model, submitted_at, collected_at) SELECT 'items', 'msgbatch_extra', ?, ?, ?, "
+                "'succeeded', ?, 'claude-haiku-4-5', now()::TIMESTAMP, "
+                "?::TIMESTAMP + to_seconds(?)", [key, hashes[key], attempt, text, first, after])
+        publish(con, s, bridge.load_jobs(s)[0])  # a merge of the two keys' buckets
+    merged = by_id(s)
+    assert merged["r003"]["output_text"] == "r003 latest collect: shown"
+    assert merged["r011"]["output_text"] == "r011 same collect, highest attempt: shown"
+    assert full_publish(s) == rows(s)  # a full rewrite's passes pick the same
+
+
 def test_publish_killed_in_a_full_rewrite_leaves_the_old_split_whole(proj):
     """A grown job is written into a new directory bucket by bucket and swapped in: killed after its first
     bucket, readers still see the old split, whole, and the next run writes the new one."""
