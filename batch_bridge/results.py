@@ -25,8 +25,8 @@ import duckdb
 from .config import Settings
 from .jobs import Job, quote_ident, quote_literal
 from .outputs import field_structures
-from .state import (ResultType, grown_until_it_fits, joins_as_written, record_published, room_for_picking, room_for_rows, room_for_streaming,
-                    single_threaded)
+from .state import (ResultType, grown_until_it_fits, joins_as_written, record_published, room_for_picking,
+                    room_for_rows, room_for_streaming, single_threaded)
 
 COLUMNS_AFTER_KEYS = (
     "custom_id", "status", "output_text", "output_json", "stop_reason", "model", "input_tokens", "output_tokens",
