@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-from contextlib import nullcontext
 from pathlib import Path
 
 from typing import Callable, get_args
@@ -25,7 +24,7 @@ import duckdb
 from .config import Settings
 from .jobs import Job, quote_ident, quote_literal
 from .outputs import field_structures
-from .state import (ResultType, grown_until_it_fits, joins_as_written, record_published, room_for_picking,
+from .state import (ResultType, grown_until_it_fits, joins_as_written, record_published,
                     room_for_rows, room_for_streaming, single_threaded)
 
 COLUMNS_AFTER_KEYS = (
@@ -71,8 +70,9 @@ def _key_types(con: duckdb.DuckDBPyConnection, job: Job) -> list[tuple[str, str]
     return [(k, "VARCHAR") for k in job.key]
 
 
-def _projection(con: duckdb.DuckDBPyConnection, job: Job) -> str:
-    """Result columns over a relation `h` of (custom_id, key_json, current_hash, response columns...)."""
+def _projection(con: duckdb.DuckDBPyConnection, job: Job, stale: str = "h.input_hash <> h.current_hash") -> str:
+    """Result columns over a relation `h` of (custom_id, key_json, current_hash, response columns...),
+    or with `stale` (whether the answer is for an earlier input) in place of current_hash."""
     keys = ", ".join(
         f"CAST(json_extract_string(h.key_json, '$[{i}]') AS {typ}) AS {quote_ident(name)}"
         for i, (name, typ) in enumerate(_key_types(con, job))
@@ -92,7 +92,7 @@ def _projection(con: duckdb.DuckDBPyConnection, job: Job) -> str:
                h.cache_creation_input_tokens, h.cache_read_input_tokens,
                CASE WHEN h.request_custom_id = h.custom_id THEN h.cost_usd ELSE 0 END AS cost_usd,
                h.request_custom_id <> h.custom_id AS deduplicated,
-               h.input_hash <> h.current_hash AS is_stale,
+               {stale} AS is_stale,
                h.error_type, h.error_message, h.attempt, h.batch_id, h.request_custom_id,
                lpad(lower(hex(h.input_hash)), 32, '0') AS input_hash,
                h.submitted_at, h.collected_at, h.lane
@@ -139,8 +139,9 @@ LATEST = "epoch_us(collected_at) * 1024 + least(attempt, 1023)"
 
 def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, keys: str | None = None,
                  bucket: int | None = None) -> None:
-    """`bb_picked`: one row per key with the rowid of the answer the results source shows for it: the
-    latest answer for its current input, else its latest earlier answer (stale), and the key's bucket
+    """`bb_picked`: one row per key with the rowid (`rid`) of the answer the results source shows for it:
+    the latest answer for its current input, else its latest earlier answer (`stale`); a hash of that
+    answer's input (`answer_key`, see `current_sql`), the key's values and its bucket
     (`hash(custom_id) % buckets`). With `keys` (a relation with a `custom_id` column), just those keys;
     with `bucket`, just the keys of that bucket. Either way just their answers are aggregated: picking a
     few keys costs milliseconds, whatever the job's size, and a bucket holds ~1/`buckets` of the picks.
@@ -148,9 +149,10 @@ def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, key
     Each key's current input and key values are one row of `key_inputs`; only keys without an answer
     for their current input look at their earlier versions (in `key_versions`). Hash aggregates only
     (the rowid of the latest answer per input), no window over history and no row-sized aggregate
-    state, so the cost grows with the number of keys. A table of its own, not a CTE of the COPY: in one
-    statement the materialized CTEs, the hash table of the picks and the answers streaming past it did
-    not fit 64MB for 150,000 keys; in two they do.
+    state, so the cost grows with the number of keys. One statement per table, each holding at most two
+    hash tables of the keys: in one statement with CTEs, a full rewrite's pass of ~625,000 keys (a
+    10M-key job) needed the default 128MB (141 MB above the process's RSS before it); in these, within the
+    publish's 52 MiB (76 MB above), in the same 1.1-1.3 s (measured apart on a 10M-key state).
     """
     job_lit = quote_literal(job.name)
     only = [f"job = {job_lit}"]
@@ -163,16 +165,23 @@ def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, key
     con.execute(f"""CREATE OR REPLACE TEMP TABLE bb_latest AS
                     SELECT custom_id, input_hash AS current_hash, key_json FROM bb_state.key_inputs
                     WHERE {" AND ".join(only)}""")
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE bb_picked AS
-            WITH best AS (
-                SELECT input_hash, arg_max(rowid, {LATEST}) AS rid FROM bb_state.responses
-                WHERE job = {job_lit} AND input_hash IN (SELECT current_hash FROM bb_latest) GROUP BY input_hash
-            ),
-            earlier AS (  -- the earlier inputs of keys without an answer for their current one
-                SELECT l.custom_id, l.key_json, l.current_hash, v.input_hash
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE bb_best AS
+                    SELECT input_hash, arg_max(rowid, {LATEST}) AS rid FROM bb_state.responses
+                    WHERE job = {job_lit} AND input_hash IN (SELECT current_hash FROM bb_latest)
+                    GROUP BY input_hash""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE bb_picked AS
+                    SELECT l.custom_id, l.key_json, b.rid, hash(l.current_hash) AS answer_key, false AS stale,
+                           hash(l.custom_id) % {int(buckets)} AS bucket
+                    FROM bb_latest l LEFT JOIN bb_best b ON b.input_hash = l.current_hash""")
+    con.execute("DROP TABLE bb_best")
+    (missing,) = con.execute("SELECT count(*) FROM bb_picked WHERE rid IS NULL").fetchone()
+    if missing:  # keys without an answer for their current input: their latest earlier answer, if any
+        con.execute(f"""
+            INSERT INTO bb_picked
+            WITH earlier AS (
+                SELECT l.custom_id, l.key_json, v.input_hash
                 FROM bb_state.key_versions v
-                JOIN (SELECT * FROM bb_latest WHERE current_hash NOT IN (SELECT input_hash FROM best)) l
+                JOIN (SELECT * FROM bb_latest WHERE custom_id IN (SELECT custom_id FROM bb_picked WHERE rid IS NULL)) l
                   ON v.custom_id = l.custom_id AND v.input_hash <> l.current_hash
                 WHERE v.job = {job_lit}
             ),
@@ -180,34 +189,31 @@ def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, key
                 SELECT input_hash, arg_max(rowid, {LATEST}) AS rid, max(collected_at) AS at
                 FROM bb_state.responses
                 WHERE job = {job_lit} AND input_hash IN (SELECT input_hash FROM earlier) GROUP BY input_hash
-            ),
-            picked AS (
-                SELECT l.custom_id, l.key_json, l.current_hash, b.rid, b.input_hash AS answer_hash
-                FROM bb_latest l JOIN best b ON b.input_hash = l.current_hash
-                UNION ALL
-                SELECT e.custom_id, e.key_json, e.current_hash, e.a.rid, e.a.input_hash
-                FROM (SELECT e.custom_id, e.key_json, e.current_hash,
-                             arg_max(struct_pack(rid := b.rid, input_hash := b.input_hash), b.at) AS a
-                      FROM earlier e JOIN best_earlier b ON b.input_hash = e.input_hash
-                      GROUP BY e.custom_id, e.key_json, e.current_hash) e
             )
-            SELECT *, hash(custom_id) % {int(buckets)} AS bucket FROM picked
-    """)
-    con.execute("DROP TABLE IF EXISTS bb_latest")
+            SELECT e.custom_id, e.key_json, e.a.rid, hash(e.a.input_hash), true, hash(e.custom_id) % {int(buckets)}
+            FROM (SELECT e.custom_id, e.key_json,
+                         arg_max(struct_pack(rid := b.rid, input_hash := b.input_hash), b.at) AS a
+                  FROM earlier e JOIN best_earlier b ON b.input_hash = e.input_hash
+                  GROUP BY e.custom_id, e.key_json) e
+        """)
+        con.execute("DELETE FROM bb_picked WHERE rid IS NULL")
+    con.execute("DROP TABLE bb_latest")
 
 
 def current_sql(con: duckdb.DuckDBPyConnection, job: Job, bucket: int | None = None) -> str:
     """One row per key (after `pick_current`), or per key of one bucket: its picked answer, answer text
     streaming past the picks.
 
-    Joined on the answer's input_hash as well as its rowid: joined on the rowid alone, DuckDB held memory
-    outside its memory_limit that grew with the answers scanned (measured at 1M answers: each bucket's
-    write peaked ~40 MB higher)."""
+    Joined on a hash of the answer's input as well as its rowid: joined on the rowid alone, DuckDB held
+    memory outside its memory_limit that grew with the answers scanned (measured at 1M answers: each
+    bucket's write peaked ~40 MB higher). A hash (8 bytes) rather than the input hash (16) and the
+    staleness rather than the current input keep the hash table of a full rewrite's pass small: ~625,000
+    picks (a 10M-key job) wrote in ~3.3 s within 80 MiB, against 128MB with both hashes (measured apart)."""
     where = "" if bucket is None else f" WHERE p.bucket = {int(bucket)}"
-    return _projection(con, job) + f"""
+    return _projection(con, job, stale="h.stale") + f"""
         FROM (
-            SELECT p.custom_id, p.key_json, p.current_hash, r.*
-            FROM bb_state.responses r JOIN bb_picked p ON r.input_hash = p.answer_hash AND r.rowid = p.rid{where}
+            SELECT p.custom_id, p.key_json, p.stale, r.*
+            FROM bb_state.responses r JOIN bb_picked p ON hash(r.input_hash) = p.answer_key AND r.rowid = p.rid{where}
         ) h
     """
 
@@ -248,9 +254,6 @@ CURRENT = "current.parquet"
 # A full rewrite writes each bucket in a pass of its own over the answers (a partitioned COPY held a row
 # group per open bucket and ran out of 128MB at 64 buckets): capping the count keeps it linear in rows.
 MAX_BUCKETS = 16
-# Keys a full rewrite's pass picks within the limit for streaming (`state.room_for_streaming`): measured
-# with ~62,500 (a 1M-key job); ~500,000 ran out of it.
-STREAMED_PICK_KEYS = 65_536
 
 
 def bucket_file(bucket: int, buckets: int) -> str:
@@ -344,23 +347,22 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
             grown_until_it_fits(con, settings, lambda: _merge_buckets(con, job, want, current, out, fault))
         else:
             fresh.mkdir()
-            # A bucket of more than STREAMED_PICK_KEYS keys (past MAX_BUCKETS: ~625,000 at 10M) ran out of the
-            # limit for streaming (52 MiB) in its pick, and its write, whose hash table holds the bucket's
-            # picks, spilled most of them (a 10M-key job's full rewrite: 667 s, 159 s with the room, measured):
-            # such passes, pick and write, get the room a merge's pick has.
-            crowded = keys > want * STREAMED_PICK_KEYS
             row_bytes = _answer_bytes(con, job)
             for b in range(want):
                 # A pass per bucket, its keys picked and written: it holds ~1/`want` of the picks (all 1M
-                # picks at once held 70 MB, BENCHMARKS.md), so the limit for streaming suffices up to the cap.
-                with room_for_picking(con, settings, row_bytes) if crowded else nullcontext():
-                    pick_current(con, job, want, bucket=b)
+                # picks at once held 70 MB, BENCHMARKS.md). Past the cap (~625,000 keys a bucket at 10M)
+                # the write's hash table of them needs room beyond the limit for streaming, or spills
+                # them (a 10M-key job's full rewrite: 667 s spilled, measured).
+                pick_current(con, job, want, bucket=b)
+                picks, key_bytes = con.execute(
+                    "SELECT count(*), coalesce(avg(strlen(custom_id) + strlen(key_json)), 0) FROM bb_picked").fetchone()
+                with room_for_streaming(con, settings, row_bytes, picks, key_bytes):
                     _write(con, current_sql(con, job, b), fresh / bucket_file(b, want))
                 if b == 0:
                     fault("publish_between_buckets")
             _swap(fresh, current, old)
     finally:
-        for t in ("bb_picked", "bb_dirty", "bb_changed"):
+        for t in ("bb_latest", "bb_best", "bb_picked", "bb_dirty", "bb_changed"):
             con.execute(f"DROP TABLE IF EXISTS {t}")
     record_published(con, job.name, want, layout, (v_until, v_rows), (r_until, r_rows))
 
