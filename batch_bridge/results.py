@@ -352,12 +352,15 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
                 # A pass per bucket, its keys picked and written: it holds ~1/`want` of the picks (all 1M
                 # picks at once held 70 MB, BENCHMARKS.md). Past the cap (~625,000 keys a bucket at 10M)
                 # the write's hash table of them needs room beyond the limit for streaming, or spills
-                # them (a 10M-key job's full rewrite: 667 s spilled, measured).
-                pick_current(con, job, want, bucket=b)
+                # them (a 10M-key job's full rewrite: 667 s spilled, measured). Each step runs again with
+                # more room if DuckDB runs out: a hash table just too large for its limit did not spill
+                # (1M picks at 128MB, measured), and picking or writing a bucket twice gives the same.
+                grown_until_it_fits(con, settings, lambda: pick_current(con, job, want, bucket=b))
                 picks, key_bytes = con.execute(
                     "SELECT count(*), coalesce(avg(strlen(custom_id) + strlen(key_json)), 0) FROM bb_picked").fetchone()
                 with room_for_streaming(con, settings, row_bytes, picks, key_bytes):
-                    _write(con, current_sql(con, job, b), fresh / bucket_file(b, want))
+                    grown_until_it_fits(
+                        con, settings, lambda: _write(con, current_sql(con, job, b), fresh / bucket_file(b, want)))
                 if b == 0:
                     fault("publish_between_buckets")
             _swap(fresh, current, old)

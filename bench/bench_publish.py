@@ -101,7 +101,7 @@ def main() -> None:
     from batch_bridge import bridge, state
     from batch_bridge.jobs import quote_literal
     from batch_bridge.results import CURRENT, PARQUET, _answer_bytes, current_sql, pick_current, publish
-    from batch_bridge.state import joins_as_written, room_for_rows, single_threaded
+    from batch_bridge.state import grown_until_it_fits, joins_as_written, room_for_rows, single_threaded
     from helpers import settings_for, write_project
 
     print(machine())
@@ -133,8 +133,11 @@ def main() -> None:
                 # With the settings `publish` runs under (one thread, joins as written, room for wide rows).
                 t = time.perf_counter()
                 with single_threaded(con), joins_as_written(con), room_for_rows(con, s, _answer_bytes(con, job)):
-                    pick_current(con, job)
-                    con.execute(f"COPY ({current_sql(con, job)}) TO {quote_literal(str(single_file))} ({PARQUET})")
+                    # Again with more room if DuckDB runs out, as a publish's steps are (1M picks in one
+                    # hash table did not fit 128MB and did not spill).
+                    grown_until_it_fits(con, s, lambda: pick_current(con, job))
+                    grown_until_it_fits(con, s, lambda: con.execute(
+                        f"COPY ({current_sql(con, job)}) TO {quote_literal(str(single_file))} ({PARQUET})"))
                     con.execute("DROP TABLE bb_picked")
                 single.append(time.perf_counter() - t)
                 con.execute("DELETE FROM bb_state.published")
