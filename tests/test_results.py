@@ -210,15 +210,17 @@ def test_publish_killed_between_bucket_files_is_repaired_by_the_next_run(proj):
 
 def test_a_full_rewrite_bucket_by_bucket_shows_what_one_pass_over_every_key_shows(home):
     """A full rewrite picks and writes one bucket at a time; its files hold the rows a single pick over
-    every key gives, deduplicated answers shared across buckets and stale rows included."""
+    every key gives, deduplicated answers shared across buckets and stale rows included, and no row for
+    a key that never had an answer."""
     s = home
     # Keys 30..39 send the prompts of keys 0..9: each pair is one request, shown for both keys.
     twin = "CASE WHEN i BETWEEN 30 AND 39 THEN 'review ' || (i - 30) || ' is great' ELSE 'review ' || i || ' is great' END"
     load_staging(s, f"SELECT 'r' || lpad(i::VARCHAR, 3, '0') AS id, {twin} AS prompt FROM range({ROWS}) t(i)")
     run(s)
     changed = (4, 17, 33, 48, 59)
+    # Keys 60..62 are new: sent, never answered, so in no bucket (their keys stay 8 buckets' worth).
     load_staging(s, f"SELECT 'r' || lpad(i::VARCHAR, 3, '0') AS id, CASE WHEN i IN {changed} THEN 'changed ' || i "
-                    f"ELSE {twin} END AS prompt FROM range({ROWS}) t(i)")
+                    f"WHEN i >= {ROWS} THEN 'new ' || i ELSE {twin} END AS prompt FROM range({ROWS + 3}) t(i)")
     jobs = bridge.load_jobs(s)
     bridge.submit(s, jobs, api.build_client(s))  # the changed keys now show their earlier answers, stale
 
