@@ -7,6 +7,7 @@ import duckdb
 import pytest
 
 from batch_bridge import api, bridge, state
+from batch_bridge.config import size_bytes
 from batch_bridge import collect as collect_mod
 from batch_bridge.purge import purge
 from helpers import current, load_staging, settings_for, write_project
@@ -258,3 +259,44 @@ def test_a_view_as_staging_model_plans_the_same_as_a_table(tmp_path, emulator):
     assert (p["rows_to_send"], p["up_to_date_rows"]) == (1, 3)
     run(s)
     assert_summaries_match_history(s)
+
+
+# A list aggregate cannot spill: its state is one allocation DuckDB doubles as it grows (3M BIGINTs ran
+# out of memory at 8-64 MiB and fitted at 128 MiB, measured), so running out is certain under a small limit.
+UNSPILLABLE = "CREATE OR REPLACE TEMP TABLE t AS SELECT list(i) AS l FROM range(3000000) r(i)"
+
+
+def test_a_step_that_runs_out_of_memory_runs_again_with_more_room_and_the_limit_comes_back(tmp_path):
+    write_project(tmp_path, job_meta())
+    s = settings_for(tmp_path)
+    con = duckdb.connect(str(tmp_path / "room.duckdb"))
+    con.execute("SET memory_limit = '16MiB'")
+    limits = []
+
+    def step():
+        limits.append(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])
+        con.execute(UNSPILLABLE)
+        return con.execute("SELECT len(l) FROM t").fetchone()[0]
+
+    assert state.grown_until_it_fits(con, s, step) == 3_000_000
+    assert len(limits) >= 2  # it ran out at 16 MiB at least once
+    assert [size_bytes(x) for x in limits] == [16 * 2**20 * 2**i for i in range(len(limits))]
+    assert size_bytes(con.execute("SELECT current_setting('memory_limit')").fetchone()[0]) == 16 * 2**20
+
+
+def test_a_limit_the_user_set_is_never_raised_to_make_a_step_fit(tmp_path):
+    write_project(tmp_path, job_meta())
+    s = settings_for(tmp_path, BATCH_BRIDGE_MEMORY_LIMIT="16MiB")
+    assert s.memory_limit_set
+    con = duckdb.connect(str(tmp_path / "room.duckdb"))
+    con.execute("SET memory_limit = '16MiB'")
+    calls = []
+
+    def step():
+        calls.append(1)
+        con.execute(UNSPILLABLE)
+
+    with pytest.raises(duckdb.OutOfMemoryException):
+        state.grown_until_it_fits(con, s, step)
+    assert len(calls) == 1
+    assert size_bytes(con.execute("SELECT current_setting('memory_limit')").fetchone()[0]) == 16 * 2**20
