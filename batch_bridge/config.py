@@ -42,8 +42,9 @@ ENV_MAX_QUEUED = "BATCH_BRIDGE_MAX_QUEUED_REQUESTS"
 ENV_RECONCILE_GRACE = "BATCH_BRIDGE_RECONCILE_GRACE"
 ENV_CREATE_TIMEOUT = "BATCH_BRIDGE_CREATE_TIMEOUT"
 ENV_PUBLISH_BUCKET_ROWS = "BATCH_BRIDGE_PUBLISH_BUCKET_ROWS"
-# Keys per file of a job's results source (`current.parquet/` holds one file per bucket of keys): a change
-# rewrites only its buckets, and a bucket of this many 600-character answers is written in ~0.2 s.
+# Keys per file of a job's results source (`current.parquet/` holds one file per bucket of keys, at most 16
+# buckets, each written in parts of about this many keys beyond): a change rewrites only its files, and a
+# file of this many 600-character answers is written in ~0.2 s.
 DEFAULT_PUBLISH_BUCKET_ROWS = 65_536
 ENV_LOAD_SLICE = "BATCH_BRIDGE_LOAD_SLICE_BYTES"
 # Bytes of a result file loaded per transaction (`collect.load_downloaded`): an uncommitted INSERT is held

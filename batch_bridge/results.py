@@ -2,8 +2,8 @@
 
 `current.parquet` holds one row per key: the latest answer for the key's current input, or, when the
 input changed and has no answer yet, the latest earlier answer flagged `is_stale`. It is a directory of
-bucket files (keys split by hash), which `read_parquet` reads as one table: a publish rewrites only the
-buckets whose keys changed, so one new answer in a 1M-row job is published in a fraction of a second.
+bucket files (keys split by hash; a large bucket in parts), which `read_parquet` reads as one table: a
+publish rewrites only the files whose keys changed, so one new answer in a 1M-row job is published in a fraction of a second.
 `history/` holds one part per collected batch with every (key, answer) pair it produced. Keys get their
 original names and types back from `jobs.key_types`; schema fields become typed columns through `json_transform`. An identical request sent once for
 several keys is attributed to the key that was sent (`cost_usd`), the others are `deduplicated`.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -200,16 +201,21 @@ def pick_current(con: duckdb.DuckDBPyConnection, job: Job, buckets: int = 1, key
     con.execute("DROP TABLE bb_latest")
 
 
-def current_sql(con: duckdb.DuckDBPyConnection, job: Job, bucket: int | None = None) -> str:
+def current_sql(con: duckdb.DuckDBPyConnection, job: Job, bucket: int | None = None,
+                rids: tuple[int, int] | None = None) -> str:
     """One row per key (after `pick_current`), or per key of one bucket: its picked answer, answer text
-    streaming past the picks.
+    streaming past the picks. With `rids` (lo, hi), only the picks of answers whose rowid is in (lo, hi]:
+    DuckDB then reads only the answers' row groups in that range.
 
     Joined on a hash of the answer's input as well as its rowid: joined on the rowid alone, DuckDB held
     memory outside its memory_limit that grew with the answers scanned (measured at 1M answers: each
     bucket's write peaked ~40 MB higher). A hash (8 bytes) rather than the input hash (16) and the
-    staleness rather than the current input keep the hash table of a full rewrite's pass small: ~625,000
-    picks (a 10M-key job) wrote in ~3.3 s within 80 MiB, against 128MB with both hashes (measured apart)."""
-    where = "" if bucket is None else f" WHERE p.bucket = {int(bucket)}"
+    staleness rather than the current input keep the hash table of the picks small."""
+    only = [] if bucket is None else [f"p.bucket = {int(bucket)}"]
+    if rids is not None:
+        lo, hi = (int(x) for x in rids)
+        only += [f"p.rid > {lo}", f"p.rid <= {hi}", f"r.rowid > {lo}", f"r.rowid <= {hi}"]
+    where = f" WHERE {' AND '.join(only)}" if only else ""
     return _projection(con, job, stale="h.stale") + f"""
         FROM (
             SELECT p.custom_id, p.key_json, p.stale, r.*
@@ -256,9 +262,29 @@ CURRENT = "current.parquet"
 MAX_BUCKETS = 16
 
 
-def bucket_file(bucket: int, buckets: int) -> str:
-    """The file of one bucket; the count is in the name, so files of another split are recognized."""
-    return f"{bucket:03d}-of-{buckets:03d}.parquet"
+def bucket_file(bucket: int, buckets: int, part: int = 0) -> str:
+    """The file of one bucket, or of a part of it after the first; the count is in the name, so files of
+    another split are recognized."""
+    return f"{bucket:03d}-of-{buckets:03d}.parquet" if part == 0 else f"{bucket:03d}-of-{buckets:03d}.{part}.parquet"
+
+
+_BUCKET_FILE = re.compile(r"(\d{3})-of-(\d{3})(?:\.([1-9]\d*))?\.parquet")
+
+
+def _bucket_files(current: Path, buckets: int) -> dict[int, list[Path]] | None:
+    """Each bucket's files under `current`, its first file first; None unless every file there is a file
+    of this split and every bucket has its first."""
+    if not current.is_dir():
+        return None
+    found: dict[int, list[tuple[int, Path]]] = {}
+    for p in current.iterdir():
+        m = _BUCKET_FILE.fullmatch(p.name)
+        if not m or int(m.group(2)) != buckets or int(m.group(1)) >= buckets:
+            return None
+        found.setdefault(int(m.group(1)), []).append((int(m.group(3) or 0), p))
+    if any(b not in found or min(found[b])[0] != 0 for b in range(buckets)):
+        return None
+    return {b: [p for _, p in sorted(found[b])] for b in range(buckets)}
 
 
 def bucket_count(keys: int, bucket_rows: int) -> int:
@@ -323,12 +349,13 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
     v_until, v_rows, v_before = _marks(con, "key_versions", "seen_at", job, row[2] if row else None)
     r_until, r_rows, r_before = _marks(con, "responses", "collected_at", job, row[4] if row else None)
     merge = False
+    split: dict[int, list[Path]] | None = None  # each bucket's files, when they are exactly the recorded split
     if row is not None:
         buckets, had_layout, vu, vrows, ru, rrows = row
-        have = {p.name for p in current.iterdir()} if current.is_dir() else None
+        split = _bucket_files(current, buckets)
         # The split is kept while the job is within a factor 2 of its size; beyond, all is rewritten once.
         if (had_layout == layout and want < 2 * buckets and 2 * want > buckets
-                and have == {bucket_file(b, buckets) for b in range(buckets)}
+                and split is not None
                 and (v_before, r_before) == (vrows, rrows)):  # else rows went back in time or were removed
             want = buckets
             changed = _dirty_keys(con, job, buckets, vu, ru)
@@ -344,52 +371,87 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
             # reads no answer text (100,000 keys of a 10M-key job picked within 32MiB), and under more
             # room DuckDB keeps what it read cached up to it (bench_publish.py). Run again with more
             # room if it runs out: merging a bucket twice gives the same file.
-            grown_until_it_fits(con, settings, lambda: _merge_buckets(con, job, want, current, out, fault))
+            grown_until_it_fits(con, settings, lambda: _merge_buckets(con, job, want, split, out, fault))
         else:
             fresh.mkdir()
             row_bytes = _answer_bytes(con, job)
             for b in range(want):
-                # A pass per bucket, its keys picked and written: it holds ~1/`want` of the picks (all 1M
-                # picks at once held 70 MB, BENCHMARKS.md). Past the cap (~625,000 keys a bucket at 10M)
-                # the write's hash table of them needs room beyond the limit for streaming, or spills
-                # them (a 10M-key job's full rewrite: 667 s spilled, measured). Each step runs again with
-                # more room if DuckDB runs out: a hash table just too large for its limit did not spill
-                # (1M picks at 128MB, measured), and picking or writing a bucket twice gives the same.
+                # A pass per bucket, its keys picked: it holds ~1/`want` of the picks (all 1M picks at once
+                # held 70 MB, BENCHMARKS.md). Past the cap (~625,000 keys a bucket at 10M) the bucket is
+                # written in parts (`_part_ranges`), each a file of its own, so a write's hash table holds
+                # at most ~`publish_bucket_rows` picks: in one file, its 625,000 picks took 76-77 MB above
+                # the RSS before the write (with room for them beyond the limit for streaming), in parts
+                # of 62,500 45-49 MB, in the same 4-5 s (measured apart on a 10M-key state). A part
+                # reads only its answers' row groups, so the parts of a bucket read its answers once.
+                # Each step runs again with more room if DuckDB runs out: a hash table just too large for
+                # its limit did not spill (1M picks at 128MB, measured), and picking or writing twice
+                # gives the same.
                 grown_until_it_fits(con, settings, lambda: pick_current(con, job, want, bucket=b))
-                picks, key_bytes = con.execute(
-                    "SELECT count(*), coalesce(avg(strlen(custom_id) + strlen(key_json)), 0) FROM bb_picked").fetchone()
-                with room_for_streaming(con, settings, row_bytes, picks, key_bytes):
-                    grown_until_it_fits(
-                        con, settings, lambda: _write(con, current_sql(con, job, b), fresh / bucket_file(b, want)))
+                for part, rids in enumerate(_part_ranges(con, settings.publish_bucket_rows)):
+                    in_part = "" if rids is None else f" WHERE rid > {rids[0]} AND rid <= {rids[1]}"
+                    picks, key_bytes = con.execute(
+                        "SELECT count(*), coalesce(avg(strlen(custom_id) + strlen(key_json)), 0) FROM bb_picked"
+                        + in_part).fetchone()
+                    dest = fresh / bucket_file(b, want, part)
+                    with room_for_streaming(con, settings, row_bytes, picks, key_bytes):
+                        grown_until_it_fits(con, settings, lambda: _write(con, current_sql(con, job, b, rids), dest))
                 if b == 0:
                     fault("publish_between_buckets")
             _swap(fresh, current, old)
     finally:
-        for t in ("bb_latest", "bb_best", "bb_picked", "bb_dirty", "bb_changed"):
+        for t in ("bb_latest", "bb_best", "bb_picked", "bb_dirty", "bb_changed", "bb_home"):
             con.execute(f"DROP TABLE IF EXISTS {t}")
     record_published(con, job.name, want, layout, (v_until, v_rows), (r_until, r_rows))
 
 
-def _merge_buckets(con: duckdb.DuckDBPyConnection, job: Job, buckets: int, current: Path, out: Path,
-                   fault: Callable[[str], None]) -> None:
-    """Rewrite each bucket holding a key of `bb_dirty`: its unchanged rows as they are in its file, and
-    the changed keys' rows picked again (`bb_changed`, one join over the answers for all of them)."""
+def _part_ranges(con: duckdb.DuckDBPyConnection, part_rows: int) -> list[tuple[int, int] | None]:
+    """Ranges (lo, hi] of answer rowids splitting `bb_picked` into parts of about `part_rows` picks (keys
+    sharing one answer stay in one part), or [None]: one part of every pick. Rounded to the nearest count
+    of parts, so buckets a little over `part_rows` (the hash's spread below the bucket cap) stay whole."""
+    picks, lo, hi = con.execute("SELECT count(*), min(rid), max(rid) FROM bb_picked").fetchone()
+    parts = int(picks / max(1, part_rows) + 0.5)
+    if parts <= 1:
+        return [None]
+    (cuts,) = con.execute(
+        f"SELECT quantile_disc(rid, {[i / parts for i in range(1, parts)]}) FROM bb_picked").fetchone()
+    bounds = sorted({lo - 1, hi, *cuts})
+    return list(zip(bounds, bounds[1:]))
+
+
+def _merge_buckets(con: duckdb.DuckDBPyConnection, job: Job, buckets: int, split: dict[int, list[Path]],
+                   out: Path, fault: Callable[[str], None]) -> None:
+    """Rewrite each file holding a key of `bb_dirty`: its unchanged rows as they are in the file, and its
+    changed keys' rows picked again (`bb_changed`, one join over the answers for all of them). A key
+    stays in the file it is in (a bucket a full rewrite wrote in parts has several), and a key in none
+    goes to its bucket's first file: each file is replaced on its own, and a reader sees every key once."""
     pick_current(con, job, buckets, "bb_dirty")
     con.execute(f"CREATE OR REPLACE TEMP TABLE bb_changed AS {current_sql(con, job)}")
     cols = [(r[0], r[1]) for r in con.execute("DESCRIBE bb_changed").fetchall()]
     # The file's rows cast to the types the projection gives now (the layout check says they are the same).
     from_file = ", ".join(f"CAST({quote_ident(c)} AS {t}) AS {quote_ident(c)}" for c, t in cols)
     names = ", ".join(quote_ident(c) for c, _ in cols)
+    con.execute("CREATE OR REPLACE TEMP TABLE bb_home (custom_id VARCHAR, file VARCHAR)")
     touched = [r[0] for r in con.execute("SELECT DISTINCT bucket FROM bb_dirty ORDER BY 1").fetchall()]
     for b in touched:
-        name = bucket_file(b, buckets)
-        query = f"""
-            SELECT {from_file} FROM read_parquet({quote_literal(str(current / name))})
-            WHERE custom_id NOT IN (SELECT custom_id FROM bb_dirty WHERE bucket = {b})
-            UNION ALL
-            SELECT {names} FROM bb_changed WHERE hash(custom_id) % {buckets} = {b}
-        """
-        _write(con, query, current / name, out / f".bucket-{b}.tmp")
+        paths = [str(p) for p in split[b]]
+        if len(paths) > 1:  # which of the bucket's files each changed key is in
+            con.execute(f"""INSERT INTO bb_home SELECT custom_id, filename
+                            FROM read_parquet([{", ".join(quote_literal(p) for p in paths)}], filename = true)
+                            WHERE custom_id IN (SELECT custom_id FROM bb_dirty WHERE bucket = {b})""")
+        home = f"coalesce(h.file, {quote_literal(paths[0])})"
+        targets = [r[0] for r in con.execute(
+            f"SELECT DISTINCT {home} FROM bb_dirty d LEFT JOIN bb_home h ON h.custom_id = d.custom_id "
+            f"WHERE d.bucket = {b} ORDER BY 1").fetchall()]
+        for target in targets:
+            query = f"""
+                SELECT {from_file} FROM read_parquet({quote_literal(target)})
+                WHERE custom_id NOT IN (SELECT custom_id FROM bb_dirty WHERE bucket = {b})
+                UNION ALL
+                SELECT {names} FROM (
+                    SELECT c.* FROM bb_changed c LEFT JOIN bb_home h ON h.custom_id = c.custom_id
+                    WHERE hash(c.custom_id) % {buckets} = {b} AND {home} = {quote_literal(target)})
+            """
+            _write(con, query, Path(target), out / f".bucket-{b}.tmp")
         if b == touched[0]:
             fault("publish_between_buckets")
 

@@ -141,13 +141,65 @@ def test_one_changed_row_rewrites_only_its_bucket_and_the_union_equals_a_full_pu
     assert files(s).keys() == after.keys()
 
 
+def file_of(s) -> dict[str, str]:
+    """Each key's file in the results source."""
+    con = duckdb.connect()
+    try:
+        return {k: os.path.basename(f) for k, f in con.execute(
+            f"SELECT id, filename FROM read_parquet('{s.results_dir('items') / CURRENT}/*.parquet', filename = true)").fetchall()}
+    finally:
+        con.close()
+
+
+def split_of(names, buckets: int) -> dict[int, list[str]]:
+    """Bucket -> its file names, its first file first; every name must be a file of a bucket of the split."""
+    named = {bucket_file(b, buckets, part): (b, part) for b in range(buckets) for part in range(8)}
+    assert set(names) <= set(named), sorted(set(names) - set(named))
+    out: dict[int, list[str]] = {}
+    for n in sorted(names, key=lambda n: named[n]):
+        out.setdefault(named[n][0], []).append(n)
+    return out
+
+
 def test_a_grown_job_is_split_again_and_no_file_of_the_old_split_is_left(proj):
+    """Past the cap of 16 buckets a full rewrite writes a bucket in parts of about BUCKET_ROWS keys, each
+    a file of its own; every key is in one file, that of its bucket."""
     s = proj
     load_staging(s, rows_sql(200))  # 200 keys: 25 buckets wanted, 16 at most; 2x beyond the 8 it has
     run(s)
-    names = sorted(files(s))
-    assert names == [bucket_file(b, 16) for b in range(16)]
+    split = split_of(files(s), 16)
+    assert sorted(split) == list(range(16)) and all(names[0] == bucket_file(b, 16) for b, names in split.items())
+    assert any(len(names) > 1 for names in split.values())  # ~12 keys a bucket: written in parts
     assert len(rows(s)) == 200 and len({r[0] for r in rows(s)}) == 200
+    where = file_of(s)
+    assert len(where) == 200
+    for key, name in where.items():
+        assert name in split[int(bucket_of(s, key, 16)[:3])]
+    per_file = {n: sum(1 for v in where.values() if v == n) for n in set(where.values())}
+    assert max(per_file.values()) <= 1.5 * BUCKET_ROWS  # parts of about BUCKET_ROWS keys
+
+
+def test_a_change_to_a_bucket_written_in_parts_rewrites_only_the_file_its_key_is_in(proj):
+    """A merge into a bucket of several files: a changed key is written back into its own file, a new
+    key into its bucket's first file, and no other file is touched."""
+    s = proj
+    load_staging(s, rows_sql(200))
+    run(s)
+    before, where = files(s), file_of(s)
+    old = by_id(s)
+    key = min(k for k, n in where.items() if n.count(".") == 2)  # a key in a bucket's second part or later
+    load_staging(s, rows_sql(201, changed=(int(key[1:]),)))  # r200 is new
+    run(s)
+    after, moved = files(s), file_of(s)
+    first_of_new = bucket_of(s, "r200", 16)
+    assert set(after) == set(before)
+    assert {n for n in before if after[n] != before[n]} == {where[key], first_of_new}
+    assert moved["r200"] == first_of_new and {k: moved[k] for k in where} == where
+    new = by_id(s)
+    assert len(rows(s)) == 201 and len(new) == 201
+    assert new[key]["is_stale"] is False and new[key]["input_hash"] != old[key]["input_hash"]
+    assert {k for k in old if new[k] != old[k]} == {key}
+    assert full_publish(s) == rows(s)
 
 
 def test_an_old_single_file_is_replaced_by_the_directory(proj):
@@ -287,10 +339,11 @@ def test_publish_killed_in_a_full_rewrite_leaves_the_old_split_whole(proj):
     current = s.results_dir("items") / CURRENT
     assert sorted(p.name for p in current.iterdir()) == [bucket_file(b, 8) for b in range(8)]
     assert rows(s) == old
-    assert [p.name for p in (s.results_dir("items") / f".{CURRENT}.new").iterdir()] == [bucket_file(0, 16)]
+    written = [p.name for p in (s.results_dir("items") / f".{CURRENT}.new").iterdir()]
+    assert list(split_of(written, 16)) == [0] and bucket_file(0, 16) in written  # bucket 0's file or parts
 
     run(s)  # nothing left to send or load: its publish rewrites every bucket of the new split
-    assert sorted(files(s)) == [bucket_file(b, 16) for b in range(16)]
+    assert sorted(split_of(files(s), 16)) == list(range(16))
     assert not (s.results_dir("items") / f".{CURRENT}.new").exists()
     new = rows(s)
     assert len(new) == 200 and len({r[0] for r in new}) == 200 and full_publish(s) == new
