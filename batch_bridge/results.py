@@ -255,7 +255,7 @@ def _unpublished_batches(con: duckdb.DuckDBPyConnection, job: Job, parts: Path) 
 
 # `current.parquet` is a directory (as Spark writes a dataset): DuckDB reads a directory path as all the
 # Parquet files in it, so `read_parquet('.../current.parquet')`, the location sources have always used,
-# reads the union of the buckets. Each key lives in exactly one bucket file, so the union is one row per key.
+# reads the union of the buckets. Each key lives in exactly one file, so the union is one row per key.
 CURRENT = "current.parquet"
 # A full rewrite writes each bucket in a pass of its own over the answers (a partitioned COPY held a row
 # group per open bucket and ran out of 128MB at 64 buckets): capping the count keeps it linear in rows.
