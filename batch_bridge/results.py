@@ -399,7 +399,7 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
                     fault("publish_between_buckets")
             _swap(fresh, current, old)
     finally:
-        for t in ("bb_latest", "bb_best", "bb_picked", "bb_dirty", "bb_changed", "bb_home"):
+        for t in ("bb_latest", "bb_best", "bb_picked", "bb_dirty", "bb_changed", "bb_home", "bb_changed_here"):
             con.execute(f"DROP TABLE IF EXISTS {t}")
     record_published(con, job.name, want, layout, (v_until, v_rows), (r_until, r_rows))
 
@@ -442,14 +442,17 @@ def _merge_buckets(con: duckdb.DuckDBPyConnection, job: Job, buckets: int, split
         targets = [r[0] for r in con.execute(
             f"SELECT DISTINCT {home} FROM bb_dirty d LEFT JOIN bb_home h ON h.custom_id = d.custom_id "
             f"WHERE d.bucket = {b} ORDER BY 1").fetchall()]
+        changed = (f"(SELECT c.*, {home} AS bb_file FROM bb_changed c LEFT JOIN bb_home h ON h.custom_id = c.custom_id "
+                   f"WHERE hash(c.custom_id) % {buckets} = {b})")
+        if len(targets) > 1:  # the bucket's changed rows sorted out once, not once per file
+            con.execute(f"CREATE OR REPLACE TEMP TABLE bb_changed_here AS SELECT * FROM {changed}")
+            changed = "bb_changed_here"
         for target in targets:
             query = f"""
                 SELECT {from_file} FROM read_parquet({quote_literal(target)})
                 WHERE custom_id NOT IN (SELECT custom_id FROM bb_dirty WHERE bucket = {b})
                 UNION ALL
-                SELECT {names} FROM (
-                    SELECT c.* FROM bb_changed c LEFT JOIN bb_home h ON h.custom_id = c.custom_id
-                    WHERE hash(c.custom_id) % {buckets} = {b} AND {home} = {quote_literal(target)})
+                SELECT {names} FROM {changed} WHERE bb_file = {quote_literal(target)}
             """
             _write(con, query, Path(target), out / f".bucket-{b}.tmp")
         if b == touched[0]:
