@@ -429,7 +429,7 @@ def _merge_buckets(con: duckdb.DuckDBPyConnection, job: Job, buckets: int, split
     cols = [(r[0], r[1]) for r in con.execute("DESCRIBE bb_changed").fetchall()]
     # The file's rows cast to the types the projection gives now (the layout check says they are the same).
     from_file = ", ".join(f"CAST({quote_ident(c)} AS {t}) AS {quote_ident(c)}" for c, t in cols)
-    names = ", ".join(quote_ident(c) for c, _ in cols)
+    qualified = ", ".join(f"c.{quote_ident(c)}" for c, _ in cols)  # beside bb_home's columns, whatever the keys' names
     con.execute("CREATE OR REPLACE TEMP TABLE bb_home (custom_id VARCHAR, file VARCHAR)")
     touched = [r[0] for r in con.execute("SELECT DISTINCT bucket FROM bb_dirty ORDER BY 1").fetchall()]
     for b in touched:
@@ -442,9 +442,8 @@ def _merge_buckets(con: duckdb.DuckDBPyConnection, job: Job, buckets: int, split
         targets = [r[0] for r in con.execute(
             f"SELECT DISTINCT {home} FROM bb_dirty d LEFT JOIN bb_home h ON h.custom_id = d.custom_id "
             f"WHERE d.bucket = {b} ORDER BY 1").fetchall()]
-        changed = (f"(SELECT c.*, {home} AS bb_file FROM bb_changed c LEFT JOIN bb_home h ON h.custom_id = c.custom_id "
-                   f"WHERE hash(c.custom_id) % {buckets} = {b})")
-        if len(targets) > 1:  # the bucket's changed rows sorted out once, not once per file
+        changed = f"(SELECT * FROM bb_changed WHERE hash(custom_id) % {buckets} = {b})"
+        if len(targets) > 1:  # the bucket's changed rows taken out once, not once per file
             con.execute(f"CREATE OR REPLACE TEMP TABLE bb_changed_here AS SELECT * FROM {changed}")
             changed = "bb_changed_here"
         for target in targets:
@@ -452,7 +451,8 @@ def _merge_buckets(con: duckdb.DuckDBPyConnection, job: Job, buckets: int, split
                 SELECT {from_file} FROM read_parquet({quote_literal(target)})
                 WHERE custom_id NOT IN (SELECT custom_id FROM bb_dirty WHERE bucket = {b})
                 UNION ALL
-                SELECT {names} FROM {changed} WHERE bb_file = {quote_literal(target)}
+                SELECT {qualified} FROM {changed} c LEFT JOIN bb_home h ON h.custom_id = c.custom_id
+                WHERE {home} = {quote_literal(target)}
             """
             _write(con, query, Path(target), out / f".bucket-{b}.tmp")
         if b == touched[0]:
