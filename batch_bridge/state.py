@@ -557,10 +557,12 @@ def _rows_limit(settings: Settings, row_bytes: float, rows: int = VECTOR_ROWS, b
 # DuckDB keeps the table blocks it read cached up to the limit, and such a pass, reading every answer
 # once per bucket, gains nothing from them: at 1M keys they were 94 MB of the publish's peak RSS.
 STREAMING_BASE_BYTES = 48 * 2**20
-# The picks that base holds room for (a bucket of a 1M-key job), and what each pick beyond them holds in
-# the hash table a write streams the answers past (`results.current_sql`): its rowid, answer hash and
-# staleness and the table's own entry, besides its key's strings. Measured on a 10M-key job (~625,000
-# picks a bucket, keys of 9 and 15 characters): written in 3.3 s within 80 MiB, spilled at 64 MiB (33 s).
+# The picks that base holds room for (a bucket of a 1M-key job, a part of a larger job's bucket at the
+# default BATCH_BRIDGE_PUBLISH_BUCKET_ROWS), and what each pick beyond them holds in the hash table a write
+# streams the answers past (`results.current_sql`): its rowid, answer hash and staleness and the table's
+# own entry, besides its key's strings. More picks in one write come from a larger
+# BATCH_BRIDGE_PUBLISH_BUCKET_ROWS or many keys sharing one answer. Measured on a 10M-key job (~625,000
+# picks in one write, keys of 9 and 15 characters): written in 3.3 s within 80 MiB, spilled at 64 MiB (33 s).
 STREAMED_PICKS = 65_536
 PICK_BYTES = 32
 
