@@ -239,6 +239,7 @@ def parse_job(node: dict[str, Any]) -> Job | None:
     keys = (key,) if isinstance(key, str) else tuple(key) if isinstance(key, list) else ()
     if not keys or not all(isinstance(k, str) and k for k in keys) or len(set(keys)) != len(keys):
         raise JobDefinitionError(name, "key", key, "a column name or a list of distinct column names")
+    _check_key_names(name, key, keys)
 
     model = raw.get("model")
     if not isinstance(model, str) or not model.strip():
@@ -382,9 +383,25 @@ RESERVED_COLUMNS = (
 ).split()
 
 
+def _check_key_names(job: str, key: Any, keys: tuple[str, ...]) -> None:
+    # The results source carries the key columns beside the bridge's own; DuckDB would rename a clashing
+    # one to `status_1` and break the source's contract, so the name is refused before anything runs.
+    # Column names compare without case in DuckDB, and so do distinct keys.
+    clash = [k for k in keys if k.lower() in RESERVED_COLUMNS]
+    if clash:
+        raise JobDefinitionError(
+            job, "key", key, f"column names other than the bridge's result columns ({', '.join(RESERVED_COLUMNS)})",
+            hint=f"rename the column in the staging model, e.g. `select {clash[0]} as {clash[0]}_key, ...`, "
+                 f"and set key to {clash[0] + '_key'!r}",
+        )
+    if len({k.lower() for k in keys}) != len(keys):
+        raise JobDefinitionError(job, "key", key, "a column name or a list of distinct column names (case aside)")
+
+
 def _check_output_names(job: str, fld: str, schema: dict[str, Any], keys: tuple[str, ...]) -> None:
+    lowered = {k.lower() for k in keys}
     for prop in schema.get("properties", {}):
-        if prop.lower() in RESERVED_COLUMNS or prop in keys:
+        if prop.lower() in RESERVED_COLUMNS or prop.lower() in lowered:
             raise JobDefinitionError(
                 job, f"{fld}.properties.{prop}", prop,
                 f"a name that is not a key column nor one of the bridge's columns ({', '.join(RESERVED_COLUMNS)})",

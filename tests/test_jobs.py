@@ -32,6 +32,11 @@ def error(**over):
         ({"key": None}, "key", "a column name or a list"),
         ({"key": []}, "key", "a column name or a list"),
         ({"key": ["a", "a"]}, "key", "distinct"),
+        ({"key": ["id", "ID"]}, "key", "distinct column names (case aside)"),
+        ({"key": "status"}, "key", "other than the bridge's result columns"),
+        ({"key": ["region", "Model"]}, "key", "other than the bridge's result columns"),
+        ({"output_schema": {"type": "object", "properties": {"ID": {"type": "string"}}}},
+         "output_schema.properties.ID", "not a key column"),
         ({"model": ""}, "model", "Claude model id"),
         ({"max_tokens": 0}, "max_tokens", "1 to 128000"),
         ({"max_tokens": "many"}, "max_tokens", "1 to 128000"),
@@ -117,3 +122,11 @@ def test_price_file_override_is_merged(tmp_path):
     # 1M input + 1M output at batch prices: half of 2 + 4
     assert book.cost("my-finetune", input_tokens=1e6, output_tokens=1e6) == pytest.approx(3.0)
     assert book.cost("nobody-knows", input_tokens=1, output_tokens=1) is None
+
+
+def test_a_key_named_like_a_result_column_is_refused_with_the_rename_to_make():
+    # DuckDB would otherwise rename the bridge's own `status` to `status_1` in the results source.
+    with pytest.raises(JobDefinitionError) as e:
+        parse_job(node({**BASE, "key": ["region", "Status"]}))
+    assert e.value.field == "key" and e.value.value == ["region", "Status"]
+    assert "select Status as Status_key" in str(e.value) and "'Status_key'" in str(e.value)
