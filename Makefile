@@ -36,8 +36,9 @@ demo-plugin: $(STAMP)
 	$(PY) -m batch_bridge.demo_plugin
 
 # Test files run in parallel, one process per core (pytest-xdist); a file's tests stay in one process.
+# The 15 slowest tests are listed at the end, to keep the suite's time in sight.
 # `make test PYTEST_ARGS=...` replaces this (e.g. PYTEST_ARGS='tests/test_cli.py -x').
-PYTEST_ARGS ?= -n auto --dist loadfile
+PYTEST_ARGS ?= -n auto --dist loadfile --durations=15
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
