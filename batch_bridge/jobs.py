@@ -392,7 +392,7 @@ def _check_key_names(job: str, key: Any, keys: tuple[str, ...]) -> None:
         raise JobDefinitionError(
             job, "key", key, f"column names other than the bridge's result columns ({', '.join(RESERVED_COLUMNS)})",
             hint=f"rename the column in the staging model, e.g. `select {clash[0]} as {clash[0]}_key, ...`, "
-                 f"and set key to {clash[0] + '_key'!r}",
+                 f"and name it {clash[0] + '_key'!r} in key",
         )
     if len({k.lower() for k in keys}) != len(keys):
         raise JobDefinitionError(job, "key", key, "a column name or a list of distinct column names (case aside)")
