@@ -9,6 +9,7 @@ Used by bench_scale.py and bench_submit_memory.py to split wall time and peak RS
 
 from __future__ import annotations
 
+import bisect
 import sys
 import time
 from typing import Any, Callable
@@ -109,18 +110,40 @@ def parse(lines: list[tuple[float, str]]) -> tuple[list[tuple[str, float, float]
     return phases, other
 
 
-def active(phases: list[tuple[str, float, float]], t: float) -> str:
-    names = {n for n, a, b in phases if a <= t < b}
-    return next((p for p in PRIORITY if p in names), "other")
+class Timeline:
+    """The phase active at each moment (innermost by PRIORITY, "other" outside them all), found by a binary
+    search: built once in one sweep over the phases' bounds, as a 10M-row run has tens of thousands of
+    phases and a sample or a segment each, which a scan of every phase per question made quadratic."""
+
+    def __init__(self, phases: list[tuple[str, float, float]]):
+        self.bounds = sorted({a for _, a, _ in phases} | {b for _, _, b in phases})
+        delta: dict[float, dict[str, int]] = {}
+        for name, a, b in phases:
+            if name in PRIORITY and a < b:
+                delta.setdefault(a, {}).setdefault(name, 0)
+                delta[a][name] += 1
+                delta.setdefault(b, {}).setdefault(name, 0)
+                delta[b][name] -= 1
+        open_: dict[str, int] = {}
+        self.names: list[str] = []  # the phase of [bounds[i], bounds[i + 1])
+        for x in self.bounds:
+            for name, d in delta.get(x, {}).items():
+                open_[name] = open_.get(name, 0) + d
+            self.names.append(next((p for p in PRIORITY if open_.get(p, 0) > 0), "other"))
+
+    def at(self, t: float) -> str:
+        i = bisect.bisect_right(self.bounds, t) - 1
+        return self.names[i] if 0 <= i < len(self.bounds) - 1 else "other"
 
 
 def exclusive(phases: list[tuple[str, float, float]], t0: float, t1: float) -> dict[str, float]:
     """Seconds of [t0, t1] attributed to each phase (innermost by PRIORITY), 'other' for the rest."""
+    timeline = Timeline(phases)
     points = sorted({t0, t1, *(a for _, a, _ in phases), *(b for _, _, b in phases)})
     points = [p for p in points if t0 <= p <= t1]
     out: dict[str, float] = {}
     for a, b in zip(points, points[1:]):
-        name = active(phases, (a + b) / 2)
+        name = timeline.at((a + b) / 2)
         out[name] = out.get(name, 0.0) + (b - a)
     return out
 

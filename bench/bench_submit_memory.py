@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 from _common import BRIDGE_CLI, PY, REPO, cli_env, emulator, machine, make_project, run_measured, workdir
-from _timed_cli import active, exclusive, parse
+from _timed_cli import Timeline, exclusive, parse
 
 
 def main() -> None:
@@ -46,9 +46,10 @@ def main() -> None:
     phases, _ = parse(r["stderr"])
     phases = [(n, a - r["t0"], b - r["t0"]) for n, a, b in phases]
     shares = exclusive(phases, 0.0, r["wall"])
+    timeline = Timeline(phases)
     peaks: dict[str, int] = {}
     for t, rss in r["samples"]:
-        name = active(phases, t)
+        name = timeline.at(t)
         peaks[name] = max(peaks.get(name, 0), rss)
     print(f"{args.rows:,} requests in {len(files)} batch(es), create body {body / 1e6:.1f} MB "
           f"({body / args.rows:,.0f} B/request)")
