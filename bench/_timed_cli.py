@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import sys
 import time
+from collections import Counter, defaultdict
 from typing import Any, Callable
 
 from batch_bridge import api, bridge, collect, results, state, submit
@@ -117,19 +118,16 @@ class Timeline:
 
     def __init__(self, phases: list[tuple[str, float, float]]):
         self.bounds = sorted({a for _, a, _ in phases} | {b for _, _, b in phases})
-        delta: dict[float, dict[str, int]] = {}
+        delta: dict[float, Counter[str]] = defaultdict(Counter)  # phases opening (+1) and closing (-1) at a bound
         for name, a, b in phases:
             if name in PRIORITY and a < b:
-                delta.setdefault(a, {}).setdefault(name, 0)
                 delta[a][name] += 1
-                delta.setdefault(b, {}).setdefault(name, 0)
                 delta[b][name] -= 1
-        open_: dict[str, int] = {}
+        open_: Counter[str] = Counter()
         self.names: list[str] = []  # the phase of [bounds[i], bounds[i + 1])
         for x in self.bounds:
-            for name, d in delta.get(x, {}).items():
-                open_[name] = open_.get(name, 0) + d
-            self.names.append(next((p for p in PRIORITY if open_.get(p, 0) > 0), "other"))
+            open_.update(delta.get(x, {}))
+            self.names.append(next((p for p in PRIORITY if open_[p] > 0), "other"))
 
     def at(self, t: float) -> str:
         i = bisect.bisect_right(self.bounds, t) - 1
