@@ -134,9 +134,10 @@ class Timeline:
         return self.names[i] if 0 <= i < len(self.bounds) - 1 else "other"
 
 
-def exclusive(phases: list[tuple[str, float, float]], t0: float, t1: float) -> dict[str, float]:
+def exclusive(phases: list[tuple[str, float, float]], t0: float, t1: float,
+              timeline: Timeline | None = None) -> dict[str, float]:
     """Seconds of [t0, t1] attributed to each phase (innermost by PRIORITY), 'other' for the rest."""
-    timeline = Timeline(phases)
+    timeline = timeline or Timeline(phases)
     points = sorted({t0, t1, *(a for _, a, _ in phases), *(b for _, _, b in phases)})
     points = [p for p in points if t0 <= p <= t1]
     out: dict[str, float] = {}
@@ -152,3 +153,12 @@ if __name__ == "__main__":
 
     sys.argv[0] = "batch-bridge"
     main()
+
+
+def peaks(timeline: Timeline, samples: list[tuple[float, int]]) -> dict[str, int]:
+    """The largest sample (e.g. RSS) taken while each phase was active."""
+    out: dict[str, int] = {}
+    for t, value in samples:
+        name = timeline.at(t)
+        out[name] = max(out.get(name, 0), value)
+    return out

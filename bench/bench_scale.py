@@ -34,7 +34,7 @@ import os
 import duckdb
 
 from _common import BRIDGE_CLI, PY, REPO, cli_env, emulator, machine, make_project, run_measured, workdir
-from _timed_cli import Timeline, exclusive, parse
+from _timed_cli import Timeline, exclusive, parse, peaks
 
 CORES = os.cpu_count() or 1
 ORDER = ("other", "manifest", "state_open", "state_close", "refresh", "pending", "send_pending", "plan", "write_requests",
@@ -42,10 +42,9 @@ ORDER = ("other", "manifest", "state_open", "state_close", "refresh", "pending",
          "publish_history")
 
 
-def by_phase(phases: list[tuple[str, float, float]], samples: list[tuple[float, float]]) -> dict[str, float]:
+def by_phase(timeline: Timeline, samples: list[tuple[float, float]]) -> dict[str, float]:
     """CPU seconds by phase: each 20 ms sample's increase goes to the phase active midway between it and
     the sample before (the process's start, before the first sample, to "other")."""
-    timeline = Timeline(phases)
     out: dict[str, float] = {}
     before = (0.0, 0.0)
     for t, c in samples:
@@ -72,14 +71,10 @@ def one(n: int, args: argparse.Namespace, **env_extra: str) -> dict:
             (created,) = con.execute("SELECT count(*) FROM batches").fetchone()
     phases, lines = parse(r["stderr"])
     phases = [(name, a - r["t0"], b - r["t0"]) for name, a, b in phases]
-    shares = exclusive(phases, 0.0, r["wall"])
     timeline = Timeline(phases)
-    peaks: dict[str, int] = {}
-    for t, rss in r["samples"]:
-        name = timeline.at(t)
-        peaks[name] = max(peaks.get(name, 0), rss)
-    own_cpu, own_system = by_phase(phases, r["cpu_samples"]), by_phase(phases, r["system_samples"])
-    return {"n": n, "wall": r["wall"], "rss": r["peak_rss"], "shares": shares, "peaks": peaks, "cpu": own_cpu, "system": own_system, "plan_wall": p["wall"],
+    shares = exclusive(phases, 0.0, r["wall"], timeline)
+    own_cpu, own_system = by_phase(timeline, r["cpu_samples"]), by_phase(timeline, r["system_samples"])
+    return {"n": n, "wall": r["wall"], "rss": r["peak_rss"], "shares": shares, "peaks": peaks(timeline, r["samples"]), "cpu": own_cpu, "system": own_system, "plan_wall": p["wall"],
             "emu_cpu": cpu, "emu_split": split, "emu_rss": emu_rss, "disk": disk, "batches": f"{created} batches", "lines": lines,
             "phases": phases}
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 from _common import BRIDGE_CLI, PY, REPO, cli_env, emulator, machine, make_project, run_measured, workdir
-from _timed_cli import Timeline, exclusive, parse
+from _timed_cli import Timeline, exclusive, parse, peaks
 
 
 def main() -> None:
@@ -45,18 +45,15 @@ def main() -> None:
 
     phases, _ = parse(r["stderr"])
     phases = [(n, a - r["t0"], b - r["t0"]) for n, a, b in phases]
-    shares = exclusive(phases, 0.0, r["wall"])
     timeline = Timeline(phases)
-    peaks: dict[str, int] = {}
-    for t, rss in r["samples"]:
-        name = timeline.at(t)
-        peaks[name] = max(peaks.get(name, 0), rss)
+    shares = exclusive(phases, 0.0, r["wall"], timeline)
+    peak_of = peaks(timeline, r["samples"])
     print(f"{args.rows:,} requests in {len(files)} batch(es), create body {body / 1e6:.1f} MB "
           f"({body / args.rows:,.0f} B/request)")
     print(f"  batch-bridge submit: wall {r['wall']:.2f} s, peak RSS {r['peak_rss'] / 1e6:.1f} MB")
     for name in ("other", "manifest", "plan", "write_requests", "upload", "publish"):
         if name in shares:
-            print(f"    {name:15s} {shares[name]:6.2f} s   peak RSS {peaks.get(name, 0) / 1e6:7.1f} MB")
+            print(f"    {name:15s} {shares[name]:6.2f} s   peak RSS {peak_of.get(name, 0) / 1e6:7.1f} MB")
     print(f"  baseline (python importing the bridge, SDK, DuckDB): peak RSS {base['peak_rss'] / 1e6:.1f} MB")
     print(f"  (emulator process RSS after receiving the body: {emu_rss / 1e6:.1f} MB)")
     ratio = r["peak_rss"] / body
