@@ -1,10 +1,11 @@
 """Staging rows -> what to send: custom_ids, input hashes, dispositions and request files, all set-wise.
 
 Four steps, none of which holds prompt text for every row in memory:
-1. `stage`: read the staging relation (warehouse ATTACHed read-only). A first scan takes each row's
+1. `stage`: read the staging relation (warehouse ATTACHed read-only; a view's key and prompt columns
+   are first copied into a temp table, read once, so that every step finds a row by rowid). A first scan takes each row's
    custom_id and a cheap 64-bit fingerprint of its prompt, and looks the pair up in `key_inputs`:
    a key whose prompt is unchanged since its input was answered is up to date without hashing its
-   prompt again. A second read (by rowid for a table, so DuckDB reads just those rows) builds the
+   prompt again. A second read (by rowid, so DuckDB reads just those rows) builds the
    narrow temp table `bb_staged` only for the other rows (changed or new keys, NULL or duplicate
    keys): key columns, custom_id, input_hash (md5_number of the static request part and the
    prompt), prompt size (also as JSON, which is what its request line will carry) and emptiness.
@@ -20,6 +21,7 @@ Four steps, none of which holds prompt text for every row in memory:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from contextlib import contextmanager
@@ -288,36 +290,39 @@ def is_table(con: duckdb.DuckDBPyConnection, job: Job) -> bool:
     ).fetchone()[0])
 
 
-def _match_row(job: Job, by_rowid: bool, staged: str = "c") -> str:
-    """Join condition of the staging relation `s` with one of its staged rows."""
-    if by_rowid:
-        return f"s.rowid = {staged}.bb_rowid"
-    return " AND ".join(f"s.{quote_ident(k)} = {staged}.{quote_ident(k)}" for k in job.key)
+def rows_copy(job: Job) -> str:
+    """The temp table a plan reads the rows of a job staged by a view from (`stage` fills it)."""
+    return "bb_rows_" + hashlib.md5(job.name.encode()).hexdigest()[:12]
 
 
-def _locator_sql(job: Job, by_rowid: bool) -> str:
-    """Aggregate over `bb_classified` rows: what finds the request's own staging row again (`bb_rowid`
-    for a table, the key values as a STRUCT `bb_key` for a view), so that request lines are built from
-    `bb_send` and the staging relation alone, without joining every staged row again."""
-    if by_rowid:
-        return "arg_min(bb_rowid, custom_id) AS bb_rowid, NULL::BOOLEAN AS bb_key"
-    fields = ", ".join(f"{quote_ident(k)} := {quote_ident(k)}" for k in job.key)
-    return f"NULL::BIGINT AS bb_rowid, arg_min(struct_pack({fields}), custom_id) AS bb_key"
+def rows_source(con: duckdb.DuckDBPyConnection, job: Job) -> str:
+    """The relation a plan reads the job's staging rows from, each found again by its rowid: the staging
+    table itself, or the copy `stage` made of a view's rows."""
+    copy = rows_copy(job)
+    copied = con.execute(
+        "SELECT count(*) > 0 FROM duckdb_tables() WHERE temporary AND table_name = ?", [copy]
+    ).fetchone()[0]
+    return copy if copied else job.relation.sql()
 
 
-def _own_locator_sql(job: Job, by_rowid: bool) -> str:
-    """`_locator_sql` for a request of one staged row (of `bb_classified` as `c`): that row's own."""
-    if by_rowid:
-        return "c.bb_rowid, NULL::BOOLEAN AS bb_key"
-    fields = ", ".join(f"{quote_ident(k)} := c.{quote_ident(k)}" for k in job.key)
-    return f"NULL::BIGINT AS bb_rowid, struct_pack({fields}) AS bb_key"
+def release_rows(con: duckdb.DuckDBPyConnection, job: Job) -> None:
+    """Drop the copy of a view's rows once the job's request files are written (it holds every prompt)."""
+    con.execute(f"DROP TABLE IF EXISTS temp.main.{rows_copy(job)}")
 
 
-def _match_request(job: Job, by_rowid: bool, alias: str) -> str:
-    """Join condition of the staging relation `s` with a row of `bb_send` or `bb_lines`."""
-    if by_rowid:
-        return f"s.rowid = {alias}.bb_rowid"
-    return " AND ".join(f"s.{quote_ident(k)} = {alias}.bb_key.{quote_ident(k)}" for k in job.key)
+def _copy_view_rows(con: duckdb.DuckDBPyConnection, job: Job, columns: dict[str, str]) -> None:
+    """A view's key and prompt columns copied into a temp table, read once.
+
+    A view has no rowid, so its rows could only be found again by key values, in a scan of the whole
+    view per statement: its query ran again to stage, to re-read the changed rows, and once per batch
+    written, and a batch's keys, a range in key order, are spread over all of a view whose rows are not
+    stored in key order (3M rows in 31 batches: 22.6 s of request files against 8.8 s for the same rows as
+    a table, quadratic in rows). Read once, every later step reads the copy by rowid like a table, and
+    what was hashed is what is written even when the view's query is not deterministic. The copy spills to
+    the bridge's temp directory beyond the plan's memory limit."""
+    wanted = set(job.key) | ({job.prompt_column} if job.prompt_column else set(template_columns(job.prompt_template or "")))
+    names = ", ".join(quote_ident(c) for c in columns if c in wanted)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {rows_copy(job)} AS SELECT {names} FROM {job.relation.sql()}")
 
 
 def _staged_select(job: Job, source: str) -> str:
@@ -341,7 +346,7 @@ def _staged_select(job: Job, source: str) -> str:
 
 
 def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
-    """Pass 1: `bb_keys` (custom_id, rowid or key columns, hit) for every row, `bb_dups`, and
+    """Pass 1: `bb_keys` (custom_id, rowid, hit) for every row, `bb_dups`, and
     `bb_staged` for the rows that are not hits; `bb_hits` counts the hits that are up to date, and
     `bb_keys` is dropped. Returns the key column types.
 
@@ -352,25 +357,25 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
     """
     columns = relation_columns(con, job)
     _check_columns(job, columns)
-    rel = job.relation.sql()
-    names = ", ".join(quote_ident(k) for k in job.key)
+    if is_table(con, job):
+        release_rows(con, job)  # a copy left by an earlier plan of the job's view on this connection
+    else:
+        _copy_view_rows(con, job, columns)
+    rel = rows_source(con, job)
     known = {"job": job.name, "static_hash": job.static_hash, "hash_version": HASH_VERSION}
     usable = ("job = $job AND answered AND static_hash = $static_hash AND hash_version = $hash_version "
               "AND fingerprint IS NOT NULL")
     has_fingerprints = con.execute(f"SELECT count(*) > 0 FROM bb_state.key_inputs WHERE {usable}", known).fetchone()[0]
-    # A table's rows are found again by rowid (DuckDB then reads just those); a view's by key values.
-    by_rowid = is_table(con, job)
-    rowid = "s.rowid" if by_rowid else "NULL::BIGINT"
+    # Rows are found again by rowid: DuckDB then reads just those.
     if not has_fingerprints:
         con.execute("CREATE OR REPLACE TEMP TABLE bb_hits AS SELECT 0::BIGINT AS n")
         con.execute("CREATE OR REPLACE TEMP TABLE bb_staged AS "
-                    + _staged_select(job, f"(SELECT {rowid} AS bb_rowid, s.* FROM {rel} AS s)"))
+                    + _staged_select(job, f"(SELECT s.rowid AS bb_rowid, s.* FROM {rel} AS s)"))
         con.execute(
             "CREATE OR REPLACE TEMP TABLE bb_dups AS "
             "SELECT custom_id FROM bb_staged WHERE NOT key_null GROUP BY custom_id HAVING count(*) > 1"
         )
         return {k: columns[k] for k in job.key}
-    found_by = "s.rowid AS bb_rowid" if by_rowid else ", ".join(f"s.{quote_ident(k)}" for k in job.key)
     # Only the custom_id, what finds the row again, and a flag are kept; the prompt text is not.
     con.execute(
         f"""
@@ -381,7 +386,7 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
                          AND k.custom_id = s.custom_id AND k.fingerprint = s.fingerprint AND k.prompt_bytes = s.prompt_bytes) AS hit
         FROM (
             SELECT * EXCLUDE (bb_prompt), strlen(bb_prompt) AS prompt_bytes, {fingerprint_sql('bb_prompt')} AS fingerprint
-            FROM (SELECT {found_by}, {custom_id_sql(job)} AS custom_id, {prompt_sql(job)} AS bb_prompt FROM {rel} AS s)
+            FROM (SELECT s.rowid AS bb_rowid, {custom_id_sql(job)} AS custom_id, {prompt_sql(job)} AS bb_prompt FROM {rel} AS s)
         ) s
         """,
         known,
@@ -391,17 +396,8 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
         "SELECT custom_id FROM bb_keys WHERE custom_id IS NOT NULL GROUP BY custom_id HAVING count(*) > 1"
     )
     # Every row that is not a hit of a unique key: new or changed inputs, NULL and duplicate keys.
-    todo = "SELECT {} FROM bb_keys WHERE NOT hit OR custom_id IN (SELECT custom_id FROM bb_dups)"
-    if by_rowid:
-        source = (f"(SELECT s.rowid AS bb_rowid, s.* FROM {rel} AS s "
-                  f"SEMI JOIN ({todo.format('bb_rowid')}) m ON {_match_row(job, True, 'm')})")
-    else:  # NULL keys match no key value: they are read separately
-        any_null = " OR ".join(f"s.{quote_ident(k)} IS NULL" for k in job.key)
-        source = f"""(
-            SELECT NULL::BIGINT AS bb_rowid, s.* FROM {rel} AS s SEMI JOIN ({todo.format(names)}) m ON {_match_row(job, False, 'm')}
-            UNION ALL
-            SELECT NULL::BIGINT AS bb_rowid, s.* FROM {rel} AS s WHERE {any_null}
-        )"""
+    todo = "SELECT bb_rowid FROM bb_keys WHERE NOT hit OR custom_id IN (SELECT custom_id FROM bb_dups)"
+    source = f"(SELECT s.rowid AS bb_rowid, s.* FROM {rel} AS s SEMI JOIN ({todo}) m ON s.rowid = m.bb_rowid)"
     con.execute("CREATE OR REPLACE TEMP TABLE bb_staged AS " + _staged_select(job, source))
     # Hits are up to date, unless their key is duplicated (those rows were staged, and are classified).
     # Counted now so that `bb_keys`, a row per staged row, is dropped before `measure` and
@@ -479,7 +475,6 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, input_limi
     # own request as they are, so only the shared ones are aggregated: one aggregate of all the rows,
     # nine states per input, ran out of a 64MB limit at 1M rows on two threads, and took 1.25-1.4x as
     # long at 1M and 3M rows.
-    by_rowid = is_table(con, job)
     con.execute(
         "CREATE OR REPLACE TEMP TABLE bb_shared AS SELECT input_hash FROM bb_classified "
         "WHERE disposition = 'send' GROUP BY input_hash HAVING count(*) > 1"
@@ -488,7 +483,7 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, input_limi
         f"""
         CREATE OR REPLACE TEMP TABLE bb_send AS
         SELECT c.input_hash, c.custom_id AS request_custom_id, 1::BIGINT AS key_count, c.failures + 1 AS attempt,
-               c.prompt_bytes, c.prompt_chars, c.json_bytes, {_own_locator_sql(job, by_rowid)}
+               c.prompt_bytes, c.prompt_chars, c.json_bytes, c.bb_rowid
         FROM bb_classified c ANTI JOIN bb_shared d ON d.input_hash = c.input_hash
         WHERE c.disposition = 'send'
         UNION ALL BY NAME
@@ -499,7 +494,7 @@ def classify(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, input_limi
                max(prompt_bytes) AS prompt_bytes,
                max(prompt_chars) AS prompt_chars,
                max(json_bytes) AS json_bytes,
-               {_locator_sql(job, by_rowid)}
+               arg_min(bb_rowid, custom_id) AS bb_rowid
         FROM bb_classified c SEMI JOIN bb_shared d ON d.input_hash = c.input_hash
         WHERE disposition = 'send' GROUP BY input_hash
         """
@@ -532,14 +527,14 @@ def line_sql(job: Job, alias: str = "s", custom_id: str = "q.request_custom_id")
     )
 
 
-def _lines_query(job: Job, columns: str, by_rowid: bool, requests: str, alias: str) -> str:
-    """Rows of `requests` (a range of `bb_lines`, or the sample of them) joined back to the staging relation `s`
-    for their prompt text. Run under `joins_as_written`: the staging rows, prompts and all, stream past
-    a hash table of the (narrow) requests, never the other way round."""
+def _lines_query(source: str, columns: str, requests: str, alias: str) -> str:
+    """Rows of `requests` (a range of `bb_lines`, or the sample of them) joined back by rowid to the staging
+    rows `s` (`rows_source`) for their prompt text. Run under `joins_as_written`: the staging rows, prompts
+    and all, stream past a hash table of the (narrow) requests, never the other way round."""
     return f"""
         SELECT {columns}
-        FROM {job.relation.sql()} s
-        JOIN {requests} {alias} ON {_match_request(job, by_rowid, alias)}
+        FROM {source} s
+        JOIN {requests} {alias} ON s.rowid = {alias}.bb_rowid
     """
 
 
@@ -614,21 +609,20 @@ def _measure(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, cap: int) 
     # A line's size is its framing, its custom_id's JSON and its prompt's JSON (measured when the row
     # was staged): no line is built and the staging relation is not read again.
     #
-    # The rows are numbered in the staging relation's order (a table's rowid, a view's key values): each
-    # batch's COPY joins its rows back to the staging relation for their prompts, and a batch that is a
+    # The rows are numbered in rowid order (of the staging table, or of the copy of a view's rows): each
+    # batch's COPY joins its rows back to the staging rows for their prompts, and a batch that is a
     # narrow range of the table lets that join's filter skip the table's other row groups, where a batch
     # of rows scattered over the table reads all of it, once per batch (`bench_plan_scale.py --shuffled`,
     # staging rows stored in an order unrelated to their keys: 10.7 s to write 3M rows numbered in
     # custom_id order, 7.2 s in rowid order). The subquery sorts and the numbering streams behind it, in
     # about half the time of `row_number() OVER (ORDER BY ...)`. The order is for speed only: nothing
     # reads a batch's requests in any order.
-    order = "bb_rowid" if is_table(con, job) else "bb_key"
     con.execute(
         "CREATE OR REPLACE TEMP TABLE bb_lines AS "
-        "SELECT row_number() OVER () - 1 AS rn, request_custom_id, bb_rowid, bb_key, "
+        "SELECT row_number() OVER () - 1 AS rn, request_custom_id, bb_rowid, "
         "input_hash, attempt, key_count, prompt_chars, "
         f"{line_framing_bytes(job)} + strlen(CAST(to_json(request_custom_id) AS VARCHAR)) + json_bytes AS nbytes "
-        f"FROM (SELECT * FROM bb_send ORDER BY {order})"
+        "FROM (SELECT * FROM bb_send ORDER BY bb_rowid)"
     )
     con.execute("DROP TABLE bb_send")
     n, biggest, chars = con.execute(
@@ -687,7 +681,7 @@ def sample_lines(con: duckdb.DuckDBPyConnection, job: Job, size: int, strata: in
     )
     with joins_as_written(con):
         rows = con.execute(_lines_query(
-            job, f"q.stratum, q.input_hash, q.prompt_chars, {line_sql(job)} AS line", is_table(con, job), "bb_sample", "q"
+            rows_source(con, job), f"q.stratum, q.input_hash, q.prompt_chars, {line_sql(job)} AS line", "bb_sample", "q"
         )).fetchall()
     con.execute("DROP TABLE bb_sample")
     return Sample([(int(k), int(h), int(c), line) for k, h, c, line in rows], counts)
@@ -726,14 +720,14 @@ def write_requests(con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_
     instead of holding a batch (up to 256 MB of request text) in memory.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    by_rowid = is_table(con, job)
+    source = rows_source(con, job)
     # Writing lines is I/O, and each thread would buffer its own share; prompts stream (joins_as_written).
     with single_threaded(con), joins_as_written(con):
-        return _write_request_files(con, job, plan, out_dir, names, by_rowid)
+        return _write_request_files(con, job, plan, out_dir, names, source)
 
 
 def _write_request_files(
-    con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_dir: Path, names: list[str], by_rowid: bool
+    con: duckdb.DuckDBPyConnection, job: Job, plan: JobPlan, out_dir: Path, names: list[str], source: str
 ) -> list[Path]:
     paths = []
     for c, name in zip(plan.chunks, names):
@@ -741,7 +735,7 @@ def _write_request_files(
         con.execute(
             f"""
             COPY (
-                {_lines_query(job, f"{line_sql(job, custom_id='l.request_custom_id')} AS line", by_rowid,
+                {_lines_query(source, f"{line_sql(job, custom_id='l.request_custom_id')} AS line",
                               f"(SELECT * FROM bb_lines WHERE rn BETWEEN {int(c.first)} AND {int(c.last)})", "l")}
             ) TO {quote_literal(str(tmp))}
             (FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\x01')

@@ -43,8 +43,8 @@ from . import api, collect, lanes, state
 from .config import Settings
 from .errors import ApiAccountError, ApiRequestRejected, BudgetExceeded
 from .estimate import Counting, Estimate, StartedCount, calibration, estimate_job, input_tokens_sql, start_count
-from .export import (HASH_VERSION, InputLimit, JobPlan, WarehouseAccess, classify, key_json_sql, measure, stage,
-                     warehouse_attached, widest_prompts, write_requests)
+from .export import (HASH_VERSION, InputLimit, JobPlan, WarehouseAccess, classify, key_json_sql, measure,
+                     release_rows, stage, warehouse_attached, widest_prompts, write_requests)
 from .jobs import Job, quote_literal
 from .preflight import JobPreflight, cache_warning, check_jobs
 from .pricing import load_prices
@@ -258,6 +258,9 @@ def plan_jobs(
                             counts.close(wait=False)
                         if prepare is not None and written is not None:  # refused, or failed before its journal's COMMIT
                             prepare.abandon(con, written)
+                    # A view's copied rows (every prompt) are not needed once the request files are written;
+                    # after an error, closing the connection drops them.
+                    release_rows(con, job)
                     for warning in estimates[job.name].warnings:
                         progress.step(f"{job.name}: warning: {warning}")
                     warning = cache_warning(job, estimates[job.name])

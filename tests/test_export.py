@@ -91,6 +91,36 @@ def test_each_batch_is_a_run_of_consecutive_table_rows_whatever_the_key_order(tm
     assert len(runs) == len(plan.chunks) == 5 and sum(b - a + 1 for a, b in runs) == 120
 
 
+def test_a_view_is_read_once_so_its_request_files_carry_the_prompts_that_were_hashed(tmp_path):
+    # A view's query runs again at every read, and this one's prompts change each time (as a view over
+    # now() or random() does). The plan copies its rows once: the lines written are the ones whose input
+    # hashes were journalled, in batches cut from the same read.
+    meta = {"job": "items", "key": "id", "model": "claude-haiku-4-5", "max_tokens": 50, "prompt_column": "prompt",
+            "system": "Label it.", "max_bytes_per_batch": 2_000}
+    write_project(tmp_path, meta, materialized="view")
+    s = settings_for(tmp_path, None, BATCH_BRIDGE_COUNT_SAMPLE="0")
+    con = duckdb.connect(str(s.warehouse))
+    con.execute("CREATE OR REPLACE VIEW main.stg_items AS SELECT 'r' || lpad(i::VARCHAR, 4, '0') AS id, "
+                "'prompt ' || i || ' drawn ' || CAST(random() * 1e12 AS BIGINT) AS prompt FROM range(120) t(i)")
+    assert con.execute("SELECT count(*) FROM main.stg_items a JOIN main.stg_items b USING (id) "
+                       "WHERE a.prompt <> b.prompt").fetchone()[0] > 0  # two reads differ
+    con.close()
+    job = bridge.load_jobs(s)[0]
+    report = submit.prepare_submissions(s, [job])
+    assert report.plans[0].send_requests == 120 and len(report.plans[0].chunks) > 2
+    lines = [json.loads(x) for f in sorted(s.requests_dir.glob("*.jsonl")) for x in f.read_text().splitlines()]
+    assert len(lines) == 120
+    with state.connect(s) as con:
+        con.execute("CREATE TEMP TABLE written AS SELECT unnest($ids) AS custom_id, unnest($prompts) AS prompt",
+                    {"ids": [x["custom_id"] for x in lines],
+                     "prompts": [x["params"]["messages"][-1]["content"] for x in lines]})
+        mismatched = con.execute(
+            "SELECT count(*) FROM written w JOIN bb_state.sent_requests r ON r.request_custom_id = w.custom_id "
+            "WHERE r.input_hash <> md5_number(? || w.prompt)", [job.static_hash]).fetchone()[0]
+        journalled = con.execute("SELECT count(*) FROM bb_state.sent_requests").fetchone()[0]
+    assert journalled == 120 and mismatched == 0
+
+
 def test_count_cut_by_the_queue_limit_matches_the_sizes_written(tmp_path):
     s, plan, prompts = prepared(tmp_path, "table", 120, BATCH_BRIDGE_MAX_QUEUED_REQUESTS="25")
     assert [c.requests for c in plan.chunks] == [25, 25, 25, 25, 20]
