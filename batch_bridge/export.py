@@ -310,19 +310,21 @@ def release_rows(con: duckdb.DuckDBPyConnection, job: Job) -> None:
     con.execute(f"DROP TABLE IF EXISTS temp.main.{rows_copy(job)}")
 
 
-def _copy_view_rows(con: duckdb.DuckDBPyConnection, job: Job, columns: dict[str, str]) -> None:
-    """A view's key and prompt columns copied into a temp table, read once.
+def _copy_view_rows(con: duckdb.DuckDBPyConnection, job: Job, columns: dict[str, str], where: str = "") -> str:
+    """The rows of a job's view (those `where`, over the view as `s`, selects) copied into a temp table,
+    key and prompt columns only; returns the copy's name.
 
     A view has no rowid, so its rows could only be found again by key values, in a scan of the whole
-    view per statement: its query ran again to stage, to re-read the changed rows, and once per batch
-    written, and a batch's keys, a range in key order, are spread over all of a view whose rows are not
-    stored in key order (3M rows in 31 batches: 22.6 s of request files against 8.8 s for the same rows as
-    a table, quadratic in rows). Read once, every later step reads the copy by rowid like a table, and
-    what was hashed is what is written even when the view's query is not deterministic. The copy spills to
-    the bridge's temp directory beyond the plan's memory limit."""
+    view per statement, and a batch's keys (a range in key order) are spread over all of a view whose
+    rows are not stored in key order: the request files, one such scan per batch, were quadratic in rows
+    (3M rows in 31 batches: 22.6 s against 8.8 s for the same rows as a table). The rows `stage` hashes
+    are copied as they are read, and every later step reads the copy by rowid, as it reads a table; what
+    was hashed is then what is written, even when the view's query is not deterministic. The copy spills
+    to the bridge's temp directory beyond the plan's memory limit."""
     wanted = set(job.key) | ({job.prompt_column} if job.prompt_column else set(template_columns(job.prompt_template or "")))
-    names = ", ".join(quote_ident(c) for c in columns if c in wanted)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {rows_copy(job)} AS SELECT {names} FROM {job.relation.sql()}")
+    names = ", ".join(f"s.{quote_ident(c)}" for c in columns if c in wanted)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {rows_copy(job)} AS SELECT {names} FROM {job.relation.sql()} AS s {where}")
+    return rows_copy(job)
 
 
 def _staged_select(job: Job, source: str) -> str:
@@ -357,26 +359,29 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
     """
     columns = relation_columns(con, job)
     _check_columns(job, columns)
-    if is_table(con, job):
-        release_rows(con, job)  # a copy left by an earlier plan of the job's view on this connection
-    else:
-        _copy_view_rows(con, job, columns)
-    rel = rows_source(con, job)
+    release_rows(con, job)  # a copy left by an earlier plan of the job on this connection
+    view = not is_table(con, job)
+    rel = job.relation.sql()
+    names = ", ".join(quote_ident(k) for k in job.key)
     known = {"job": job.name, "static_hash": job.static_hash, "hash_version": HASH_VERSION}
     usable = ("job = $job AND answered AND static_hash = $static_hash AND hash_version = $hash_version "
               "AND fingerprint IS NOT NULL")
     has_fingerprints = con.execute(f"SELECT count(*) > 0 FROM bb_state.key_inputs WHERE {usable}", known).fetchone()[0]
-    # Rows are found again by rowid: DuckDB then reads just those.
+    # Rows are found again by rowid (DuckDB then reads just those): a table's, or those of the copy of
+    # the view's rows staged.
     if not has_fingerprints:
+        source = _copy_view_rows(con, job, columns) if view else rel
         con.execute("CREATE OR REPLACE TEMP TABLE bb_hits AS SELECT 0::BIGINT AS n")
         con.execute("CREATE OR REPLACE TEMP TABLE bb_staged AS "
-                    + _staged_select(job, f"(SELECT s.rowid AS bb_rowid, s.* FROM {rel} AS s)"))
+                    + _staged_select(job, f"(SELECT s.rowid AS bb_rowid, s.* FROM {source} AS s)"))
         con.execute(
             "CREATE OR REPLACE TEMP TABLE bb_dups AS "
             "SELECT custom_id FROM bb_staged WHERE NOT key_null GROUP BY custom_id HAVING count(*) > 1"
         )
         return {k: columns[k] for k in job.key}
-    # Only the custom_id, what finds the row again, and a flag are kept; the prompt text is not.
+    # Only the custom_id, what finds the row again (a view's: its key values), and a flag are kept; the
+    # prompt text is not.
+    found_by = ", ".join(f"s.{quote_ident(k)}" for k in job.key) if view else "s.rowid AS bb_rowid"
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE bb_keys AS
@@ -386,7 +391,7 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
                          AND k.custom_id = s.custom_id AND k.fingerprint = s.fingerprint AND k.prompt_bytes = s.prompt_bytes) AS hit
         FROM (
             SELECT * EXCLUDE (bb_prompt), strlen(bb_prompt) AS prompt_bytes, {fingerprint_sql('bb_prompt')} AS fingerprint
-            FROM (SELECT s.rowid AS bb_rowid, {custom_id_sql(job)} AS custom_id, {prompt_sql(job)} AS bb_prompt FROM {rel} AS s)
+            FROM (SELECT {found_by}, {custom_id_sql(job)} AS custom_id, {prompt_sql(job)} AS bb_prompt FROM {rel} AS s)
         ) s
         """,
         known,
@@ -396,8 +401,16 @@ def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
         "SELECT custom_id FROM bb_keys WHERE custom_id IS NOT NULL GROUP BY custom_id HAVING count(*) > 1"
     )
     # Every row that is not a hit of a unique key: new or changed inputs, NULL and duplicate keys.
-    todo = "SELECT bb_rowid FROM bb_keys WHERE NOT hit OR custom_id IN (SELECT custom_id FROM bb_dups)"
-    source = f"(SELECT s.rowid AS bb_rowid, s.* FROM {rel} AS s SEMI JOIN ({todo}) m ON s.rowid = m.bb_rowid)"
+    todo = "SELECT {} FROM bb_keys WHERE NOT hit OR custom_id IN (SELECT custom_id FROM bb_dups)"
+    if view:  # read again by key values (NULL keys match none: read apart), as the copy
+        match = " AND ".join(f"s.{quote_ident(k)} = m.{quote_ident(k)}" for k in job.key)
+        any_null = " OR ".join(f"s.{quote_ident(k)} IS NULL" for k in job.key)
+        copy = _copy_view_rows(con, job, columns,
+                               f"WHERE EXISTS (SELECT 1 FROM ({todo.format(names)}) m WHERE {match}) OR {any_null}")
+        source = f"(SELECT s.rowid AS bb_rowid, s.* FROM {copy} AS s)"
+    else:
+        source = (f"(SELECT s.rowid AS bb_rowid, s.* FROM {rel} AS s "
+                  f"SEMI JOIN ({todo.format('bb_rowid')}) m ON s.rowid = m.bb_rowid)")
     con.execute("CREATE OR REPLACE TEMP TABLE bb_staged AS " + _staged_select(job, source))
     # Hits are up to date, unless their key is duplicated (those rows were staged, and are classified).
     # Counted now so that `bb_keys`, a row per staged row, is dropped before `measure` and
