@@ -1,15 +1,16 @@
 """Staging rows -> what to send: custom_ids, input hashes, dispositions and request files, all set-wise.
 
 Four steps, none of which holds prompt text for every row in memory:
-1. `stage`: read the staging relation (warehouse ATTACHed read-only; a view's key and prompt columns
-   are first copied into a temp table, read once, so that every step finds a row by rowid). A first scan takes each row's
+1. `stage`: read the staging relation (warehouse ATTACHed read-only). A first scan takes each row's
    custom_id and a cheap 64-bit fingerprint of its prompt, and looks the pair up in `key_inputs`:
    a key whose prompt is unchanged since its input was answered is up to date without hashing its
-   prompt again. A second read (by rowid, so DuckDB reads just those rows) builds the
+   prompt again. A second read (a table's by rowid, so DuckDB reads just those rows) builds the
    narrow temp table `bb_staged` only for the other rows (changed or new keys, NULL or duplicate
    keys): key columns, custom_id, input_hash (md5_number of the static request part and the
    prompt), prompt size (also as JSON, which is what its request line will carry) and emptiness.
-   No prompt text, and no key JSON (built later, only for rows whose key is stored).
+   No prompt text, and no key JSON (built later, only for rows whose key is stored). A view's rows
+   have no rowid: those read again (by key values) are copied into a temp table, whose rowids the
+   later steps use.
 2. `classify`: join those rows with `input_outcomes` (what the answers so far say of each input) and
    the submissions in flight to give each row one disposition (send, up_to_date, in_flight, or a
    reason for not sending it).
@@ -348,7 +349,7 @@ def _staged_select(job: Job, source: str) -> str:
 
 
 def stage(con: duckdb.DuckDBPyConnection, job: Job) -> dict[str, str]:
-    """Pass 1: `bb_keys` (custom_id, rowid, hit) for every row, `bb_dups`, and
+    """Pass 1: `bb_keys` (custom_id, rowid or a view's key values, hit) for every row, `bb_dups`, and
     `bb_staged` for the rows that are not hits; `bb_hits` counts the hits that are up to date, and
     `bb_keys` is dropped. Returns the key column types.
 

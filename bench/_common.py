@@ -244,6 +244,18 @@ def make_project(root: Path, n: int, base_url: str | None, *, prompt_chars: int 
     return s
 
 
+def staging_as_view(s) -> None:
+    """The staging table renamed and a view of the old name over it (dbt's default materialization)."""
+    import duckdb
+
+    con = duckdb.connect(str(s.warehouse))
+    try:
+        con.execute("ALTER TABLE main.stg_items RENAME TO stg_items_rows")
+        con.execute("CREATE VIEW main.stg_items AS SELECT * FROM main.stg_items_rows")
+    finally:
+        con.close()
+
+
 def cli_env(root: Path, base_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "BATCH_BRIDGE_", "DBT_"))}
     env.update({

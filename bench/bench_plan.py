@@ -33,9 +33,7 @@ import statistics
 import time
 from collections import defaultdict
 
-import duckdb
-
-from _common import machine, make_project, workdir
+from _common import machine, make_project, staging_as_view, workdir
 
 
 def main() -> None:
@@ -75,10 +73,7 @@ def main() -> None:
         extra = {"BATCH_BRIDGE_MEMORY_LIMIT": args.memory_limit} if args.memory_limit else {}
         s = make_project(root, args.rows, None, prompt_chars=args.prompt_chars, **extra)
         if args.view:  # the rows stay in a table of another name
-            wh = duckdb.connect(str(s.warehouse))
-            wh.execute("ALTER TABLE main.stg_items RENAME TO stg_items_rows")
-            wh.execute("CREATE VIEW main.stg_items AS SELECT * FROM main.stg_items_rows")
-            wh.close()
+            staging_as_view(s)
         jobs = bridge.load_jobs(s)
         job = jobs[0]
         t_wh = time.perf_counter() - t

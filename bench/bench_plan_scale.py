@@ -28,9 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-import duckdb
-
-from _common import PY, machine, make_project, rows_sql, workdir
+from _common import PY, machine, make_project, rows_sql, staging_as_view, workdir
 from helpers import load_staging
 
 STEPS = ("stage", "classify", "measure", "estimate_job", "write_requests", "snapshot_key_versions", "journal")
@@ -119,10 +117,7 @@ def main() -> None:
             if args.shuffled:
                 load_staging(s, f"SELECT * FROM ({rows_sql(n, args.prompt_chars)}) ORDER BY hash(id)")
             if args.view:  # the rows stay in a table of another name, in the order above
-                con = duckdb.connect(str(s.warehouse))
-                con.execute("ALTER TABLE main.stg_items RENAME TO stg_items_rows")
-                con.execute("CREATE VIEW main.stg_items AS SELECT * FROM main.stg_items_rows")
-                con.close()
+                staging_as_view(s)
             done = subprocess.run([PY, __file__, "--child", str(root), str(root / "home")],
                                   capture_output=True, text=True, env={**os.environ})
             if done.returncode:
