@@ -234,8 +234,9 @@ def test_duplicate_keys_among_unchanged_rows_are_still_rejected(project):
 
 
 def test_a_view_as_staging_model_plans_the_same_as_a_table(tmp_path, emulator):
-    """A view has no rowid: its staged rows are found again by key values (NULL keys separately), a
-    request shared by keys with the same input by the values of the first of them."""
+    """A view has no rowid: the rows a plan stages again are found by key values (NULL keys separately)
+    and copied, and request lines are built from the copy by its rowids, a request shared by keys with
+    the same input from the first of them."""
     sql = ("SELECT * FROM (VALUES ('a', 'one'), (NULL, 'no key'), ('d', 'dup 1'), ('d', 'dup 2'), "
            "('e', '   '), ('g', 'good'), ('h', 'fine'), ('i', 'fine')) v(id, prompt)")
     write_project(tmp_path, job_meta(), sql=sql, materialized="view")
