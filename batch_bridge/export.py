@@ -173,10 +173,15 @@ def read_through(source: duckdb.DuckDBPyConnection) -> WarehouseAccess:
     return copied
 
 
+def _row_columns(job: Job) -> set[str]:
+    """The staging columns a plan reads: the key columns and the prompt column or template's columns."""
+    return set(job.key) | ({job.prompt_column} if job.prompt_column else set(template_columns(job.prompt_template or "")))
+
+
 def _copy_relation(source: duckdb.DuckDBPyConnection, con: duckdb.DuckDBPyConnection, job: Job) -> None:
     columns = relation_columns(source, job)
     _check_columns(job, columns)
-    wanted = set(job.key) | ({job.prompt_column} if job.prompt_column else set(template_columns(job.prompt_template or "")))
+    wanted = _row_columns(job)
     keep = [(c, t) for c, t in columns.items() if c in wanted]
     rel = job.relation
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(rel.database)}.{quote_ident(rel.schema)}")
@@ -322,7 +327,7 @@ def _copy_view_rows(con: duckdb.DuckDBPyConnection, job: Job, columns: dict[str,
     are copied as they are read, and every later step reads the copy by rowid, as it reads a table; what
     was hashed is then what is written, even when the view's query is not deterministic. The copy spills
     to the bridge's temp directory beyond the plan's memory limit."""
-    wanted = set(job.key) | ({job.prompt_column} if job.prompt_column else set(template_columns(job.prompt_template or "")))
+    wanted = _row_columns(job)
     names = ", ".join(f"s.{quote_ident(c)}" for c in columns if c in wanted)
     con.execute(f"CREATE OR REPLACE TEMP TABLE {rows_copy(job)} AS SELECT {names} FROM {job.relation.sql()} AS s {where}")
     return rows_copy(job)
