@@ -8,6 +8,7 @@ and that the strata the token-count sample is picked from follow prompt length."
 from __future__ import annotations
 
 import json
+import re
 
 import duckdb
 import pytest
@@ -153,3 +154,31 @@ def test_strata_follow_prompt_length_and_cut_a_shared_length_evenly():
         assert len(picks) == 10 and all(lo <= rn // 2 <= hi for rn in picks)
     # The picks are the same on a second pass (a second plan counts nothing new).
     assert sorted(export.strata_of_lines(con, 20_000, 10, 10)) == varied
+
+
+@pytest.mark.parametrize("typ, values", [
+    ("TINYINT", [-128, 0, 127]),
+    ("BIGINT", [-(2**63), -1, 0, 2**63 - 1]),
+    ("HUGEINT", [-(2**127), 2**127 - 1]),
+    ("UBIGINT", [0, 2**64 - 1]),
+    ("UHUGEINT", [2**128 - 1]),
+    ("UUID", ["00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff"]),
+])
+def test_integer_and_uuid_keys_are_their_own_custom_ids_at_every_extreme(tmp_path, typ, values):
+    # These types' texts are taken as custom_ids without matching the pattern per row
+    # (export.VALID_AS_TEXT_TYPES): each extreme value must still give a valid id that is its own text.
+    meta = {"job": "items", "key": "id", "model": "claude-haiku-4-5", "max_tokens": 50, "prompt_column": "prompt",
+            "system": "Label it."}
+    write_project(tmp_path, meta)
+    s = settings_for(tmp_path, None, BATCH_BRIDGE_COUNT_SAMPLE="0")
+    con = duckdb.connect(str(s.warehouse))
+    con.execute(f'CREATE OR REPLACE TABLE main."stg_items" (id {typ}, prompt VARCHAR)')
+    con.execute("INSERT INTO main.stg_items SELECT unnest($v)::" + typ + ", 'prompt ' || unnest($v)::VARCHAR",
+                {"v": [str(v) for v in values]})
+    assert con.execute("SELECT typeof(id) FROM main.stg_items LIMIT 1").fetchone()[0] == typ
+    con.close()
+    report = submit.prepare_submissions(s, bridge.load_jobs(s))
+    assert report.plans[0].send_requests == len(values)
+    ids = [json.loads(x)["custom_id"] for f in s.requests_dir.glob("*.jsonl") for x in f.read_text().splitlines()]
+    assert sorted(ids) == sorted(str(v) for v in values)
+    assert all(re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", i) for i in ids), ids
