@@ -591,7 +591,15 @@ def _load_slices(
             state.rollback(con)
             piece.unlink(missing_ok=True)
             if state.is_out_of_memory(e):
-                raise  # the file is fine: the command says which setting to raise
+                # What a slice needs beyond its width is the answers' checks: an output_schema's JSON
+                # functions hold copies of the answers they parse (100,000 answers of ~800 bytes with a
+                # 400-character field ran out of 96 MiB; 12,000 of ~1.6 KB needed more than 128MB and
+                # loaded at 256MB). The same slice again, with twice the limit (`room_for_loading`
+                # restores it after the batch); past the cap, or under a limit the user set, the
+                # command says which setting to raise.
+                if state.grow_room(con, settings):
+                    continue
+                raise
             _reject_bad_file(con, [batch])
             raise ResultsError(f"job {job_name!r}: the result files could not be read: {e}") from e
         piece.unlink(missing_ok=True)

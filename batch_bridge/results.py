@@ -517,8 +517,10 @@ def _publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, fault
     )
     _write(con, history_sql(con, job, []), parts / "_schema.parquet")  # the job's columns may have changed
     # One COPY per part: a COPY partitioned by batch held a row group per open part (11 parts of a 1M-row
-    # run: 88 MB of buffers), and per batch is faster too (BENCHMARKS.md).
+    # run: 88 MB of buffers), and per batch is faster too (BENCHMARKS.md). A part's typed columns are
+    # parsed from the answers' JSON, which holds copies of each vector of answers beyond their width:
+    # run again with more room when that runs out (each part is rewritten whole).
     for b in todo:
-        _write(con, history_sql(con, job, [b]), parts / f"{b}.parquet")
+        grown_until_it_fits(con, settings, lambda b=b: _write(con, history_sql(con, job, [b]), parts / f"{b}.parquet"))
     shutil.rmtree(parts / ".incoming", ignore_errors=True)  # left by a partitioned COPY of older versions
     return out / CURRENT

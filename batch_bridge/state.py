@@ -623,6 +623,20 @@ def grown_until_it_fits(con: duckdb.DuckDBPyConnection, settings: Settings, step
             limit = min(2 * limit, ROOM_CAP_BYTES)
 
 
+def grow_room(con: duckdb.DuckDBPyConnection, settings: Settings) -> bool:
+    """Double the memory_limit, up to ROOM_CAP_BYTES, for statements that ran out of it and will run
+    again from the start; only inside a context that restores the limit (`room_for_loading`). False
+    when it cannot grow: a limit the user set (a cap), or the cap reached."""
+    if settings.memory_limit_set:
+        return False
+    (current,) = con.execute("SELECT current_setting('memory_limit')").fetchone()
+    limit = size_bytes(current)
+    if limit >= ROOM_CAP_BYTES:
+        return False
+    con.execute(f"SET memory_limit = '{min(2 * limit, ROOM_CAP_BYTES) // 2**20}MiB'")
+    return True
+
+
 @contextmanager
 def _room(con: duckdb.DuckDBPyConnection, limit: int) -> Iterator[None]:
     with _setting(con, "memory_limit", f"'{limit // 2**20}MiB'"):

@@ -40,8 +40,8 @@ SCHEMA = {
     "type": "object",
     "properties": {
         "sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]},
-        "topics": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
-        "score": {"type": "integer", "minimum": 1, "maximum": 5},
+        "topics": {"type": "array", "items": {"type": "string"}, "description": "at most 3"},
+        "score": {"type": "integer", "enum": [1, 2, 3, 4, 5]},
     },
     "required": ["sentiment", "topics", "score"],
     "additionalProperties": False,

@@ -330,6 +330,51 @@ def test_long_answers_get_room_by_default_but_a_limit_the_user_set_is_a_cap(tmp_
     assert not s.state_path.with_name(s.state_path.name + ".wal").exists()
 
 
+SUMMARY_SCHEMA = {
+    "type": "object",
+    "properties": {"sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]},
+                   "topics": {"type": "array", "items": {"type": "string"}}, "summary": {"type": "string"}},
+    "required": ["sentiment", "topics", "summary"], "additionalProperties": False,
+}
+
+
+def _summary_answer(params, custom_id=None):
+    """An answer that fits SUMMARY_SCHEMA with a 1,200-character summary (a line of ~1.6 KB); its usage
+    given, so the emulator need not tokenize it."""
+    text = json.dumps({"sentiment": "positive", "topics": ["price", "quality"],
+                       "summary": (f"{custom_id} " + "a careful summary of the review " * 40)[:1200]})
+    return {"content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 20, "output_tokens": 300}}
+
+
+def test_answers_whose_schema_checks_need_more_than_the_load_limit_load_by_default(tmp_path):
+    """An output_schema is checked in DuckDB's JSON functions, which hold copies of each vector of
+    answers: 12,000 answers of ~1.6 KB (below the width that gets room) need more than the load's own
+    limit for that. By default the slice that ran out runs again with more room and everything loads,
+    each answer checked; with the same limit set by the user it stays a cap, and nothing of the slice
+    that ran out is kept."""
+    rows = 12_000  # 19 MB of results: a first slice of 16 MiB
+    with run_emulator(EmulatorConfig(responder=_summary_answer)) as emu:
+        write_project(tmp_path, meta(output_schema=SUMMARY_SCHEMA, max_tokens=1000))
+        s = settings_for(tmp_path, emu.base_url)
+        load_staging(s, f"SELECT 'k' || i AS id, 'review number ' || i AS prompt FROM range({rows}) t(i)")
+        jobs, client = bridge.load_jobs(s), api.build_client(s)
+        bridge.submit(s, jobs, client)
+        bridge.wait(s, jobs, client, timeout=60)
+        capped = s.with_(memory_limit=f"{state.LOADING_BASE_BYTES // 2**20}MiB", memory_limit_set=True)
+        with pytest.raises(duckdb.Error) as e:
+            bridge.collect(capped, jobs, client)
+        assert state.is_out_of_memory(e.value), e.value
+        with state.connect(s) as con:  # the slice that ran out kept nothing
+            assert con.execute("SELECT count(*) FROM bb_state.responses").fetchone() == (0,)
+        report = bridge.collect(s, jobs, client)
+        client.close()
+    assert report.loaded == {"items": rows}
+    rows_out = current(s, "items")
+    assert len(rows_out) == rows and {r["status"] for r in rows_out} == {"succeeded"}
+    assert {r["sentiment"] for r in rows_out} == {"positive"}
+
+
 def _short_answer(params, custom_id=None):
     """A short answer, its usage given: the emulator need not tokenize the long prompt."""
     return {"content": [{"type": "text", "text": f"{custom_id}: fine"}], "stop_reason": "end_turn",
