@@ -412,14 +412,19 @@ def load_downloaded(
                 continue  # the job was removed from the project; its files stay until it returns
             total = sum((b[4] or 0) - (b[5] or 0) for b in job_batches)
             loaded[job_name] = 0
+            grown = 0  # the limit a batch of this job grew to (`_load_slices`): the next starts there
             with state.single_threaded(con):  # reading files is I/O: see single_threaded
                 for batch in job_batches:
                     def ticked(n: int) -> None:
                         loaded[job_name] += n
                         progress.tick("results loaded", loaded[job_name], total)
 
-                    with state.room_for_loading(con, settings, _line_bytes(batch), batch[4] or 0), state.one_checkpoint(con):
+                    with (state.room_for_loading(con, settings, _line_bytes(batch), batch[4] or 0, at_least=grown),
+                          state.one_checkpoint(con)):
+                        start = state.memory_limit(con)
                         ok = _load_batch(con, settings, job, batch, book, fault, progress, ticked)
+                        if state.memory_limit(con) > start:
+                            grown = state.memory_limit(con)
                     if not ok:
                         report.foreign.append(batch[0])
                         continue
@@ -595,9 +600,12 @@ def _load_slices(
                 # functions hold copies of the answers they parse (100,000 answers of ~800 bytes with a
                 # 400-character field ran out of 96 MiB; 12,000 of ~1.6 KB needed more than 128MB and
                 # loaded at 256MB). The same slice again, with twice the limit (`room_for_loading`
-                # restores it after the batch); past the cap, or under a limit the user set, the
-                # command says which setting to raise.
+                # restores it after the batch, and the job's next batch starts with it); past the cap,
+                # or under a limit the user set, the command says which setting to raise.
+                before = state.memory_limit(con)
                 if state.grow_room(con, settings):
+                    progress.step(f"job {job_name!r}, batch {batch_id}: a slice of its results needed more than "
+                                  f"{before // 2**20} MiB; loading it with {state.memory_limit(con) // 2**20} MiB")
                     continue
                 raise
             _reject_bad_file(con, [batch])

@@ -535,13 +535,21 @@ LOADING_BASE_BYTES = 96 * 2**20
 
 
 def room_for_loading(
-    con: duckdb.DuckDBPyConnection, settings: Settings, row_bytes: float, rows: int = VECTOR_ROWS
+    con: duckdb.DuckDBPyConnection, settings: Settings, row_bytes: float, rows: int = VECTOR_ROWS,
+    at_least: int = 0,
 ) -> ContextManager[None]:
     """Run the enclosed statements (a batch's load) under LOADING_BASE_BYTES plus the room `room_for_rows`
-    gives rows `row_bytes` wide, then checkpoint and restore the limit. A limit the user set is kept."""
+    gives rows `row_bytes` wide, or `at_least` (what an earlier batch of the job grew to, `grow_room`),
+    then checkpoint and restore the limit. A limit the user set is kept."""
     if settings.memory_limit_set:
         return nullcontext()
-    return _room(con, _rows_limit(settings, row_bytes, rows, LOADING_BASE_BYTES))
+    return _room(con, max(_rows_limit(settings, row_bytes, rows, LOADING_BASE_BYTES), at_least))
+
+
+def memory_limit(con: duckdb.DuckDBPyConnection) -> int:
+    """DuckDB's current memory_limit, in bytes."""
+    (current,) = con.execute("SELECT current_setting('memory_limit')").fetchone()
+    return size_bytes(current)
 
 
 def _rows_limit(settings: Settings, row_bytes: float, rows: int = VECTOR_ROWS, base: int | None = None) -> int:
@@ -629,8 +637,7 @@ def grow_room(con: duckdb.DuckDBPyConnection, settings: Settings) -> bool:
     when it cannot grow: a limit the user set (a cap), or the cap reached."""
     if settings.memory_limit_set:
         return False
-    (current,) = con.execute("SELECT current_setting('memory_limit')").fetchone()
-    limit = size_bytes(current)
+    limit = memory_limit(con)
     if limit >= ROOM_CAP_BYTES:
         return False
     con.execute(f"SET memory_limit = '{min(2 * limit, ROOM_CAP_BYTES) // 2**20}MiB'")

@@ -13,6 +13,7 @@ from batch_bridge import collect as collect_mod
 from batch_bridge.config import DEFAULT_MEMORY_LIMIT
 from batch_bridge.emulator import EmulatorConfig, run_emulator
 from batch_bridge.errors import BudgetExceeded
+from batch_bridge.progress import Recorder
 from helpers import current, load_staging, settings_for, write_project
 
 RICH_SCHEMA = {
@@ -348,14 +349,14 @@ def _summary_answer(params, custom_id=None):
 
 
 def test_answers_whose_schema_checks_need_more_than_the_load_limit_load_by_default(tmp_path):
-    """An output_schema is checked in DuckDB's JSON functions, which hold copies of each vector of
-    answers: 12,000 answers of ~1.6 KB (below the width that gets room) need more than the load's own
+    """An output_schema is checked in DuckDB's JSON functions, which hold copies of the answers they
+    parse: 12,000 answers of ~1.6 KB (below the width that gets room) need more than the load's own
     limit for that. By default the slice that ran out runs again with more room and everything loads,
-    each answer checked; with the same limit set by the user it stays a cap, and nothing of the slice
-    that ran out is kept."""
-    rows = 12_000  # 19 MB of results: a first slice of 16 MiB
+    each answer checked, and the job's next batch starts with that room; with the same limit set by
+    the user it stays a cap, and nothing of the slice that ran out is kept."""
+    rows = 24_000  # batches of 12,000, 11,999 and 1 answers: the large ones 19 MB, a first slice of 16 MiB
     with run_emulator(EmulatorConfig(responder=_summary_answer)) as emu:
-        write_project(tmp_path, meta(output_schema=SUMMARY_SCHEMA, max_tokens=1000))
+        write_project(tmp_path, meta(output_schema=SUMMARY_SCHEMA, max_tokens=1000, max_requests_per_batch=rows // 2))
         s = settings_for(tmp_path, emu.base_url)
         load_staging(s, f"SELECT 'k' || i AS id, 'review number ' || i AS prompt FROM range({rows}) t(i)")
         jobs, client = bridge.load_jobs(s), api.build_client(s)
@@ -365,11 +366,17 @@ def test_answers_whose_schema_checks_need_more_than_the_load_limit_load_by_defau
         with pytest.raises(duckdb.Error) as e:
             bridge.collect(capped, jobs, client)
         assert state.is_out_of_memory(e.value), e.value
-        with state.connect(s) as con:  # the slice that ran out kept nothing
-            assert con.execute("SELECT count(*) FROM bb_state.responses").fetchone() == (0,)
-        report = bridge.collect(s, jobs, client)
+        with state.connect(s) as con:  # the slice that ran out kept nothing of its batch
+            assert con.execute("SELECT count(*) FROM bb_state.responses JOIN bb_state.batches USING (batch_id) "
+                               "WHERE local_state = 'downloaded'").fetchone() == (0,)
+        steps = Recorder()
+        bridge.collect(s, jobs, client, progress=steps)
         client.close()
-    assert report.loaded == {"items": rows}
+    with state.connect(s) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT request_custom_id) FROM bb_state.responses").fetchone() == (rows, rows)
+    grew = [m for m in steps.steps if "a slice of its results needed more than" in m]
+    batches = {m.split("batch ")[1].split(":")[0] for m in grew}
+    assert grew and len(batches) == 1, grew  # the other large batch started with the room the first grew to
     rows_out = current(s, "items")
     assert len(rows_out) == rows and {r["status"] for r in rows_out} == {"succeeded"}
     assert {r["sentiment"] for r in rows_out} == {"positive"}
