@@ -619,8 +619,7 @@ def grown_until_it_fits(con: duckdb.DuckDBPyConnection, settings: Settings, step
     and the step would run again outside it. A limit the user set is a cap: `step` runs once, under it."""
     if settings.memory_limit_set:
         return step()
-    (current,) = con.execute("SELECT current_setting('memory_limit')").fetchone()
-    limit = size_bytes(current)
+    limit = memory_limit(con)
     while True:
         try:
             with _setting(con, "memory_limit", f"'{limit // 2**20}MiB'"):
