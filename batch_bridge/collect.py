@@ -423,8 +423,8 @@ def load_downloaded(
                           state.one_checkpoint(con)):
                         start = state.memory_limit(con)
                         ok = _load_batch(con, settings, job, batch, book, fault, progress, ticked)
-                        if state.memory_limit(con) > start:
-                            grown = state.memory_limit(con)
+                        end = state.memory_limit(con)
+                        grown = end if end > start else grown
                     if not ok:
                         report.foreign.append(batch[0])
                         continue
