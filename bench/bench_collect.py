@@ -20,14 +20,19 @@ Timed, side by side, in this one process (min and median of --repeat runs each):
   (c) SDK list     `list(client.messages.batches.results(batch_id))` with a fresh client: download + a
                    pydantic object per line; nothing written anywhere.
 
+With `--summary-chars N` the job's schema is SUMMARY_SCHEMA and every answer carries a summary of N
+characters (`bench/wide_answers.py`), to measure how the schema check's memory follows the answers'
+width: the lines below then say when a load slice needed more than its memory limit and ran again.
+
 Targets: bridge load <= 1.3x (b); (c) / bridge collect >= 4.
 
-    .venv/bin/python bench/bench_collect.py [--rows 100000] [--repeat 3] [--schema]
+    .venv/bin/python bench/bench_collect.py [--rows 100000] [--repeat 3] [--schema | --summary-chars N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -44,6 +49,17 @@ SCHEMA = {
         "score": {"type": "integer", "enum": [1, 2, 3, 4, 5]},
     },
     "required": ["sentiment", "topics", "score"],
+    "additionalProperties": False,
+}
+
+SUMMARY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]},
+        "topics": {"type": "array", "items": {"type": "string"}},
+        "summary": {"type": "string"},
+    },
+    "required": ["sentiment", "topics", "summary"],
     "additionalProperties": False,
 }
 
@@ -74,14 +90,22 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--prompt-chars", type=int, default=200)
     ap.add_argument("--schema", action="store_true", help="give the job an output_schema (adds JSON validation)")
+    ap.add_argument("--summary-chars", type=int, default=None,
+                    help="answers of SUMMARY_SCHEMA with a summary of this many characters (bench/wide_answers.py)")
     ap.add_argument("--slice-bytes", default=None, help="BATCH_BRIDGE_LOAD_SLICE_BYTES (default: the product's, 16MiB)")
     args = ap.parse_args()
+    schema = SUMMARY_SCHEMA if args.summary_chars else SCHEMA if args.schema else None
+    responder = []
+    if args.summary_chars:
+        os.environ["BENCH_SUMMARY_CHARS"] = str(args.summary_chars)  # read by the emulator's responder
+        responder = ["--responder", "bench.wide_answers:summary_answer"]
 
     from batch_bridge import api, bridge, collect, results, state
 
     print(machine())
-    with workdir() as root, emulator(latency=0) as emu:
-        meta = job_meta(max_tokens=200, **({"output_schema": SCHEMA} if args.schema else {}))
+    with workdir() as root, emulator(0, *responder) as emu:
+        meta = job_meta(max_tokens=200 if not args.summary_chars else 1000,
+                        **({"output_schema": schema} if schema else {}))
         extra = {"BATCH_BRIDGE_LOAD_SLICE_BYTES": args.slice_bytes} if args.slice_bytes else {}
         s = make_project(root, args.rows, emu.base_url, prompt_chars=args.prompt_chars, meta=meta, **extra)
         jobs = bridge.load_jobs(s)
@@ -112,12 +136,13 @@ def main() -> None:
                                 "WHERE batch_id = ?", [bid])
 
         by_name = {j.name: j for j in jobs}
-        collect_t, collect_dl = [], []
+        collect_t, collect_dl, grown = [], [], []
         for _ in range(args.repeat):
             reset("submitted")
             p = Stamps()
             t0 = time.perf_counter()
             r = bridge.collect(s, jobs, client, progress=p)
+            grown.append([m for _, m in p.events if "needed more than" in m])
             collect_t.append(time.perf_counter() - t0)
             collect_dl.append(p.last("batches downloaded") - t0)
             assert r.loaded == {"items": args.rows}, r.loaded
@@ -130,6 +155,7 @@ def main() -> None:
             p = Stamps()
             t0 = time.perf_counter()
             loaded = collect.load_downloaded(s, by_name, progress=p).loaded
+            grown.append([m for _, m in p.events if "needed more than" in m])
             t1 = time.perf_counter()
             with state.connect(s) as con:
                 for j in jobs:
@@ -175,7 +201,12 @@ def main() -> None:
             c.close()
 
     print(f"results file: {args.rows:,} lines, {size / 1e6:.1f} MB; repeat {args.repeat}; "
-          f"output_schema: {'yes' if args.schema else 'no'}")
+          f"output_schema: {'yes' if schema else 'no'}"
+          + (f", summaries of {args.summary_chars:,} characters" if args.summary_chars else ""))
+    for steps in sorted({tuple(g) for g in grown}):
+        runs = sum(tuple(g) == steps for g in grown)
+        print(f"  {runs} of {len(grown)} loads: " + ("; ".join(m.split(": ", 1)[-1] for m in steps)
+                                                     if steps else "within the load's own memory limit"))
     print(f"  bridge collect (HTTP download + load + publish) {stats(collect_t)}   (download part: median {statistics.median(collect_dl):.2f} s)")
     print(f"  bridge load_downloaded + publish                 {stats(load_t)}")
     print(f"     load_downloaded alone (read+extract+INSERT+COMMIT) {stats(load_ins)}; "

@@ -126,6 +126,58 @@ def test_answers_that_do_not_match_the_schema_are_parse_failed_with_raw_text(tmp
         assert p["rows_to_send"] == 3  # only when the job says so
 
 
+_GOOD = {"label": "a", "confidence": 0.5, "count": 3, "flagged": True, "tags": ["x"],
+         "detail": {"reason": "r", "score": 1}, "spans": [{"start": 0, "text": "t"}]}
+# Answers to RICH_SCHEMA (valid and broken in each way the check covers) and to a schema with an optional
+# and a nullable property; the k-th row is answered with the k-th.
+CHECKED_ANSWERS = {
+    "rich": [_GOOD, {**_GOOD, "label": "d"}, {**_GOOD, "confidence": "0.5"}, {**_GOOD, "confidence": 1},
+             {**_GOOD, "count": 3.5}, {**_GOOD, "count": True}, {**_GOOD, "flagged": "yes"}, {**_GOOD, "tags": [1]},
+             {**_GOOD, "tags": []}, {**_GOOD, "detail": {"reason": "r"}}, {**_GOOD, "detail": {"reason": "r", "score": 1, "x": 2}},
+             {**_GOOD, "detail": None}, {**_GOOD, "spans": [{"start": 0, "text": "t", "x": 1}]}, {**_GOOD, "spans": []},
+             {**_GOOD, "spans": [{"start": "0", "text": "t"}]}, {**_GOOD, "extra": 1}, {**_GOOD, "caf\u00e9": 1},
+             {k: v for k, v in _GOOD.items() if k != "tags"}, {**_GOOD, "label": None}, dict(reversed(_GOOD.items())),
+             [_GOOD], "a string", None],
+    "optional": [{"a": None}, {"a": "x", "b": 1}, {}, {"b": 1}, {"a": None, "b": None}, {"a": 1}, {"a": "x", "c": 1},
+                 {"a": "x", "b": "1"}],
+}
+OPTIONAL_SCHEMA = {"type": "object", "properties": {"a": {"type": ["string", "null"]}, "b": {"type": "integer"}},
+                   "required": ["a"], "additionalProperties": False}
+
+
+# After those, answers that no Python value writes: a property named twice is parse_failed.
+TWICE_NAMED = ['{"a": "x", "a": "y"}', '{"a": "x", "b": 1, "b": 2}']
+
+
+def _checked_answer(params, custom_id=None):
+    kind = params["messages"][-1]["content"].split()[0]
+    answers, i = CHECKED_ANSWERS[kind], int(custom_id[1:])
+    text = json.dumps(answers[i]) if i < len(answers) else TWICE_NAMED[i - len(answers)]
+    return {"content": [{"type": "text", "text": text}], "stop_reason": "end_turn"}
+
+
+@pytest.mark.parametrize("kind,schema", [("rich", RICH_SCHEMA), ("optional", OPTIONAL_SCHEMA)])
+def test_the_loads_schema_check_agrees_with_a_json_schema_validator(tmp_path, kind, schema):
+    """Each answer is loaded as succeeded exactly when the `jsonschema` package finds it valid (the
+    check parses a whole answer once into its values, and checks each value alone); an answer that
+    names a property twice is parse_failed."""
+    import jsonschema
+
+    answers = CHECKED_ANSWERS[kind]
+    with run_emulator(EmulatorConfig(responder=_checked_answer)) as emu:
+        write_project(tmp_path, meta(output_schema=schema))
+        s = settings_for(tmp_path, emu.base_url)
+        n = len(answers) + len(TWICE_NAMED)
+        load_staging(s, f"SELECT 'k' || i AS id, '{kind} answer ' || i AS prompt FROM range({n}) t(i)")
+        run(s)
+    got = {r["id"]: r["status"] for r in current(s, "items")}
+    expected = {f"k{i}": "succeeded" if jsonschema.Draft202012Validator(schema).is_valid(a) else "parse_failed"
+                for i, a in enumerate(answers)}
+    expected.update({f"k{i}": "parse_failed" for i in range(len(answers), n)})
+    assert got == expected
+    assert 2 <= list(expected.values()).count("succeeded") < len(answers) - 4  # both verdicts are exercised
+
+
 def test_forced_tool_output(tmp_path, emulator):
     tool = {"name": "record_label", "description": "Record the label of a text.",
             "input_schema": {"type": "object", "properties": {"label": {"type": "string", "enum": ["x", "y"]},
