@@ -40,7 +40,7 @@ from . import api, state
 from .config import Settings
 from .errors import ApiAccountError, ApiError, ResultsError
 from .jobs import Job, quote_literal
-from .outputs import checked_columns
+from .outputs import valid_sql
 from .pricing import PriceBook, cost_sql, load_prices, price_sql
 from .progress import Progress, Silent
 
@@ -307,14 +307,10 @@ def _extract_sql(job: Job, path: str, batch_id: str, submission_id: str, max_lin
     schema = job.answer_schema
     if schema is not None:
         output_json = "CASE WHEN json_valid(x0.output_text) THEN json(x0.output_text) END"
-        # The answer is parsed once in x2's columns and checked over them in x (see checked_columns).
-        columns, check = checked_columns(schema, "output_json")
-        answers, checked = "x1", f""",
-        x2 AS (SELECT *, {columns} FROM x1),
-        x AS (SELECT *, coalesce(output_json IS NOT NULL AND {check}, false) AS answer_ok FROM x2)"""
-        status = "CASE WHEN x.type = 'succeeded' AND NOT x.answer_ok THEN 'parse_failed' ELSE x.type END"
+        ok = valid_sql(schema, "x.output_json")
+        status = f"CASE WHEN x.type = 'succeeded' AND NOT coalesce(x.output_json IS NOT NULL AND {ok}, false) THEN 'parse_failed' ELSE x.type END"
     else:
-        output_json, answers, checked = "NULL::JSON", "x", ""
+        output_json = "NULL::JSON"
         status = "x.type"
     sub = quote_literal(submission_id)
     return f"""
@@ -327,7 +323,7 @@ def _extract_sql(job: Job, path: str, batch_id: str, submission_id: str, max_lin
         x0 AS (
             SELECT raw.*, CASE WHEN type = 'succeeded' THEN {output_text} END AS output_text FROM raw
         ),
-        {answers} AS (SELECT *, {output_json} AS output_json FROM x0){checked}
+        x AS (SELECT *, {output_json} AS output_json FROM x0)
         SELECT x.batch_id, x.custom_id AS request_custom_id, sr.input_hash, sr.attempt,
                {status} AS status,
                x.output_text, x.output_json,

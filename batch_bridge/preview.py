@@ -4,7 +4,7 @@
 A preview sends a handful of rows (by default the longest, the shortest and a typical prompt; or the
 keys asked for) with exactly the body their batch line would carry (`export.params_sql`), and shows
 the request, the raw answer, the typed columns the results would get (or why parsing failed,
-checked by the same SQL as a load: `outputs.checked_columns`, `field_structures`), tokens and cost at
+checked by the same SQL as a load: `outputs.valid_sql`, `field_structures`), tokens and cost at
 standard prices. It records nothing that changes what `sync` sends and writes nothing to the
 results source: rows are read from the warehouse into temp tables, answers stay in memory.
 """
@@ -23,7 +23,7 @@ from .errors import ApiAuthError, ApiError, ConfigError
 from .estimate import calibration, fixed_tokens, tokens
 from .export import custom_id_sql, empty_prompt_sql, key_json_sql, params_sql, prompt_sql, warehouse_attached
 from .jobs import Job, quote_ident, quote_literal
-from .outputs import checked_columns, field_structures
+from .outputs import field_structures, valid_sql
 from .preflight import check_jobs
 from .pricing import load_prices
 
@@ -256,10 +256,9 @@ def _fill(con: duckdb.DuckDBPyConnection, job: Job, r: PreviewRow, message: Any,
         return
     fields = field_structures(schema)
     typed = (f", json_transform(j, {quote_literal(json.dumps(fields))}) AS typed" if fields else ", NULL AS typed")
-    columns, check = checked_columns(schema, "j")
     ok, valid, value = con.execute(
-        f"SELECT j IS NOT NULL, coalesce(j IS NOT NULL AND {check}, false){typed} "
-        f"FROM (SELECT *, {columns} FROM (SELECT CASE WHEN json_valid($t) THEN json($t) END AS j))", {"t": r.answer},
+        f"SELECT j IS NOT NULL, coalesce(j IS NOT NULL AND {valid_sql(schema, 'j')}, false){typed} "
+        "FROM (SELECT CASE WHEN json_valid($t) THEN json($t) END AS j)", {"t": r.answer},
     ).fetchone()
     if not ok:
         r.parse_error = "the answer is not JSON" + (f" (stop_reason {r.stop_reason})" if r.stop_reason == "max_tokens" else "")

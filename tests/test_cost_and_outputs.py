@@ -8,7 +8,7 @@ from importlib import resources
 import duckdb
 import pytest
 
-from batch_bridge import api, bridge, state
+from batch_bridge import api, bridge, outputs, state
 from batch_bridge import collect as collect_mod
 from batch_bridge.config import DEFAULT_MEMORY_LIMIT
 from batch_bridge.emulator import EmulatorConfig, run_emulator
@@ -159,8 +159,8 @@ def _checked_answer(params, custom_id=None):
 @pytest.mark.parametrize("kind,schema", [("rich", RICH_SCHEMA), ("optional", OPTIONAL_SCHEMA)])
 def test_the_loads_schema_check_agrees_with_a_json_schema_validator(tmp_path, kind, schema):
     """Each answer is loaded as succeeded exactly when the `jsonschema` package finds it valid (the
-    check parses a whole answer once into its values, and checks each value alone); an answer that
-    names a property twice is parse_failed."""
+    check parses each object once into its properties' values, and checks each value alone, at every
+    depth); an answer that names a property twice is parse_failed."""
     import jsonschema
 
     answers = CHECKED_ANSWERS[kind]
@@ -176,6 +176,42 @@ def test_the_loads_schema_check_agrees_with_a_json_schema_validator(tmp_path, ki
     expected.update({f"k{i}": "parse_failed" for i in range(len(answers), n)})
     assert got == expected
     assert 2 <= list(expected.values()).count("succeeded") < len(answers) - 4  # both verdicts are exercised
+
+
+NESTED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "a": {"type": "array", "items": {"type": "array", "items": {
+            "type": "object",
+            "properties": {"p": {"type": ["integer", "null"]},
+                           "q": {"type": "object", "properties": {"r": {"type": "string", "enum": ["x", "y"]}},
+                                 "required": ["r"], "additionalProperties": False}},
+            "required": ["p"], "additionalProperties": False}}},
+        "b": {"type": ["object", "null"], "properties": {"c": {"type": "boolean"}}, "additionalProperties": False},
+        "we'ird \"key\"": {"type": "number"},
+    },
+    "required": ["a"], "additionalProperties": False,
+}
+NESTED_ANSWERS = [
+    {"a": []}, {"a": [[{"p": 1}]]}, {"a": [[{"p": None, "q": {"r": "x"}}]]}, {"a": [[{"p": 1, "q": {"r": "z"}}]]},
+    {"a": [[{"p": 1, "q": {}}]]}, {"a": [[{"q": {"r": "x"}}]]}, {"a": [[{"p": 1.5}]]}, {"a": [[{"p": 1, "z": 0}]]},
+    {"a": [[1]]}, {"a": [{"p": 1}]}, {"a": [], "b": None}, {"a": [], "b": {"c": True}}, {"a": [], "b": {"c": 1}},
+    {"a": [], "b": {"d": 1}}, {"a": [], "we'ird \"key\"": 2.5}, {"a": [], "we'ird \"key\"": "2"}, {}, {"b": None},
+]
+
+
+def test_nested_objects_are_checked_as_a_json_schema_validator_checks_them():
+    """Objects in arrays in arrays, nullable objects and quoted property names: the check (each object
+    parsed once, bound to a lambda's parameter at every depth) gives the `jsonschema` package's verdicts."""
+    import jsonschema
+
+    check = outputs.valid_sql(NESTED_SCHEMA, "j")
+    con = duckdb.connect()
+    got = [con.execute(f"SELECT coalesce({check}, false) FROM (SELECT json($t) AS j)", {"t": json.dumps(a)}).fetchone()[0]
+           for a in NESTED_ANSWERS]
+    expected = [jsonschema.Draft202012Validator(NESTED_SCHEMA).is_valid(a) for a in NESTED_ANSWERS]
+    assert got == expected
+    assert 4 <= sum(expected) <= len(expected) - 4  # both verdicts are exercised
 
 
 def test_forced_tool_output(tmp_path, emulator):
