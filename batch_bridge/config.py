@@ -52,7 +52,7 @@ ENV_LOAD_SLICE = "BATCH_BRIDGE_LOAD_SLICE_BYTES"
 # loaded in one transaction made the peak of a run grow with its batches. 16 MiB loads 100,000 answers
 # (78 MB) in 5 slices, 2-10% slower than 32 MiB slices (each slice costs a commit and a pass over the
 # batch's sent requests), and a 50,000-answer run's load peaks ~19 MB lower. Measured in
-# BENCHMARKS.md (Collect, End to end).
+# docs/PERFORMANCE.md (Collect).
 DEFAULT_LOAD_SLICE_BYTES = 16 * 2**20
 # The API's cap on a workspace's requests in the processing queue at Tier 1 (200,000 at Tier 2): creates
 # beyond it answer 429, so the bridge keeps its own batches within it.

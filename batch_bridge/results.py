@@ -362,7 +362,7 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
             if changed == 0:
                 return  # nothing new since the marks (so the marks are those of now)
             # Merging costs time per changed key, the full rewrite per key: at 1M keys, 10% changed merged in
-            # 4 s (BENCHMARKS.md), 40% in 14 s (measured once on that state), all written in 10 s: below an
+            # 4-8 s (bench_publish.py), 40% in 14 s (measured once on that state), all written in 10 s: below an
             # eighth, merging is the faster.
             merge = 8 * changed < keys
     try:
@@ -377,7 +377,7 @@ def _publish_current(con: duckdb.DuckDBPyConnection, settings: Settings, job: Jo
             row_bytes = _answer_bytes(con, job)
             for b in range(want):
                 # A pass per bucket, its keys picked: it holds ~1/`want` of the picks (all 1M picks at once
-                # held 70 MB, BENCHMARKS.md). Past the cap (~625,000 keys a bucket at 10M) the bucket is
+                # held 70 MB, docs/PERFORMANCE.md). Past the cap (~625,000 keys a bucket at 10M) the bucket is
                 # written in parts (`_part_ranges`), each a file of its own, so a write's hash table holds
                 # at most ~`publish_bucket_rows` picks: in one file, its 625,000 picks took 76-77 MB above
                 # the RSS before the write (with room for them beyond the limit for streaming), in parts
@@ -517,9 +517,9 @@ def _publish(con: duckdb.DuckDBPyConnection, settings: Settings, job: Job, fault
     )
     _write(con, history_sql(con, job, []), parts / "_schema.parquet")  # the job's columns may have changed
     # One COPY per part: a COPY partitioned by batch held a row group per open part (11 parts of a 1M-row
-    # run: 88 MB of buffers), and per batch is faster too (BENCHMARKS.md). A part's typed columns are
-    # parsed from the answers' JSON, which holds copies of each vector of answers beyond their width:
-    # run again with more room when that runs out (each part is rewritten whole).
+    # run: 88 MB of buffers), and per batch is faster too (docs/DESIGN.md, Results source). A part's
+    # typed columns are parsed from the answers' JSON, which holds copies of each vector of answers
+    # beyond their width: run again with more room when that runs out (each part is rewritten whole).
     for b in todo:
         grown_until_it_fits(con, settings, lambda b=b: _write(con, history_sql(con, job, [b]), parts / f"{b}.parquet"))
     shutil.rmtree(parts / ".incoming", ignore_errors=True)  # left by a partitioned COPY of older versions

@@ -503,7 +503,7 @@ def single_threaded(con: duckdb.DuckDBPyConnection) -> ContextManager[None]:
 # DuckDB's vector: the rows each operator of a statement holds at once while streaming.
 VECTOR_ROWS = 2048
 # Vectors of wide rows a streaming statement holds outside what DuckDB can spill: the vector read, its
-# extracted or encoded copies, the writer's buffer. Measured (BENCHMARKS.md): at 64MB, 100,000 answers of
+# extracted or encoded copies, the writer's buffer. Measured: at 64MB, 100,000 answers of
 # 6 KB failed to load (and passed at 96MB) and 2,000 of 20 KB failed at 112MB; at 128MB, 2,000 of 60 KB.
 WIDE_ROW_VECTORS = 4
 # The default limit was measured with rows up to this wide (100,000 answers of 6 KB load within 128MB):
