@@ -598,8 +598,8 @@ def _load_slices(
             if state.is_out_of_memory(e):
                 # What a slice needs beyond its width is the answers' checks: an output_schema's JSON
                 # functions hold copies of the answers they parse (100,000 answers of ~800 bytes with a
-                # 400-character field ran out of 96 MiB; 12,000 of ~1.6 KB needed more than 128MB and
-                # loaded at 256MB). The same slice again, with twice the limit (`room_for_loading`
+                # 400-character field ran out of 96 MiB; 12,000 of ~1.6 KB need 128-144 MiB and load at
+                # 192 MiB). The same slice again, with twice the limit (`room_for_loading`
                 # restores it after the batch, and the job's next batch starts with it); past the cap,
                 # or under a limit the user set, the command says which setting to raise.
                 before = state.memory_limit(con)
