@@ -616,13 +616,20 @@ def sources(project_dir, profiles_dir, target, jobs, write_path, source_name):
 
     from . import sources as src
 
-    settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
     if not write_path:
+        settings, job_list = _setup(project_dir, profiles_dir, target, jobs)
         click.echo(src.render(settings, job_list, source_name), nl=False)
         return
+    from .bridge import load_jobs
+
+    settings = _settings(project_dir, profiles_dir, target)
     path = Path(write_path).resolve()
     if not path.is_relative_to(settings.project_dir):
         click.echo(f"warning: {path} is outside the dbt project {settings.project_dir}; dbt will not read it", err=True)
+    job_list, declared = src.jobs_parsed_for_writing(settings, path, source_name, lambda: load_jobs(settings, jobs))
+    for table in sorted(set(declared) - {j.name for j in job_list}):
+        click.echo(f"warning: a model reads source('{source_name}', '{table}'), and no job is named {table!r}; "
+                   "dbt will not parse the project until one is, or the model reads another table", err=True)
     changed = src.write(settings, job_list, path, source_name)
     click.echo(f"{'wrote' if changed else 'unchanged:'} source {source_name!r} with {len(job_list)} table(s) in {path}",
                err=True)

@@ -157,15 +157,38 @@ def _find_project_dir(start: Path) -> Path | None:
     return None
 
 
-def _find_profiles_dir(project_dir: Path, cwd: Path, home: Path) -> Path:
-    # dbt's own order (the working directory, then ~/.dbt), with the project folder and this
-    # repository's ../profiles before ~/.dbt.
-    places = [cwd, project_dir, project_dir.parent / "profiles", home / ".dbt"]
-    for d in places:
-        if (d / "profiles.yml").is_file():
+def _profile_name(project_dir: Path) -> object:
+    try:
+        project = yaml.safe_load((project_dir / "dbt_project.yml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return project.get("profile") if isinstance(project, dict) else None
+
+
+def _defines(profiles_dir: Path, name: object) -> bool:
+    try:
+        profiles = yaml.safe_load((profiles_dir / "profiles.yml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return True  # read_profile_target says what is wrong with it
+    return not isinstance(profiles, dict) or name in profiles
+
+
+def _find_profiles_dir(project_dir: Path, cwd: Path, root: Path, home: Path) -> Path:
+    """dbt's own order: the directory dbt runs in (the working directory, or `root` when the bridge
+    runs elsewhere), then ~/.dbt. The first of them with a profiles.yml is the one dbt reads, unless it
+    lacks the project's profile (then dbt fails, and the bridge may look on). After them, places dbt
+    never looks, used only when none of dbt's has the profile (this repository's ../profiles), so
+    the bridge never reads another profile than dbt would."""
+    name = _profile_name(project_dir)
+    places = list(dict.fromkeys([cwd, root, home / ".dbt", project_dir, project_dir.parent / "profiles"]))
+    found = [d for d in places if (d / "profiles.yml").is_file()]
+    for d in found:
+        if _defines(d, name):
             return d
+    if found:
+        return found[0]  # read_profile_target names the profiles it has
     raise ConfigError(
-        f"no profiles.yml found in {', '.join(str(p) for p in dict.fromkeys(places))}",
+        f"no profiles.yml found in {', '.join(str(p) for p in places)}",
         hint="pass --profiles-dir or set DBT_PROFILES_DIR",
     )
 
@@ -356,15 +379,16 @@ def resolve(
         pdir = found.resolve()
     if profiles_dir is None and env.get(ENV_PROFILES_DIR):
         profiles_dir = env[ENV_PROFILES_DIR]
-    user_home = Path(env["HOME"]) if env.get("HOME") else Path.home()
-    prdir = Path(profiles_dir).expanduser().resolve() if profiles_dir else _find_profiles_dir(pdir, cwd, user_home)
-    if not (prdir / "profiles.yml").is_file():
-        raise ConfigError(f"--profiles-dir {prdir}: no profiles.yml there")
-    target = target or env.get(ENV_TARGET) or None
     if env.get(ENV_ROOT):
         paths = _Paths(Path(env[ENV_ROOT]).expanduser().resolve(), True, cwd, pdir)
     else:
         paths = _Paths(pdir, cwd == pdir, cwd, pdir)
+    user_home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    prdir = (Path(profiles_dir).expanduser().resolve() if profiles_dir
+             else _find_profiles_dir(pdir, cwd, paths.root, user_home))
+    if not (prdir / "profiles.yml").is_file():
+        raise ConfigError(f"--profiles-dir {prdir}: no profiles.yml there")
+    target = target or env.get(ENV_TARGET) or None
 
     target_name, out = read_profile_target(prdir, pdir, target, env)
     where = f"the `path` of target {target_name!r} in {prdir / 'profiles.yml'}"

@@ -41,13 +41,19 @@ _PROJECT_FILES = ("dbt_project.yml", "packages.yml", "dependencies.yml", "packag
 
 @contextmanager
 def _environment(settings: Settings) -> Iterator[None]:
-    """Export the absolute paths dbt must agree on, and keep dbt quiet about telemetry."""
+    """Export the absolute paths dbt must agree on, keep dbt quiet about telemetry, and run it in the
+    directory dbt runs in (`settings.root`): dbt-duckdb opens a relative `path` (and `attach:` paths)
+    against the working directory, which is where the bridge resolved them, not where it was started
+    from when BATCH_BRIDGE_ROOT names another folder."""
     new = {**settings.dbt_env(), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
     old = {k: os.environ.get(k) for k in new}
     os.environ.update(new)
+    started_in = os.getcwd()
+    os.chdir(settings.root)
     try:
         yield
     finally:
+        os.chdir(started_in)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

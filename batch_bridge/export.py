@@ -122,7 +122,8 @@ def warehouse_attached(
     location = settings.database_location(catalog)
     if isinstance(location, Path) and not location.exists():
         raise WarehouseError(
-            f"the warehouse {location} does not exist",
+            f"the warehouse {location} does not exist (target {settings.target!r} of "
+            f"{settings.profiles_dir / 'profiles.yml'}, or BATCH_BRIDGE_WAREHOUSE when set)",
             hint="run `dbt build` (or `batch-bridge pipeline`) first, or set BATCH_BRIDGE_WAREHOUSE",
         )
     if catalog in {r[0] for r in con.execute("SELECT database_name FROM duckdb_databases()").fetchall()}:

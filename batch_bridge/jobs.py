@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from .errors import JobDefinitionError
+from .errors import ConfigError, JobDefinitionError
 
 JOB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 MAX_REQUESTS_PER_BATCH = 100_000
@@ -234,6 +234,14 @@ def parse_job(node: dict[str, Any]) -> Job | None:
             raise JobDefinitionError(name, k, raw[k], f"one of {', '.join(FIELDS)}", hint=_suggest(k, list(FIELDS)))
     if raw.get("enabled") is False:
         return None
+    if (node.get("config") or {}).get("materialized") == "ephemeral":
+        # dbt inlines an ephemeral model into its dependents and builds nothing: the bridge would read
+        # nothing, or a table or view an earlier materialization left behind.
+        raise ConfigError(
+            f"job {name!r}: its model {model_name!r} is materialized as 'ephemeral', so dbt builds no relation "
+            "the bridge can read",
+            hint=f"materialize {model_name!r} as a table or a view (config: materialized: table)",
+        )
 
     key = raw.get("key")
     keys = (key,) if isinstance(key, str) else tuple(key) if isinstance(key, list) else ()
@@ -405,6 +413,8 @@ def _check_output_names(job: str, fld: str, schema: dict[str, Any], keys: tuple[
             raise JobDefinitionError(
                 job, f"{fld}.properties.{prop}", prop,
                 f"a name that is not a key column nor one of the bridge's columns ({', '.join(RESERVED_COLUMNS)})",
+                hint=f"rename the property in the schema (and in `required`), e.g. to {prop + '_value'!r}; "
+                     "the answer's column takes the property's name",
             )
 
 

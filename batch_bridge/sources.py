@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import duckdb
 import yaml
@@ -137,7 +138,8 @@ def home_default(settings: Settings) -> str:
     return settings.home.as_posix()
 
 
-def source_yaml(settings: Settings, jobs: list[Job], name: str = DEFAULT_SOURCE) -> dict[str, Any]:
+def source_yaml(settings: Settings, jobs: list[Job], name: str = DEFAULT_SOURCE, pending: Sequence[str] = ()
+                ) -> dict[str, Any]:
     home = home_default(settings).replace("'", "")
     # The whole meta is one Jinja expression, so that the same YAML serves both ways of running: in a
     # target with the batch_bridge dbt-duckdb plugin the plugin resolves the tables (README, "Only
@@ -155,17 +157,17 @@ def source_yaml(settings: Settings, jobs: list[Job], name: str = DEFAULT_SOURCE)
             "freshness": FRESHNESS,
             "meta": meta,
         },
-        "tables": [table_yaml(settings, j) for j in jobs],
+        "tables": [table_yaml(settings, j) for j in jobs] + [{"name": t, "description": PENDING} for t in pending],
     }
 
 
-def render(settings: Settings, jobs: list[Job], name: str = DEFAULT_SOURCE) -> str:
+def render(settings: Settings, jobs: list[Job], name: str = DEFAULT_SOURCE, pending: Sequence[str] = ()) -> str:
     """The whole YAML document: `version: 2` and the source in its marked block."""
-    return "version: 2\n\nsources:\n" + _block(settings, jobs, name, "  ")
+    return "version: 2\n\nsources:\n" + _block(settings, jobs, name, "  ", pending)
 
 
-def _block(settings: Settings, jobs: list[Job], name: str, indent: str) -> str:
-    body = yaml.safe_dump([source_yaml(settings, jobs, name)], sort_keys=False, width=10_000, allow_unicode=True)
+def _block(settings: Settings, jobs: list[Job], name: str, indent: str, pending: Sequence[str] = ()) -> str:
+    body = yaml.safe_dump([source_yaml(settings, jobs, name, pending)], sort_keys=False, width=10_000, allow_unicode=True)
     lines = [indent + BEGIN, *(indent + line if line else line for line in body.splitlines()), indent + END]
     return "\n".join(lines) + "\n"
 
@@ -180,10 +182,12 @@ def _sources_of(text: str, path: Path) -> list[Any]:
     return list(doc.get("sources") or [])
 
 
-def write(settings: Settings, jobs: list[Job], path: Path, name: str = DEFAULT_SOURCE) -> bool:
-    """Write the source into `path`, replacing only the marked block; True when the file changed."""
+def write(settings: Settings, jobs: list[Job], path: Path, name: str = DEFAULT_SOURCE, pending: Sequence[str] = ()
+          ) -> bool:
+    """Write the source into `path`, replacing only the marked block; True when the file changed.
+    `pending`: tables declared by name alone (`jobs_parsed_for_writing`)."""
     if not path.exists() or not path.read_text().strip():
-        new = render(settings, jobs, name)
+        new = render(settings, jobs, name, pending)
         old = None
     else:
         old = path.read_text()
@@ -193,17 +197,17 @@ def write(settings: Settings, jobs: list[Job], path: Path, name: str = DEFAULT_S
         before = [s for s in _sources_of(old, path) if not (isinstance(s, dict) and s.get("name") == name)]
         if len(begin) == 1 and len(end) == 1 and begin[0] < end[0]:
             indent = lines[begin[0]][: len(lines[begin[0]]) - len(lines[begin[0]].lstrip())]
-            new = "".join(lines[: begin[0]]) + _block(settings, jobs, name, indent) + "".join(lines[end[0] + 1:])
+            new = "".join(lines[: begin[0]]) + _block(settings, jobs, name, indent, pending) + "".join(lines[end[0] + 1:])
         elif begin or end:
             raise ConfigError(f"{path}: the batch-bridge markers are damaged ({len(begin)} begin, {len(end)} end line(s))",
                               hint=f"remove the lines from `{BEGIN[:20]}...` to `{END}` and run the command again")
         elif _only_this_source(old, path, name):  # a hand-written file of this source alone: taken over
-            new = render(settings, jobs, name)
+            new = render(settings, jobs, name, pending)
         elif any(isinstance(s, dict) and s.get("name") == name for s in _sources_of(old, path)):
             raise ConfigError(f"{path} already declares a source {name!r} that batch-bridge did not write",
                               hint="remove it (the generated one replaces it), or pass --source-name to use another name")
         else:
-            new = _insert(old, settings, jobs, name)
+            new = _insert(old, settings, jobs, name, pending)
         if [s for s in _sources_of(new, path) if not (isinstance(s, dict) and s.get("name") == name)] != before:
             raise ConfigError(f"{path}: could not add the source without changing the file's other sources",
                               hint="write the sources to a file of their own, e.g. models/sources/batch_bridge.yml")
@@ -223,13 +227,52 @@ def _only_this_source(text: str, path: Path, name: str) -> bool:
     return set(doc) <= {"version", "sources"} and len(sources) == 1 and sources[0].get("name") == name
 
 
-def _insert(text: str, settings: Settings, jobs: list[Job], name: str) -> str:
+def _insert(text: str, settings: Settings, jobs: list[Job], name: str, pending: Sequence[str] = ()) -> str:
     """The block added to a file that has none: first in its `sources:` list, or a new `sources:` key."""
     lines = text.splitlines(keepends=True)
     at = next((i for i, line in enumerate(lines) if line.rstrip() == "sources:"), None)
     if at is None:
         sep = "" if text.endswith("\n") else "\n"
-        return text + sep + "\nsources:\n" + _block(settings, jobs, name, "  ")
+        return text + sep + "\nsources:\n" + _block(settings, jobs, name, "  ", pending)
     item = next((line for line in lines[at + 1:] if line.strip() and not line.lstrip().startswith("#")), "  -")
     indent = item[: len(item) - len(item.lstrip())] if item.lstrip().startswith("-") else "  "
-    return "".join(lines[: at + 1]) + _block(settings, jobs, name, indent) + "".join(lines[at + 1:])
+    return "".join(lines[: at + 1]) + _block(settings, jobs, name, indent, pending) + "".join(lines[at + 1:])
+
+
+# A table declared before its job's columns are known: the project does not parse without it.
+PENDING = "Declared by `batch-bridge sources --write` so that the project parses; the next run of it writes its columns."
+
+
+def _missing_tables(error: ConfigError, name: str) -> list[str]:
+    """Tables of source `name` that a model reads and no file declares, from dbt's parse error."""
+    return re.findall(rf"depends on a source named '{re.escape(name)}\.([A-Za-z0-9_]+)'", error.message)
+
+
+def jobs_parsed_for_writing(settings: Settings, path: Path, name: str, load: Callable[[], list[Job]]
+                            ) -> tuple[list[Job], list[str]]:
+    """The jobs (`load()`), also when the project does not parse yet because a model reads a table of
+    this source that `path` does not declare: a mart written before its job's source, as the job and
+    the mart are often added together. Those tables are declared in `path`'s block by name alone and
+    the project parsed again; the caller then writes the whole block over them. If it still does not
+    parse for that reason, the file is put back as it was and dbt's error stands. Returns the jobs and
+    the tables that had to be declared."""
+    before = path.read_text() if path.exists() else None
+    declared: list[str] = []
+    while True:
+        try:
+            return load(), declared
+        except ConfigError as e:
+            missing = [t for t in _missing_tables(e, name) if t not in declared]
+            if not missing:
+                if declared:
+                    _restore(path, before)
+                raise
+            declared += missing
+            write(settings, [], path, name, pending=declared)
+
+
+def _restore(path: Path, text: str | None) -> None:
+    if text is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(text)

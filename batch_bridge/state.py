@@ -42,7 +42,7 @@ from typing import Callable, ContextManager, Iterator, Literal, TypeVar
 import duckdb
 
 from .config import Settings, size_bytes
-from .errors import BatchBridgeError, InvalidStateTransition, StateError, StateLocked
+from .errors import BatchBridgeError, ConfigError, InvalidStateTransition, StateError, StateLocked
 
 T = TypeVar("T")
 
@@ -711,10 +711,46 @@ def wait_for_lock(
             delay = min(delay * 2, max_delay)
 
 
+# The name of the warehouse a home serves, in a plain file the user can read and correct.
+OWNER_FILE = "warehouse"
+
+
+def _warehouse_name(settings: Settings) -> str:
+    return settings.warehouse.name if isinstance(settings.warehouse, Path) else str(settings.warehouse)
+
+
+def claim_home(settings: Settings) -> None:
+    """Record which warehouse the home serves, or stop if it serves another one.
+
+    The default home is `.batch_bridge/` next to the warehouse, so two targets whose warehouse files
+    share a folder (dev.duckdb, ci.duckdb) would share one state and one results source, and each
+    would publish its answers over the other's. By file name, so a project folder moved or copied
+    whole keeps its home."""
+    marker = settings.home / OWNER_FILE
+    name = _warehouse_name(settings)
+    try:
+        recorded = marker.read_text().strip()
+    except FileNotFoundError:
+        recorded = ""
+    if not recorded:
+        marker.write_text(name + "\n")
+        return
+    if recorded != name:
+        raise ConfigError(
+            f"the bridge home {settings.home} holds the state and results of the warehouse {recorded!r}, and "
+            f"this command's warehouse is {name!r} (target {settings.target!r}): sharing one home, the two "
+            "would overwrite each other's answers",
+            hint=f"give each target its own home: set BATCH_BRIDGE_HOME for this target, for batch-bridge and "
+            f"for dbt alike (for example BATCH_BRIDGE_HOME=.batch_bridge_{settings.target or 'dev'}); if the "
+            f"warehouse was renamed and this home is its own, write {name!r} into {marker}",
+        )
+
+
 def _open(settings: Settings, *, sleep: Callable[[float], None], read_only: bool) -> duckdb.DuckDBPyConnection:
     """Open the state file (creating and migrating it), waiting out another process's lock."""
     settings.home.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.home, 0o700)
+    claim_home(settings)
     path = settings.state_path
 
     def open_state() -> duckdb.DuckDBPyConnection:

@@ -325,6 +325,14 @@ def report_preflight(plans: list[JobPlan], progress: Progress) -> None:
             progress.step(f"{p.job.name}: preflight could not check: {u}")
 
 
+def _usd(amount: float) -> str:
+    """A budget as given: cents when it has no more, else every digit (0.0001 is not $0.00)."""
+    if round(amount, 2) == amount:
+        return f"${amount:.2f}"
+    digits = f"{amount:.10f}".rstrip("0")
+    return "$" + (digits if not digits.endswith(".") else f"{amount:g}")
+
+
 def check_budget(job: Job, estimate: Estimate, max_cost: float | None) -> None:
     limits = [(v, n) for v, n in ((job.budget_usd, f"meta.batch_bridge.budget_usd of job {job.name!r}"),
                                   (max_cost, "--max-cost")) if v is not None]
@@ -332,7 +340,7 @@ def check_budget(job: Job, estimate: Estimate, max_cost: float | None) -> None:
         if estimate.lane_usd is None:
             raise BudgetExceeded(
                 f"job {job.name!r}: the cost of model {job.model!r} is unknown, so it cannot be held to "
-                f"{name} = ${limit:.2f}; nothing was sent",
+                f"{name} = {_usd(limit)}; nothing was sent",
                 hint="add the model to a price file (BATCH_BRIDGE_PRICES) or remove the budget",
             )
         if estimate.lane_usd > limit:
@@ -340,7 +348,7 @@ def check_budget(job: Job, estimate: Estimate, max_cost: float | None) -> None:
             raise BudgetExceeded(
                 f"job {job.name!r}: estimated cost ${estimate.lane_usd:.4f} for {estimate.requests:,} requests "
                 f"({lane}) "
-                f"exceeds {name} = ${limit:.2f}; nothing was sent",
+                f"exceeds {name} = {_usd(limit)}; nothing was sent",
                 hint="raise the budget, pass a larger --max-cost, or send fewer rows",
             )
 

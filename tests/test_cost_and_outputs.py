@@ -277,6 +277,16 @@ def test_unknown_model_price_is_unknown_not_zero(tmp_path, emulator):
     assert all(r["cost_usd"] is None for r in rows)
 
 
+def test_a_budget_below_a_cent_is_named_as_given(tmp_path, emulator):
+    s = setup(tmp_path, emulator.base_url, meta(budget_usd=0.0001), n=20)
+    client = api.build_client(s)
+    before = {b.id for b in client.messages.batches.list(limit=1000)}
+    with pytest.raises(BudgetExceeded) as e:
+        bridge.submit(s, bridge.load_jobs(s), client)
+    assert "budget_usd of job 'items' = $0.0001; nothing was sent" in e.value.message
+    assert {b.id for b in client.messages.batches.list(limit=1000)} == before
+
+
 def test_estimate_is_close_to_billed_cost_and_learns_from_history(tmp_path, emulator):
     s = setup(tmp_path, emulator.base_url, meta(output_schema={
         "type": "object", "properties": {"sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]},

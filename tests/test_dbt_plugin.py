@@ -190,7 +190,7 @@ def test_over_budget_fails_the_staging_node_naming_the_job_and_sends_nothing(tmp
     st = statuses(res)
     assert st["stg_items"][0] == "error"
     assert "job 'items': estimated cost $" in st["stg_items"][1]
-    assert "exceeds meta.batch_bridge.budget_usd of job 'items' = $0.00; nothing was sent" in st["stg_items"][1]
+    assert "exceeds meta.batch_bridge.budget_usd of job 'items' = $0.000001; nothing was sent" in st["stg_items"][1]
     assert st["mart"][0] == "skipped"
     assert emulator.counters()["create_posts"] == 0
     assert not list((tmp_path / ".batch_bridge" / "requests").glob("*.jsonl"))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from batch_bridge.errors import JobDefinitionError
+from batch_bridge.errors import ConfigError, JobDefinitionError
 from batch_bridge.jobs import PROMPT_SENTINEL, jobs_from_manifest, parse_job
 from batch_bridge.pricing import load_prices
 
@@ -71,6 +71,12 @@ def test_bad_fields_name_field_value_and_allowed(over, field, allowed):
     assert allowed in msg
 
 
+def test_a_reserved_output_name_is_refused_with_the_rename_to_make():
+    msg = error(output_schema={"type": "object", "properties": {"Status": {"type": "string"}}, "required": ["Status"]})
+    assert "meta.batch_bridge.output_schema.properties.Status = 'Status'" in msg
+    assert "hint: rename the property in the schema (and in `required`), e.g. to 'Status_value'" in msg
+
+
 def test_unknown_field_suggests_the_right_one_and_lists_all():
     msg = error(promt_column="prompt")
     assert "meta.batch_bridge.promt_column = 'prompt'" in msg
@@ -130,3 +136,14 @@ def test_a_key_named_like_a_result_column_is_refused_with_the_rename_to_make():
         parse_job(node({**BASE, "key": ["region", "Status"]}))
     assert e.value.field == "key" and e.value.value == ["region", "Status"]
     assert "select Status as Status_key" in str(e.value) and "'Status_key'" in str(e.value)
+
+
+def test_an_ephemeral_model_cannot_carry_a_job():
+    n = node(BASE, name="stg_eph")
+    n["config"]["materialized"] = "ephemeral"
+    with pytest.raises(ConfigError) as e:
+        parse_job(n)
+    assert "'stg_eph' is materialized as 'ephemeral'" in e.value.message
+    assert "materialized: table" in e.value.hint
+    n["config"]["materialized"] = "view"
+    assert parse_job(n).node == "model.p.stg_eph"

@@ -229,6 +229,75 @@ def test_a_relative_path_from_another_directory_is_refused_with_the_fix(world, m
     assert s.warehouse == world / "shop.duckdb"
 
 
+def test_the_profile_dbt_reads_comes_before_places_dbt_never_looks(tmp_path):
+    """dbt reads ./profiles.yml, else ~/.dbt: a ../profiles beside the project, which dbt never reads,
+    must not win over ~/.dbt, or the bridge would read another warehouse than dbt."""
+    shop = make_project(tmp_path / "shop", {})
+    home = tmp_path / "home"
+    (home / ".dbt").mkdir(parents=True)
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "profiles.yml").write_text(yaml.safe_dump(profile({"path": "stale.duckdb"})))
+    (home / ".dbt" / "profiles.yml").write_text(yaml.safe_dump(profile({"path": "shop.duckdb"})))
+    s = resolve(cwd=shop, env={"HOME": str(home)})
+    assert (s.profiles_dir, s.warehouse) == (home / ".dbt", shop / "shop.duckdb")
+    # A profiles.yml in the directory dbt runs in comes first, as in dbt.
+    (shop / "profiles.yml").write_text(yaml.safe_dump(profile({"path": "here.duckdb"})))
+    assert resolve(cwd=shop, env={"HOME": str(home)}).warehouse == shop / "here.duckdb"
+    # Where dbt's own places lack the project's profile (dbt itself would fail), ../profiles serves
+    # the bridge's own dbt runs, which pass it explicitly.
+    (shop / "profiles.yml").unlink()
+    (home / ".dbt" / "profiles.yml").write_text(yaml.safe_dump({"other_project": profile({})["shop"]}))
+    s = resolve(cwd=shop, env={"HOME": str(home)})
+    assert (s.profiles_dir, s.warehouse) == (tmp_path / "profiles", shop / "stale.duckdb")
+
+
+def test_dbt_run_by_the_bridge_runs_where_batch_bridge_root_says(world, monkeypatch):
+    """`batch-bridge dbt` (and `pipeline`) started in another folder, with BATCH_BRIDGE_ROOT naming the
+    folder dbt runs in: dbt opens the profile's relative path there, where the bridge reads it."""
+    shop = make_project(world / "shop", {})
+    (shop / "profiles.yml").write_text(yaml.safe_dump(profile({"path": "shop.duckdb"})))
+    elsewhere = world / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("BATCH_BRIDGE_ROOT", str(shop))
+    r = CliRunner().invoke(cli, ["dbt", "--project-dir", str(shop), "--profiles-dir", str(shop),
+                                 "build", "--select", "stg_items"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert duckdb_files(world) == {"shop/shop.duckdb"}
+    assert "stg_items" in tables(shop / "shop.duckdb")
+    assert Path.cwd() == elsewhere
+    out = CliRunner().invoke(cli, ["plan", "--json", "--project-dir", str(shop), "--profiles-dir", str(shop)])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["jobs"][0]["rows_to_send"] == ROWS
+
+
+def test_sources_write_works_when_a_mart_reads_the_source_before_it_exists(world, monkeypatch):
+    """A job and the mart that reads its answers added together: dbt cannot parse the project until the
+    source is declared, and the bridge (which parses the project to find the jobs) writes it anyway."""
+    shop = make_project(world / "shop", {})
+    (shop / "profiles.yml").write_text(yaml.safe_dump(profile({"path": "shop.duckdb"})))
+    (shop / "models" / "marts" / "items_labelled.sql").write_text(MART)
+    target = shop / "models" / "sources" / "batch_bridge.yml"
+    # Another reason not to parse, found once the source is declared: dbt's error, the file as it was.
+    (shop / "models" / "marts" / "broken.sql").write_text("select * from {{ ref('no_such_model') }}\n")
+    monkeypatch.chdir(shop)
+    r = CliRunner().invoke(cli, ["sources", "--write", str(target)])
+    assert r.exit_code == 2 and "no_such_model" in r.output, r.output
+    assert not target.exists()
+    (shop / "models" / "marts" / "broken.sql").write_text(
+        "select * from {{ source('batch_bridge', 'item_lables') }}\n")  # a typo: no such job
+    r = CliRunner().invoke(cli, ["sources", "--write", str(target)])
+    assert r.exit_code == 0, r.output
+    assert "source('batch_bridge', 'item_lables'), and no job is named 'item_lables'" in r.output
+    (table,) = yaml.safe_load(target.read_text())["sources"][0]["tables"]
+    assert table["name"] == "item_labels" and "item_id" in [c["name"] for c in table["columns"]]
+    (shop / "models" / "marts" / "broken.sql").unlink()
+    user_dbt(monkeypatch, shop, "build", "--select", "stg_items")
+    assert bridge(monkeypatch, shop, "run", "--json")["loaded"] == {"item_labels": ROWS}
+    user_dbt(monkeypatch, shop, "build", "--select", "items_labelled")
+    assert labelled(shop / "shop.duckdb") == (ROWS, ROWS)
+
+
 def test_profile_env_var_calls_render_as_jinja_renders_them():
     """Plain `env_var()` calls are rendered without jinja2; anything else goes through it. Either way the
     value is Jinja's own rendering of the profile string."""

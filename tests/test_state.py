@@ -8,6 +8,7 @@ import pytest
 
 from batch_bridge import api, bridge, state
 from batch_bridge.config import size_bytes
+from batch_bridge.errors import ConfigError
 from batch_bridge import collect as collect_mod
 from batch_bridge.purge import purge
 from helpers import current, load_staging, settings_for, write_project
@@ -301,3 +302,29 @@ def test_a_limit_the_user_set_is_never_raised_to_make_a_step_fit(tmp_path):
         state.grown_until_it_fits(con, s, step)
     assert len(calls) == 1
     assert size_bytes(con.execute("SELECT current_setting('memory_limit')").fetchone()[0]) == 16 * 2**20
+
+
+def test_one_home_serves_one_warehouse(tmp_path, emulator):
+    """Two targets whose warehouse files share a folder would share the default home (state and results
+    source) and publish over each other's answers: the second is stopped with the fix."""
+    write_project(tmp_path, job_meta())
+    dev = settings_for(tmp_path, emulator.base_url, BATCH_BRIDGE_WAREHOUSE=str(tmp_path / "dev.duckdb"))
+    ci = settings_for(tmp_path, emulator.base_url, BATCH_BRIDGE_WAREHOUSE=str(tmp_path / "ci.duckdb"))
+    assert dev.home == ci.home
+    with state.connect(dev):
+        pass
+    with pytest.raises(ConfigError) as e:
+        with state.connect(ci):
+            pass
+    assert "holds the state and results of the warehouse 'dev.duckdb'" in e.value.message
+    assert "warehouse is 'ci.duckdb'" in e.value.message and "BATCH_BRIDGE_HOME" in e.value.hint
+    # Its own home, as the hint says: both go on.
+    ci_own = settings_for(tmp_path, emulator.base_url, BATCH_BRIDGE_WAREHOUSE=str(tmp_path / "ci.duckdb"),
+                          BATCH_BRIDGE_HOME=str(tmp_path / ".batch_bridge_ci"))
+    for s in (dev, ci_own):
+        with state.connect(s) as con:
+            assert con.execute("SELECT 1").fetchone() == (1,)
+    # A warehouse renamed on purpose: the name written into the marker, as the hint says.
+    (dev.home / state.OWNER_FILE).write_text("ci.duckdb\n")
+    with state.connect(ci) as con:
+        assert con.execute("SELECT 1").fetchone() == (1,)
