@@ -12,6 +12,7 @@ SDK exceptions are translated to our hierarchy here and nowhere else; messages n
 from __future__ import annotations
 
 import email.utils
+import json
 import os
 import threading
 import time
@@ -359,6 +360,7 @@ def download_results(
     tmp = dest.with_name(dest.name + ".part")
     lines = 0
     last = b"\n"
+    tail = bytearray()  # the bytes after the last newline so far
     with translated(f"results of {batch.id}"):
         resp = client.get(
             batch.results_url,
@@ -373,11 +375,23 @@ def download_results(
         with open(fd, "wb") as f:
             for chunk in resp.iter_bytes(CHUNK):
                 f.write(chunk)
-                lines += chunk.count(b"\n")
+                n = chunk.count(b"\n")
+                lines += n
+                if n:
+                    tail[:] = chunk[chunk.rfind(b"\n") + 1:]
+                else:
+                    tail += chunk
                 last = chunk[-1:] or last
                 if on_bytes:
                     on_bytes(len(chunk))
-            if last != b"\n":  # a final line without a newline is complete JSON; count it
+            if last != b"\n":
+                # A final line without a newline counts if it is whole: a stream closed without a
+                # length, cut inside its last line, would otherwise pass the line count.
+                try:
+                    json.loads(tail)
+                except ValueError:
+                    raise ResultsError(f"results of {batch.id}: the download ended inside a line "
+                                       f"({len(tail):,} bytes after the last newline are not JSON)") from None
                 f.write(b"\n")
                 lines += 1
             f.flush()

@@ -235,8 +235,8 @@ def _wait(
             unconfirmed: list[str] = []  # young batches answering 404 (propagation delay): still in flight
             infos = collect_mod.refresh(client, settings, names, unconfirmed=unconfirmed)
             report.polls += 1
-            ended = [i for i in infos if i.processing_status == "ended"]
-            running = [i.id for i in infos if i.processing_status != "ended"] + unconfirmed
+            ended = [i for i in infos if collect_mod.results_ready(i)]
+            running = [i.id for i in infos if not collect_mod.results_ready(i)] + unconfirmed
             requests = sum(i.total for i in infos)
             progress.tick("batches ended", len(ended), len(infos) + len(unconfirmed))
             # Batches that ended made room in the queue: the next ones are created before these are
@@ -267,7 +267,7 @@ def _wait(
                     f"({requests:,} requests in them){waiting}",
                     hint="nothing is lost: run `batch-bridge collect` or `wait` again later",
                 )
-            young = young_batch_pause([i for i in infos if i.processing_status != "ended"], unconfirmed)
+            young = young_batch_pause([i for i in infos if not collect_mod.results_ready(i)], unconfirmed)
             # The interval counts from this poll's start: its own work (a status write, a download and
             # load) does not stretch the time between polls.
             pause = max(0.0, min(interval - (clock() - polled_at), young))

@@ -330,7 +330,7 @@ def submit(project_dir, profiles_dir, target, jobs, max_cost, lane, as_json):
         "jobs": [plan_to_json(p, report.estimates.get(p.job.name)) for p in report.plans],
     }
     _emit(data, as_json, lambda d: f"submitted {len(d['batches'])} batch(es)" + "".join(f"\n  {b}" for b in d["batches"])
-          + _sync_text(d))
+          + _undone_text(d) + _sync_text(d))
     _exit_if_rejected(report.rejected)
 
 
@@ -346,6 +346,17 @@ def _sync_lane(report) -> dict:
     """What the sync lane did, for --json: calls answered per job, runs ended, answers loaded."""
     return {"sync_lane": {"answered": report.sync.answered, "runs": report.sync.runs, "calls": report.sync.calls,
                           "loaded": report.sync_loaded}}
+
+
+def _undone_text(d: dict) -> str:
+    """The creates a submit left undone, in the text output (the JSON has them in `_create_outcomes`)."""
+    parts = [
+        (d["pending_reconciliation"], "create(s) of unknown outcome, looked for in `list` by the next runs "
+                                      "(adopted when found, sent again only after the reconcile grace)"),
+        (d["waiting_for_queue"], "batch(es) waiting for room in the processing queue (a later run creates them)"),
+        (d["held_for_same_count"], "batch(es) held back while a create of the same size is unresolved"),
+    ]
+    return "".join(f"\n{len(ids)} {what}" for ids, what in parts if ids)
 
 
 def _sync_text(d: dict) -> str:
@@ -411,7 +422,7 @@ def sync(project_dir, profiles_dir, target, jobs, max_cost, lane, as_json):
     data = {"collect": _collect_json(c), "submitted": s.batches, "adopted": s.adopted, **_create_outcomes(s),
             **_sync_lane(s)}
     _emit(data, as_json, lambda d: _collect_text(d["collect"]) + f"\nsubmitted {len(d['submitted'])} batch(es)"
-          + _sync_text(d))
+          + _undone_text(d) + _sync_text(d))
     _exit_if_rejected(s.rejected)
 
 
@@ -457,7 +468,8 @@ def run(project_dir, profiles_dir, target, jobs, max_cost, timeout, poll_interva
     data = {"submitted": s.batches, "adopted": s.adopted, "polls": w.polls, "loaded": w.collected,
             **_create_outcomes(s), **_sync_lane(s)}
     _emit(data, as_json, lambda d: f"submitted {len(d['submitted'])} batch(es); loaded "
-          + (", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new") + _sync_text(d))
+          + (", ".join(f"{k}: {v:,}" for k, v in d["loaded"].items()) or "nothing new") + _undone_text(d)
+          + _sync_text(d))
     _exit_if_rejected(s.rejected)
 
 

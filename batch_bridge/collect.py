@@ -89,6 +89,7 @@ class CollectReport:
     downloaded: list[str] = field(default_factory=list)
     loads: LoadReport = field(default_factory=LoadReport)
     lost: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)  # adopted batches gone before their answers (`state.give_up`)
     still_running: int = 0
 
     @property
@@ -96,8 +97,8 @@ class CollectReport:
         return self.loads.loaded
 
     @property
-    def foreign(self) -> list[str]:
-        return self.loads.foreign
+    def foreign(self) -> list[str]:  # adopted batches released: not ours, or gone before they showed ours
+        return self.loads.foreign + self.released
 
 
 def record_status(con: duckdb.DuckDBPyConnection, info: api.BatchInfo) -> None:
@@ -122,12 +123,14 @@ def open_batches(settings: Settings, jobs: list[str] | None) -> list[dict]:
 
 def refresh(
     client: anthropic.Anthropic, settings: Settings, jobs: list[str] | None = None, *,
-    lost: list[str] | None = None, unconfirmed: list[str] | None = None,
+    lost: list[str] | None = None, unconfirmed: list[str] | None = None, released: list[str] | None = None,
 ) -> list[api.BatchInfo]:
-    """Retrieve every batch not yet collected; record its status. Deleted batches are marked lost.
+    """Retrieve every batch not yet collected; record its status. Deleted batches are given up
+    (`state.give_up`).
 
-    Ids of batches marked lost are appended to `lost`; ids of young batches that answered 404 (the
-    API's propagation delay) to `unconfirmed`: they are still in flight."""
+    Ids of batches marked lost are appended to `lost`, of adopted ones released to `released`; ids of
+    young batches that answered 404 (the API's propagation delay) to `unconfirmed`: they are still in
+    flight."""
     out = []
     for b in open_batches(settings, jobs):
         if b["local_state"] != "submitted":
@@ -142,10 +145,11 @@ def refresh(
                     unconfirmed.append(b["batch_id"])
                 continue  # the API's propagation delay right after create; look again next time
             with state.connect(settings) as con:
-                state.mark_lost(con, b["batch_id"], "the API no longer knows this batch (deleted); "
-                                "its rows are sent again by the next submit")
-            if lost is not None:
-                lost.append(b["batch_id"])
+                outcome = state.give_up(con, b["batch_id"], "the API no longer knows this batch (deleted); "
+                                        "its rows are sent again by the next submit")
+            into = lost if outcome == "lost" else released
+            if into is not None:
+                into.append(b["batch_id"])
             continue
         with state.connect(settings) as con:
             record_status(con, info)
@@ -177,21 +181,42 @@ def _download_one(client: anthropic.Anthropic, settings: Settings, info: api.Bat
     raise last
 
 
+def results_ready(info: api.BatchInfo) -> bool:
+    """An ended batch whose results can be downloaded, or never will be (archived). The API may say
+    `ended` a moment before it gives the batch a `results_url`: such a batch is still waited for, not
+    an error."""
+    return info.processing_status == "ended" and (bool(info.results_url) or info.archived_at is not None)
+
+
+def _give_up(settings: Settings, batch_id: str, why: str, lost: list[str], progress: Progress) -> None:
+    with state.connect(settings) as con:
+        outcome = state.give_up(con, batch_id, why)
+    if outcome == "lost":
+        lost.append(batch_id)
+    else:
+        progress.step(RELEASED.format(batch_id=batch_id))
+
+
+# Said of an adopted batch given up before its answers confirmed it (`state.give_up`).
+RELEASED = ("batch {batch_id}, adopted after a create of unknown outcome, is gone before its answers showed it "
+            "ours: released, and its rows' submission looks for its own batch again (nothing is sent twice)")
+
+
 def download_ended(
     client: anthropic.Anthropic, settings: Settings, infos: list[api.BatchInfo], *,
     progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
     fault: Callable[[str], None] | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Download every ended batch in `infos` (concurrently). Returns (downloaded ids, lost ids)."""
-    ended = [i for i in infos if i.processing_status == "ended"]
+    """Download every ended batch in `infos` (concurrently). Returns (downloaded ids, lost ids); an
+    adopted batch whose results are gone is released instead (`state.give_up`), and said."""
+    ended = [i for i in infos if results_ready(i)]
     downloaded, lost = [], []
     todo = []
     for info in ended:
         # The API sets archived_at once the results are gone; its clock, not ours, decides.
         if info.archived_at is not None:
-            with state.connect(settings) as con:
-                state.mark_lost(con, info.id, f"results archived at {info.archived_at.isoformat()}Z (29-day retention)")
-            lost.append(info.id)
+            _give_up(settings, info.id, f"results archived at {info.archived_at.isoformat()}Z (29-day retention)",
+                     lost, progress)
         else:
             todo.append(info)
     if not todo:
@@ -205,9 +230,7 @@ def download_ended(
             try:
                 path, lines = fut.result()
             except api.NotFound:
-                with state.connect(settings) as con:
-                    state.mark_lost(con, info.id, "results are no longer available (404)")
-                lost.append(info.id)
+                _give_up(settings, info.id, "results are no longer available (404)", lost, progress)
                 continue
             except (ResultsError, ApiError) as e:
                 errors.append(e)
@@ -668,9 +691,11 @@ def collect(
     report = CollectReport()
     gone: list[str] = []
     unconfirmed: list[str] = []
-    infos = refresh(client, settings, list(jobs), lost=gone, unconfirmed=unconfirmed)
+    infos = refresh(client, settings, list(jobs), lost=gone, unconfirmed=unconfirmed, released=report.released)
+    for bid in report.released:
+        progress.step(RELEASED.format(batch_id=bid))
     report.refreshed = len(infos) + len(unconfirmed)
-    report.ended = sum(1 for i in infos if i.processing_status == "ended")
+    report.ended = sum(1 for i in infos if results_ready(i))
     report.still_running = report.refreshed - report.ended
     report.downloaded, lost = download_ended(client, settings, infos, progress=progress, sleep=sleep, fault=fault)
     report.lost = gone + lost

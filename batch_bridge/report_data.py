@@ -53,8 +53,9 @@ def _batches(con: duckdb.DuckDBPyConnection, jobs: list[str], since: datetime | 
     rows = con.execute(
         """
         WITH picked AS (
-            SELECT batch_id FROM bb_state.batches
-            WHERE list_contains($jobs, job) AND ($since IS NULL OR created_at >= $since OR ended_at IS NULL)
+            SELECT batch_id FROM bb_state.batches  -- not another client's, adopted and released (its estimate is ours)
+            WHERE list_contains($jobs, job) AND local_state <> 'foreign'
+              AND ($since IS NULL OR created_at >= $since OR ended_at IS NULL)
         ),
         usage AS (  -- billed usage per batch and model: the only pass over responses
             SELECT batch_id, model,

@@ -82,8 +82,11 @@ def _projection(con: duckdb.DuckDBPyConnection, job: Job, stale: str = "h.input_
     schema = job.answer_schema
     if schema is not None and field_structures(schema):
         struct = json.dumps(field_structures(schema))
+        # Typed only for answers that matched the schema: a parse_failed answer's JSON may hold values
+        # the schema forbids (an enum's stray value), which the source's tests would then fail on.
         fields = "".join(
-            f", json_transform(h.output_json, {quote_literal(struct)}).{quote_ident(k)} AS {quote_ident(k)}"
+            f", CASE WHEN h.status = 'succeeded' THEN json_transform(h.output_json, {quote_literal(struct)})"
+            f".{quote_ident(k)} END AS {quote_ident(k)}"
             for k in field_structures(schema)
         )
     return f"""

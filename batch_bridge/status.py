@@ -26,6 +26,8 @@ def batch_state(processing_status: str | None, local_state: str) -> str:
     answer (often `in_progress`) is stale and would mislead, so the local state speaks alone."""
     if local_state == "lost":
         return "lost: gone from the API, its rows are sent again"
+    if local_state == "foreign":
+        return "another client's: adopted on its size, released; never loaded, cancelled or deleted"
     if local_state == "collected":
         return "collected"
     if local_state == "downloaded":

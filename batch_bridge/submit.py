@@ -56,7 +56,8 @@ if TYPE_CHECKING:  # the SDK costs ~1 s to import: api.preload() brings it in be
 
 CLOCK_SKEW = timedelta(minutes=5)
 MAX_CREATE_TRIES = 4
-# A 429 asking for a longer wait than this is left for a later run rather than waited out in this one.
+# Refused creates (429/529) are waited out in this run for this long in all, per submission; a longer
+# wait is left for a later run, so that a scheduled `sync` ends within about a minute of its work.
 MAX_WAIT_IN_RUN = 60.0
 # Looks in `list` right after an ambiguous create, before leaving the decision to a later run.
 LOOKS_AFTER_UNKNOWN = 4
@@ -344,7 +345,7 @@ def check_budget(job: Job, estimate: Estimate, max_cost: float | None) -> None:
                 hint="add the model to a price file (BATCH_BRIDGE_PRICES) or remove the budget",
             )
         if estimate.lane_usd > limit:
-            lane = "synchronous calls at standard prices" if estimate.lane == "sync" else "a batch"
+            lane = "synchronous calls at standard prices" if estimate.lane == "sync" else "the batch lane, at half price"
             raise BudgetExceeded(
                 f"job {job.name!r}: estimated cost ${estimate.lane_usd:.4f} for {estimate.requests:,} requests "
                 f"({lane}) "
@@ -647,6 +648,7 @@ def create_one(
             return CreateResult("adopted", found)
         if now() - sub["outcome_unknown_at"] < grace:
             return CreateResult("undecided")
+    waited = 0.0
     for attempt in range(MAX_CREATE_TRIES):
         if fault:
             fault("before_journal")
@@ -661,9 +663,10 @@ def create_one(
             with state.connect(settings) as con:
                 state.refuse_create(con, sub_id, f"create refused: {e.message}")
             wait = api.backoff(attempt, e.retry_after)
-            if attempt == MAX_CREATE_TRIES - 1 or wait > MAX_WAIT_IN_RUN:
+            if attempt == MAX_CREATE_TRIES - 1 or waited + wait > MAX_WAIT_IN_RUN:
                 return CreateResult("deferred", message=e.message)
             sleep(wait)
+            waited += wait
             continue
         except ApiAccountError as e:
             # Nothing was created and nothing will be until the account is fixed: the rows stay sendable.
@@ -758,9 +761,14 @@ def send_pending(
     if report.waiting_for_queue:
         waiting = {s["submission_id"]: s for s in pending_submissions(settings, jobs)}
         n = sum(waiting[s]["request_count"] for s in report.waiting_for_queue if s in waiting)
+        refused = len(report.waiting_for_queue) - len(later)  # deferred after the API's 429/529
+        why = ", ".join(w for w in (
+            f"the bridge keeps at most {settings.max_queued_requests:,} requests queued, "
+            "BATCH_BRIDGE_MAX_QUEUED_REQUESTS" if later else "",
+            f"the API refused {refused} create(s) with 429/529 (a full workspace queue, or a rate limit)"
+            if refused else "") if w)
         progress.step(f"{n:,} request(s) in {len(report.waiting_for_queue)} batch(es) wait for room in the processing "
-                      f"queue (the bridge keeps at most {settings.max_queued_requests:,} requests queued, "
-                      "BATCH_BRIDGE_MAX_QUEUED_REQUESTS); a later run sends them")
+                      f"queue ({why}); a later run sends them")
     return report
 
 

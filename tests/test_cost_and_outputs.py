@@ -116,7 +116,7 @@ def test_answers_that_do_not_match_the_schema_are_parse_failed_with_raw_text(tmp
         assert {r["status"] for r in rows.values()} == {"parse_failed"}
         assert rows["k0"]["output_text"] == "not json at all"
         assert json.loads(rows["k1"]["output_text"]) == {"sentiment": "ecstatic"}
-        assert rows["k1"]["sentiment"] is None or rows["k1"]["sentiment"] == "ecstatic"
+        assert rows["k1"]["sentiment"] is None  # typed columns only for answers that match the schema
         assert all(r["cost_usd"] > 0 for r in rows.values())  # the answer was billed even if unusable
         p = plan_json(s)
         assert p["rows_to_send"] == 0 and p["skipped"]["parse_failed"]["rows"] == 3

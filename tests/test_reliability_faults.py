@@ -155,6 +155,46 @@ def test_results_stream_cut_short_is_downloaded_again(proj, emulator):
     assert_all_answered_once(proj)
 
 
+def test_a_stream_without_a_length_closed_inside_its_last_line_is_not_taken_whole(tmp_path):
+    """A results body sent without Content-Length ends where the connection closes: cut inside its last
+    line, the line count would still match. The last line must be whole JSON to count."""
+    import http.server
+    import threading
+    from types import SimpleNamespace
+
+    import anthropic
+
+    whole = b'{"custom_id": "a", "result": {"type": "expired"}}\n{"custom_id": "b", "result": {"type": "expired"}}'
+    body = {"/cut": whole[:-7], "/whole": whole}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # close-delimited: no Content-Length
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Type", "application/binary")
+            self.end_headers()
+            self.wfile.write(body[self.path])
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with anthropic.Anthropic(api_key="sk-test", base_url=base, max_retries=0) as client:
+            cut = SimpleNamespace(id="msgbatch_cut", processing_status="ended", results_url=base + "/cut")
+            with pytest.raises(api.ResultsError, match="ended inside a line"):
+                api.download_results(client, cut, tmp_path / "cut.jsonl")
+            assert not (tmp_path / "cut.jsonl").exists()
+            done = SimpleNamespace(id="msgbatch_whole", processing_status="ended", results_url=base + "/whole")
+            assert api.download_results(client, done, tmp_path / "whole.jsonl") == 2
+            assert (tmp_path / "whole.jsonl").read_bytes() == whole + b"\n"
+    finally:
+        server.shutdown()
+
+
 def test_transient_404_right_after_create_is_tolerated(proj, emulator):
     emulator.set_faults(not_found_first_calls=2)
     sub, w = run(proj)

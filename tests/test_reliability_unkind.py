@@ -17,6 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from batch_bridge import api, bridge, state
+from batch_bridge import collect as collect_mod
+from batch_bridge import report_data
+from batch_bridge import status as status_mod
+from batch_bridge.pricing import load_prices
 from batch_bridge.cli import cli
 from batch_bridge.errors import ApiAccountError
 from helpers import current, load_staging, reset_home, settings_for, write_project
@@ -122,6 +126,13 @@ def test_an_undecided_create_is_sent_again_only_after_a_whole_grace(proj, emulat
         report = bridge.submit(s, jobs, client, sleep=Sleeps())
         assert report.batches == [] and len(report.pending_unknown) == 1
     assert emulator.counters()["batches_created"] == 0
+    # The text output says so too, not only --json and status.
+    env = {"BATCH_BRIDGE_WAREHOUSE": str(s.warehouse), "BATCH_BRIDGE_HOME": str(s.home), "ANTHROPIC_API_KEY": "sk-test",
+           "ANTHROPIC_BASE_URL": emulator.base_url, "DBT_PROJECT_DIR": str(s.project_dir),
+           "DBT_PROFILES_DIR": str(s.profiles_dir), "BATCH_BRIDGE_RECONCILE_GRACE": "3600"}
+    r = CliRunner().invoke(cli, ["sync"], env=env, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "submitted 0 batch(es)\n1 create(s) of unknown outcome, looked for in `list`" in r.stdout
     with state.connect(s) as con:  # the grace ran out an hour ago
         con.execute("UPDATE bb_state.submissions SET outcome_unknown_at = outcome_unknown_at - INTERVAL 2 HOUR")
     report = bridge.submit(s, jobs, client, sleep=Sleeps())
@@ -134,17 +145,20 @@ def test_an_undecided_create_is_sent_again_only_after_a_whole_grace(proj, emulat
 # --- 2. a shared workspace: another client's batch of the same size ------------------------------
 
 
-def test_a_foreign_batch_adopted_on_its_count_is_released_and_ours_found(proj, emulator):
-    # Another client created a batch of the same size 3 s before ours (already in `list`); ours is
-    # stored, answered with a 500, and shows in `list` only 2 s later.
+def adopt_a_neighbour(proj, emulator):
+    """Another client created a batch of the same size 3 s before ours (already in `list`); ours is
+    stored, answered with a 500, and shows in `list` only 2 s later: theirs is adopted for ours."""
     emulator.set_faults(neighbour_batches=1, neighbour_offset_seconds=-3, propagation_seconds=2,
                         create_errors_after_store=[500])
     emulator.configure(latency=0.5)
     s = proj.with_(reconcile_grace=600)
     jobs, client = jobs_client(s)
-    report = bridge.submit(s, jobs, client, sleep=Sleeps())
-    assert len(report.adopted) == 1
-    foreign = report.adopted[0]
+    (foreign,) = bridge.submit(s, jobs, client, sleep=Sleeps()).adopted
+    return s, jobs, client, foreign
+
+
+def test_a_foreign_batch_adopted_on_its_count_is_released_and_ours_found(proj, emulator):
+    s, jobs, client, foreign = adopt_a_neighbour(proj, emulator)
     assert foreign not in {b.id for b in client.messages.batches.list() if b.created_at.timestamp() > time.time() - 2.5}
 
     steps = Steps()
@@ -154,6 +168,11 @@ def test_a_foreign_batch_adopted_on_its_count_is_released_and_ours_found(proj, e
         assert con.execute("SELECT batch_id FROM bb_state.foreign_batches").fetchall() == [(foreign,)]
         assert con.execute("SELECT local_state FROM bb_state.batches WHERE batch_id = ?", [foreign]).fetchone() == ("foreign",)
         assert con.execute("SELECT count(*) FROM bb_state.responses WHERE batch_id = ?", [foreign]).fetchone()[0] == 0
+        # `status` names it for what it is; the report's batches and costs leave it out (its estimate is ours).
+        (shown,) = [b for b in status_mod.batches(con, ["items"]) if b["batch_id"] == foreign]
+        assert shown["state"].startswith("another client's")
+        reported = report_data.gather(con, ["items"], load_prices(), None).batches
+        assert len(reported) == 1 and foreign not in {b["batch_id"] for b in reported}
     theirs = client.messages.batches.retrieve(foreign)
     assert theirs.processing_status == "ended" and theirs.cancel_initiated_at is None  # never cancelled
     c = emulator.counters()
@@ -163,6 +182,47 @@ def test_a_foreign_batch_adopted_on_its_count_is_released_and_ours_found(proj, e
     # Nothing is left to do: a further sync loads and sends nothing, and fails nothing.
     c2, s2 = bridge.sync(s, jobs, client)
     assert c2.loaded == {} and s2.batches == [] and emulator.counters()["batches_created"] == 1
+
+
+def test_an_adopted_foreign_batch_deleted_by_its_owner_is_released_not_paid_again(proj, emulator):
+    # As above, the neighbour of our size is adopted for our create of unknown outcome; then its owner
+    # deletes it before any answer of it was read. Our own batch is still in the workspace: the rows
+    # must not be sent again, and our batch must be found and loaded.
+    s, jobs, client, foreign = adopt_a_neighbour(proj, emulator)
+    deadline = time.monotonic() + 30
+    while client.messages.batches.retrieve(foreign).processing_status != "ended":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    client.messages.batches.delete(foreign)
+    with state.connect(s) as con:  # long past the API's propagation delay: its 404 means deleted
+        con.execute("UPDATE bb_state.batches SET created_at = created_at - INTERVAL 1 HOUR WHERE batch_id = ?", [foreign])
+
+    steps = Steps()
+    collected = collect_mod.collect(client, s, {j.name: j for j in jobs}, progress=steps)
+    assert collected.lost == [] and foreign in collected.foreign
+    assert any(foreign in m and "nothing is sent twice" in m for m in steps), steps
+    with state.connect(s) as con:
+        assert con.execute("SELECT state FROM bb_state.submissions").fetchall() == [("creating",)]
+    wait_listed(client, 1)  # ours, past its propagation delay (the deleted one is gone from list)
+    bridge.run(s, jobs, client, timeout=60)
+    c = emulator.counters()
+    assert (c["create_posts"], c["batches_created"]) == (1, 1)
+    assert_answered_once(s)
+
+
+def test_an_ended_batch_without_its_results_url_yet_is_waited_for_not_an_error(proj, emulator):
+    emulator.set_faults(results_url_delay_seconds=2)
+    s = proj
+    jobs, client = jobs_client(s)
+    (batch_id,) = bridge.submit(s, jobs, client, sleep=Sleeps()).batches
+    seen = client.messages.batches.retrieve(batch_id)
+    assert seen.processing_status == "ended" and seen.results_url is None
+    collected, submitted = bridge.sync(s, jobs, client)  # the scheduled step: no error, nothing loaded yet
+    assert collected.loaded == {} and collected.still_running == 1 and submitted.batches == []
+    _, waited = bridge.run(s, jobs, client, timeout=60)
+    assert waited.collected == {"items": ROWS}
+    assert emulator.counters()["batches_created"] == 1
+    assert_answered_once(s)
 
 
 def test_when_no_candidate_is_ours_the_file_is_sent_again_after_the_grace(proj, emulator):

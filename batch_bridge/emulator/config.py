@@ -77,6 +77,8 @@ class Faults:
     # request count (other custom_ids), created `neighbour_offset_seconds` (emulated) from ours.
     neighbour_batches: int = 0
     neighbour_offset_seconds: float = -1.0
+    # An ended batch whose `results_url` is still null for X (emulated) seconds after `ended_at`.
+    results_url_delay_seconds: float = 0.0
 
 
 @dataclass

@@ -296,7 +296,7 @@ class EmulatorApp:
             # The batch exists, but the client is told the create failed: its outcome is unknown to it.
             self.stats.fault(f"create_{status}_after_store")
             return error_response(status, error_type_for(status), message_for(status), self._retry_headers())
-        return ok(batch.to_api(self.clock.now(), self._base_url(request)))
+        return ok(batch.to_api(self.clock.now(), self._base_url(request), self.config.faults.results_url_delay_seconds))
 
     def _add_neighbour(self, ours: str, k: int, now: float, count: int) -> None:
         """Store a batch of another client in the workspace: our requests under its own custom_ids."""
@@ -329,7 +329,7 @@ class EmulatorApp:
         page, has_more = self.store.page(limit, after_id or None, before_id or None,
                                          time.time() - delay if delay > 0 else None)
         now, base = self.clock.now(), self._base_url(request)
-        data = [b.to_api(now, base) for b in page]
+        data = [b.to_api(now, base, self.config.faults.results_url_delay_seconds) for b in page]
         return ok(
             {
                 "data": data,
@@ -358,7 +358,7 @@ class EmulatorApp:
         young = self._young_404(batch)
         if young:
             return young
-        return ok(batch.to_api(self.clock.now(), self._base_url(request)))
+        return ok(batch.to_api(self.clock.now(), self._base_url(request), self.config.faults.results_url_delay_seconds))
 
     async def cancel(self, request: Request) -> Response:
         batch, missing = self._find(request.path_params["batch_id"])
@@ -369,7 +369,7 @@ class EmulatorApp:
         except InvalidStateTransition as exc:
             return error_response(400, "invalid_request_error", str(exc))
         self.worker.wake()
-        return ok(batch.to_api(self.clock.now(), self._base_url(request)))
+        return ok(batch.to_api(self.clock.now(), self._base_url(request), self.config.faults.results_url_delay_seconds))
 
     async def delete(self, request: Request) -> Response:
         batch, missing = self._find(request.path_params["batch_id"])

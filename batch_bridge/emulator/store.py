@@ -69,9 +69,11 @@ class Batch:
     def is_archived(self, now: float) -> bool:
         return now >= self.archive_at
 
-    def to_api(self, now: float, results_base: str) -> dict[str, Any]:
-        """The `MessageBatch` object exactly as the API shapes it."""
+    def to_api(self, now: float, results_base: str, results_url_delay: float = 0.0) -> dict[str, Any]:
+        """The `MessageBatch` object exactly as the API shapes it; `results_url` null for
+        `results_url_delay` seconds after the batch ended (the fault of that name)."""
         ended = self.processing_status == "ended"
+        has_results = ended and now >= (self.ended_at or now) + results_url_delay
         counts = self.counts if ended else {t: 0 for t in RESULT_TYPES}
         return {
             "id": self.id,
@@ -83,7 +85,7 @@ class Batch:
             "ended_at": rfc3339(self.ended_at),
             "cancel_initiated_at": rfc3339(self.cancel_initiated_at),
             "archived_at": rfc3339(self.archive_at) if self.is_archived(now) else None,
-            "results_url": f"{results_base}/v1/messages/batches/{self.id}/results" if ended else None,
+            "results_url": f"{results_base}/v1/messages/batches/{self.id}/results" if has_results else None,
         }
 
 

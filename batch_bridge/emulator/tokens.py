@@ -248,7 +248,9 @@ def load_counter(path: Path) -> TokenCounter:
         except Exception as exc:  # a truncated or foreign file: counted by the rule, and said
             log.warning("emulator: cannot read the tokenizer %s (%s); counting tokens as characters / 4", path, exc)
             return RuleCounter()
-    log.warning("emulator: no tokenizer at %s (run `make install`, or set %s); counting tokens as characters / 4",
+    log.warning("emulator: no tokenizer at %s; counting tokens as characters / 4. To count with it: `make install` "
+                "in a clone of batch_bridge, or `pip download --no-deps anthropic==0.25.0` and unzip "
+                "anthropic/tokenizer.json from that wheel to that path (or set %s to where it is)",
                 path, ENV_TOKENIZER)
     return RuleCounter()
 
