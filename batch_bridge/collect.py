@@ -400,7 +400,8 @@ def _reject_bad_file(con: duckdb.DuckDBPyConnection, batches: list[tuple]) -> No
             con, b[0], f"result {where}: {why}; downloaded again by the next collect"))
         Path(path).unlink(missing_ok=True)
         raise ResultsError(
-            f"results of batch {b[0]} ({path}), {where}: {why}; nothing of job {b[1]!r} was loaded",
+            f"results of batch {b[0]} ({path}), {where}: {why}; nothing of this batch of job {b[1]!r} was "
+            "loaded (a batch loads whole or not at all)",
             hint="the file was removed; the next `batch-bridge collect` downloads it again",
         )
 

@@ -90,6 +90,7 @@ class Job:
     max_attempts: int = 3
     budget_usd: float | None = None
     cache_ttl: CacheTtl = "1h"
+    cache_ttl_given: bool = False  # set in the YAML, not the default: only then a too-short prefix is warned of
     retry_parse_failed: bool = False
     max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH
     max_bytes_per_batch: int = MAX_BYTES_PER_BATCH
@@ -365,6 +366,7 @@ def parse_job(node: dict[str, Any]) -> Job | None:
         max_attempts=max_attempts,
         budget_usd=float(budget) if budget is not None else None,
         cache_ttl=ttl,
+        cache_ttl_given="cache_ttl" in raw,
         retry_parse_failed=rpf,
         max_requests_per_batch=mr,
         max_bytes_per_batch=mb,

@@ -182,8 +182,11 @@ def _check_facts(p: JobPreflight, job: Job, f: ModelFacts, for_batch: bool) -> N
 
 
 def cache_warning(job: Job, estimate: Estimate) -> str | None:
-    """A warning when the job marks a shared prefix for caching that is too short to be cached."""
-    if job.cache_ttl == "none" or not (job.system or job.few_shot) or estimate.cache_min_tokens is None:
+    """A warning when the job asks for caching (`cache_ttl` in its YAML) a shared prefix too short to be
+    cached. The default marks every prefix, at no cost when it is too short: not worth a warning on
+    every run."""
+    if (job.cache_ttl == "none" or not job.cache_ttl_given or not (job.system or job.few_shot)
+            or estimate.cache_min_tokens is None):
         return None
     if estimate.cache_prefix_tokens >= estimate.cache_min_tokens:
         return None

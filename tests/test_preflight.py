@@ -247,6 +247,11 @@ def test_a_cache_too_short_to_work_is_a_warning_with_both_numbers(tmp_path, emul
     assert "below the 4,096 model 'claude-haiku-4-5' needs" in warning
     assert f"~{j['estimate']['cache_prefix_tokens']:,} tokens" in warning
     assert j["estimate"]["cache_write_tokens"] == 0 and j["estimate"]["cache_read_tokens"] == 0
+    # The default cache_ttl marks the prefix too, but a job that did not ask for caching is not warned.
+    write_project(tmp_path, meta(system="You label short texts.", cache_ttl=None))
+    j = json.loads(invoke(["plan", "--json"], env).stdout)["jobs"][0]
+    assert not [w for w in j["preflight"]["warnings"] if "cache_ttl" in w]
+    assert j["estimate"]["cache_prefix_tokens"] < 4096
 
 
 def test_preview_makes_three_synchronous_calls_and_sync_still_sends_every_row(tmp_path, emulator):
