@@ -197,6 +197,7 @@ class WaitReport:
     open: int = 0
     collected: dict[str, int] = field(default_factory=dict)
     submitted: list[str] = field(default_factory=list)  # batches created while waiting (`run`)
+    adopted: list[str] = field(default_factory=list)  # of those, found in `list` after a create of unknown outcome
     rejected: dict[str, str] = field(default_factory=dict)
 
 
@@ -246,6 +247,7 @@ def _wait(
                 sent = submit_mod.send_pending(client, settings, jobs=names, job_defs=by_name, progress=progress,
                                                sleep=sleep, fault=crash_point)
                 report.submitted += sent.batches
+                report.adopted += sent.adopted
                 report.rejected.update(sent.rejected)
                 pending = submit_mod.pending_submissions(settings, names)
                 running += [b for b in sent.batches if b not in running]
@@ -328,7 +330,13 @@ def run(
         w = wait(settings, jobs, client, timeout=timeout, collect_as_ended=True, progress=progress,
                  sleep=sleep, clock=clock, submit_pending=True)
         s.batches += w.submitted
+        s.adopted += w.adopted
         s.rejected.update(w.rejected)
+        # What is still undecided once the wait is over: a create the first pass left undecided may
+        # have been adopted (or sent) while waiting.
+        left = submit_mod.pending_submissions(settings, [j.name for j in jobs])
+        s.pending_unknown = [p["submission_id"] for p in left if p["state"] == "creating"]
+        s.waiting_for_queue = [p["submission_id"] for p in left if p["state"] == "prepared"]
     return s, w
 
 

@@ -145,8 +145,7 @@ def refresh(
                     unconfirmed.append(b["batch_id"])
                 continue  # the API's propagation delay right after create; look again next time
             with state.connect(settings) as con:
-                outcome = state.give_up(con, b["batch_id"], "the API no longer knows this batch (deleted); "
-                                        "its rows are sent again by the next submit")
+                outcome = state.give_up(con, b["batch_id"], "the API no longer knows this batch (deleted)")
             into = lost if outcome == "lost" else released
             if into is not None:
                 into.append(b["batch_id"])
@@ -188,9 +187,9 @@ def results_ready(info: api.BatchInfo) -> bool:
     return info.processing_status == "ended" and (bool(info.results_url) or info.archived_at is not None)
 
 
-def _give_up(settings: Settings, batch_id: str, why: str, lost: list[str], progress: Progress) -> None:
+def _give_up(settings: Settings, batch_id: str, cause: str, lost: list[str], progress: Progress) -> None:
     with state.connect(settings) as con:
-        outcome = state.give_up(con, batch_id, why)
+        outcome = state.give_up(con, batch_id, cause)
     if outcome == "lost":
         lost.append(batch_id)
     else:

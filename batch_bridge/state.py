@@ -1008,20 +1008,20 @@ def mark_lost(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) -> None:
     _move(con, "batches", "batch_id", batch_id, "local_state", ("submitted", "downloaded"), "lost", {"note": why})
 
 
-def give_up(con: duckdb.DuckDBPyConnection, batch_id: str, why: str) -> Literal["lost", "released"]:
-    """A batch whose results can no longer be had: lost (`mark_lost`, its rows are sent again), unless
-    it was adopted on its request count and no answer of it has confirmed it as ours. Then it may be
-    another client's batch that its owner deleted, while ours, of unknown outcome, is still in the
-    workspace: sending the rows again would pay twice. It is released like a foreign batch
-    (`release_foreign`), and its submission looks for its own batch in `list` again; if that batch is
-    gone too, the reconcile grace has long passed and the rows are sent again."""
+def give_up(con: duckdb.DuckDBPyConnection, batch_id: str, cause: str) -> Literal["lost", "released"]:
+    """A batch whose results can no longer be had (`cause`): lost (`mark_lost`, its rows are sent
+    again), unless it was adopted on its request count and no answer of it has confirmed it as ours.
+    Then it may be another client's batch that its owner deleted, while ours, of unknown outcome, is
+    still in the workspace: sending the rows again would pay twice. It is released like a foreign
+    batch (`release_foreign`), and its submission looks for its own batch in `list` again; if that
+    batch is gone too, the reconcile grace has long passed and the rows are sent again."""
     row = con.execute("SELECT s.adopted FROM batches b JOIN submissions s USING (submission_id) "
                       "WHERE b.batch_id = ?", [batch_id]).fetchone()
     if row is not None and row[0]:
         in_transaction(con, lambda: release_foreign(
-            con, batch_id, f"adopted on its request count, then gone before any answer confirmed it ours ({why})"))
+            con, batch_id, f"adopted on its request count, then gone ({cause}) before any answer showed it ours"))
         return "released"
-    mark_lost(con, batch_id, why)
+    mark_lost(con, batch_id, f"{cause}; its rows are sent again by the next submit")
     return "lost"
 
 

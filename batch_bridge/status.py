@@ -9,6 +9,7 @@ import duckdb
 
 from . import state
 from .export import REJECTED_REASONS
+from .results import LATEST
 from .state import utcnow
 
 NEVER_SENT_WHY = {**REJECTED_REASONS,
@@ -78,7 +79,7 @@ def row_counts(con: duckdb.DuckDBPyConnection, job: str) -> dict[str, Any]:
     Shared by `status` and `report`."""
     state.fold_outcomes(con, job)  # answers loaded so far count in `key_inputs.answered`
     rows = con.execute(
-        """
+        f"""
         WITH keys AS (SELECT custom_id, input_hash AS h, answered FROM bb_state.key_inputs WHERE job = $job),
         flying AS (  -- with whether its batch waits for queue room, or its create's outcome is unknown
             SELECT sr.input_hash, bool_and(su.state = 'prepared') AS queued, bool_and(su.state = 'creating') AS unconfirmed
@@ -95,8 +96,8 @@ def row_counts(con: duckdb.DuckDBPyConnection, job: str) -> dict[str, Any]:
                    CASE WHEN f.queued THEN 'waiting_for_queue' WHEN f.unconfirmed THEN 'create_unconfirmed' END AS waiting
             FROM keys k LEFT JOIN flying f ON f.input_hash = k.h WHERE NOT k.answered
         ),
-        tried AS (
-            SELECT input_hash, arg_max(status, collected_at) AS status, arg_max(error_type, collected_at) AS error_type
+        tried AS (  -- the latest answer, as the results source picks it (results.LATEST)
+            SELECT input_hash, arg_max(status, {LATEST}) AS status, arg_max(error_type, {LATEST}) AS error_type
             FROM bb_state.responses
             WHERE job = $job AND input_hash IN (SELECT h FROM open WHERE NOT flying) GROUP BY input_hash
         ),

@@ -117,6 +117,19 @@ def test_late_create_behind_a_propagation_delay_is_adopted_not_sent_again(proj, 
     assert_answered_once(s)
 
 
+def test_run_reports_a_create_it_resolved_while_waiting(proj, emulator):
+    # The create times out and its batch shows in `list` only later: `run`'s submit pass leaves it
+    # undecided, and its wait finds and adopts it. The report says what is true at the end.
+    emulator.set_faults(slow_create_seconds=4, slow_create_times=1, propagation_seconds=8)
+    s = proj.with_(create_timeout=2, reconcile_grace=600)
+    jobs, client = jobs_client(s)
+    report, waited = bridge.run(s, jobs, client, timeout=90)
+    assert len(report.adopted) == 1 and report.pending_unknown == [] and waited.collected == {"items": ROWS}
+    c = emulator.counters()
+    assert (c["create_posts"], c["batches_created"]) == (1, 1)
+    assert_answered_once(s)
+
+
 def test_an_undecided_create_is_sent_again_only_after_a_whole_grace(proj, emulator):
     # A reset before the body reached the server: nothing exists. Within the grace every run only looks.
     emulator.set_faults(connection_resets=1, connection_reset_endpoints=("create",))
