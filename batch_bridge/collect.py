@@ -187,13 +187,16 @@ def results_ready(info: api.BatchInfo) -> bool:
     return info.processing_status == "ended" and (bool(info.results_url) or info.archived_at is not None)
 
 
-def _give_up(settings: Settings, batch_id: str, cause: str, lost: list[str], progress: Progress) -> None:
+def _give_up(settings: Settings, batch_id: str, cause: str, lost: list[str], released: list[str] | None,
+             progress: Progress) -> None:
     with state.connect(settings) as con:
         outcome = state.give_up(con, batch_id, cause)
     if outcome == "lost":
         lost.append(batch_id)
-    else:
-        progress.step(RELEASED.format(batch_id=batch_id))
+        return
+    progress.step(RELEASED.format(batch_id=batch_id))
+    if released is not None:
+        released.append(batch_id)
 
 
 # Said of an adopted batch given up before its answers confirmed it (`state.give_up`).
@@ -204,10 +207,11 @@ RELEASED = ("batch {batch_id}, adopted after a create of unknown outcome, is gon
 def download_ended(
     client: anthropic.Anthropic, settings: Settings, infos: list[api.BatchInfo], *,
     progress: Progress = Silent(), sleep: Callable[[float], None] = time.sleep,
-    fault: Callable[[str], None] | None = None,
+    fault: Callable[[str], None] | None = None, released: list[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Download every ended batch in `infos` (concurrently). Returns (downloaded ids, lost ids); an
-    adopted batch whose results are gone is released instead (`state.give_up`), and said."""
+    adopted batch whose results are gone is released instead (`state.give_up`), said, and appended
+    to `released`."""
     ended = [i for i in infos if results_ready(i)]
     downloaded, lost = [], []
     todo = []
@@ -215,7 +219,7 @@ def download_ended(
         # The API sets archived_at once the results are gone; its clock, not ours, decides.
         if info.archived_at is not None:
             _give_up(settings, info.id, f"results archived at {info.archived_at.isoformat()}Z (29-day retention)",
-                     lost, progress)
+                     lost, released, progress)
         else:
             todo.append(info)
     if not todo:
@@ -229,7 +233,7 @@ def download_ended(
             try:
                 path, lines = fut.result()
             except api.NotFound:
-                _give_up(settings, info.id, "results are no longer available (404)", lost, progress)
+                _give_up(settings, info.id, "results are no longer available (404)", lost, released, progress)
                 continue
             except (ResultsError, ApiError) as e:
                 errors.append(e)
@@ -697,7 +701,8 @@ def collect(
     report.refreshed = len(infos) + len(unconfirmed)
     report.ended = sum(1 for i in infos if results_ready(i))
     report.still_running = report.refreshed - report.ended
-    report.downloaded, lost = download_ended(client, settings, infos, progress=progress, sleep=sleep, fault=fault)
+    report.downloaded, lost = download_ended(client, settings, infos, progress=progress, sleep=sleep, fault=fault,
+                                             released=report.released)
     report.lost = gone + lost
     for bid in report.lost:
         progress.step(f"batch {bid} is lost (deleted, or results past the 29-day retention); "
